@@ -71,7 +71,6 @@ def unpack_body(data: bytes, max_bytes: int) -> Any:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=max_bytes,
             max_str_len=max_bytes,
             max_bin_len=max_bytes,
             max_array_len=max_bytes,
@@ -153,12 +152,12 @@ class FrameDecoder:
         """Append bytes read from the stream."""
         self._buf += data
 
-    def next_frame(self) -> Envelope | NeedData:
-        """Return the next complete envelope, or ``NEED_DATA``.
+    def next_payload(self) -> bytes | NeedData:
+        """Return the next complete frame's envelope bytes (undecoded), or ``NEED_DATA``.
 
         Raises:
-            RemoteProtocolError: the frame is oversized or its envelope malformed;
-                the stream is then unusable and should be closed.
+            RemoteProtocolError: the frame is oversized; the stream is then unusable
+                and should be closed.
         """
         if len(self._buf) < FRAME_PREFIX_BYTES:
             return NEED_DATA
@@ -170,4 +169,16 @@ class FrameDecoder:
             return NEED_DATA
         payload = bytes(self._buf[FRAME_PREFIX_BYTES:end])
         del self._buf[:end]
+        return payload
+
+    def next_frame(self) -> Envelope | NeedData:
+        """Return the next complete envelope, or ``NEED_DATA``.
+
+        Raises:
+            RemoteProtocolError: the frame is oversized or its envelope malformed;
+                the stream is then unusable and should be closed.
+        """
+        payload = self.next_payload()
+        if isinstance(payload, NeedData):
+            return payload
         return decode(payload, max_bytes=self._max)

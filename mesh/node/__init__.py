@@ -1,1 +1,1 @@
-"""mesh.node"""
+"""The daemon (``meshd``), its local API, metrics and the ``meshctl`` CLI."""

@@ -1,0 +1,211 @@
+"""The local API (unix socket) and the Prometheus metrics endpoint (HTTP).
+
+API framing: each connection carries one or more request frames; each gets one
+response frame (:mod:`mesh.node.messages`). The socket file is created owner-only
+(0600): file permissions are the authentication for ``meshctl`` on the node.
+
+Resource handling:
+    :func:`serve_api` and :func:`serve_metrics` run until cancelled and close their
+    listeners; each connection is handled in its own task and closed afterwards.
+
+Error handling:
+    A malformed request gets an error response and the connection is closed; a
+    handler raising :class:`ApiError` returns its message; any other exception in
+    a handler is a bug and propagates (it crashes the daemon loudly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mesh import wire
+from mesh.errors import MeshError, RemoteProtocolError, StartupError
+from mesh.gossip.adapter import read_frame
+from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
+from mesh.types import Addr
+
+LOGGER = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+API_TIMEOUT_S = 30.0
+"""How long one API connection may stay idle."""
+
+
+class ApiError(MeshError):
+    """A request failed in a way the caller should be told about (bad params...)."""
+
+
+async def bind_unix_socket(path: Path) -> trio.SocketListener:
+    """Bind the API socket at ``path``, owner-only.
+
+    A stale socket file (no daemon behind it) is replaced; a live one means another
+    meshd uses this data dir.
+
+    Raises:
+        StartupError: another meshd answers there, or the path cannot be bound.
+    """
+    if path.exists():
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that was killed
+        else:
+            raise StartupError(f"another meshd is running with data dir {path.parent} "
+                               "(its API socket answers): stop it or use another --data-dir")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot create API socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+async def _serve_api_connection(stream: trio.abc.Stream, handlers: Mapping[str, Handler],
+                                node: str) -> None:
+    async with stream:
+        while True:
+            try:
+                with trio.fail_after(API_TIMEOUT_S):
+                    data = await read_frame(stream, MAX_API_FRAME_BYTES)
+            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError):
+                return  # the client closed, stalled or sent garbage
+            try:
+                request = Request.decode(data)
+            except RemoteProtocolError as exc:
+                LOGGER.debug("api_bad_request node=%s reason=%s", node, exc)
+                await stream.send_all(wire.frame(Response(False, error=str(exc)).encode()))
+                return
+            handler = handlers.get(request.method)
+            if handler is None:
+                response = Response(False, error=f"unknown method {request.method!r}: "
+                                    "is meshctl newer than this meshd?")
+            else:
+                try:
+                    response = Response(True, result=await handler(request.params))
+                except ApiError as exc:
+                    response = Response(False, error=str(exc))
+            try:
+                await stream.send_all(wire.frame(response.encode(), MAX_API_FRAME_BYTES))
+            except trio.BrokenResourceError:
+                return
+
+
+async def serve_api(listener: trio.SocketListener, handlers: Mapping[str, Handler], node: str,
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve API requests on ``listener`` until cancelled."""
+    async with listener, trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_serve_api_connection, stream, handlers, node)
+
+
+async def call(socket_path: Path, method: str, params: dict[str, Any] | None = None,
+               timeout_s: float = API_TIMEOUT_S) -> Any:
+    """Call one API method on the daemon behind ``socket_path``.
+
+    Raises:
+        MeshError: the daemon is unreachable (message says what to check) or the
+            call failed (the daemon's message).
+    """
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_unix_socket(str(socket_path))
+            async with stream:
+                await stream.send_all(wire.frame(Request(method, params or {}).encode()))
+                data = await read_frame(stream, MAX_API_FRAME_BYTES)
+    except FileNotFoundError:
+        raise MeshError(f"no meshd API socket at {socket_path}: is meshd running? Pass "
+                        "--socket DIR/meshd.sock or set MESH_SOCKET") from None
+    except PermissionError:
+        raise MeshError(f"permission denied on {socket_path}: run meshctl as the user that "
+                        "runs meshd") from None
+    except ConnectionRefusedError:
+        raise MeshError(f"meshd is not running behind {socket_path} (stale socket)") from None
+    except trio.TooSlowError:
+        raise MeshError(f"meshd at {socket_path} did not answer within {timeout_s:g}s") from None
+    except RemoteProtocolError as exc:
+        raise MeshError(f"bad answer from meshd at {socket_path}: {exc}") from None
+    response = Response.decode(data)
+    if not response.ok:
+        raise MeshError(response.error)
+    return response.result
+
+
+# --- metrics over HTTP -------------------------------------------------------------
+
+
+async def bind_tcp(addr: Addr) -> trio.SocketListener:
+    """Bind a TCP listener.
+
+    Raises:
+        StartupError: the address cannot be bound (message says what to do).
+    """
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind((addr.host, addr.port))
+    except OSError as exc:
+        sock.close()
+        hint = "pick another with --metrics-bind IP:PORT" if exc.errno == errno.EADDRINUSE \
+            else "check --metrics-bind"
+        raise StartupError(f"cannot bind metrics endpoint {addr}: {exc.strerror}; {hint}") \
+            from None
+    sock.listen(16)
+    return trio.SocketListener(sock)
+
+
+async def _serve_http(stream: trio.abc.Stream, render: Callable[[], str]) -> None:
+    async with stream:
+        buf = b""
+        with contextlib.suppress(trio.TooSlowError, trio.BrokenResourceError, OSError), \
+                trio.fail_after(5):
+            while b"\r\n\r\n" not in buf and len(buf) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            request_line = buf.split(b"\r\n", 1)[0].split()
+            if len(request_line) >= 2 and request_line[0] == b"GET" \
+                    and request_line[1].split(b"?")[0] in (b"/metrics", b"/"):
+                body = render().encode()
+                head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        b"Content-Length: " + str(len(body)).encode()
+                        + b"\r\nConnection: close\r\n\r\n")
+            else:
+                body = b"not found: try GET /metrics\n"
+                head = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+                        b"Content-Length: " + str(len(body)).encode()
+                        + b"\r\nConnection: close\r\n\r\n")
+            await stream.send_all(head + body)
+
+
+async def serve_metrics(listener: trio.SocketListener, render: Callable[[], str],
+                        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                        ) -> None:
+    """Serve ``GET /metrics`` with ``render()`` until cancelled."""
+    async with listener, trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_serve_http, stream, render)

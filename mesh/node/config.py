@@ -1,0 +1,81 @@
+"""The node's configuration: one frozen object that groups the subpackage configs.
+
+Only the ``meshd`` entry point builds it (from flags and the data dir); everything
+else receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.errors import ConfigError
+from mesh.gossip.config import GossipConfig
+from mesh.types import Addr, NodeId
+
+DEFAULT_PORT = 7946
+"""The gossip port, UDP and TCP."""
+
+DEFAULT_METRICS_PORT = 9946
+"""The Prometheus metrics port, on loopback by default."""
+
+GOSSIP_PROFILES = {"lan": GossipConfig.lan, "wan": GossipConfig.wan, "local": GossipConfig.local}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one ``meshd`` needs to run.
+
+    Attributes:
+        data_dir: where the node keeps its identity, peers and (later) state.
+        name: the node's unique name (its id).
+        bind: the address the gossip UDP socket and TCP listener bind.
+        advertise: the address other members use to reach this node.
+        join: seeds to join through; empty starts a new cluster (or rejoins the
+            peers remembered in the data dir).
+        labels: ``--label K=V`` pairs, sorted.
+        cpu_millis: schedulable CPU announced to the cluster (thousandths of a core).
+        memory_bytes: schedulable memory announced to the cluster.
+        role: free-form role announced to the cluster.
+        metrics_bind: where the Prometheus endpoint listens; ``None`` disables it.
+        gossip: SWIM timing and sizes.
+    """
+
+    data_dir: Path
+    name: NodeId
+    bind: Addr
+    advertise: Addr
+    join: tuple[Addr, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    role: str = "worker"
+    metrics_bind: Addr | None = None
+    gossip: GossipConfig = field(default_factory=GossipConfig.lan)
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 128 or not self.name.isprintable() \
+                or " " in self.name:
+            raise ConfigError(f"node name {self.name!r} must be 1-128 printable characters "
+                              "without spaces")
+        if self.advertise.host in ("0.0.0.0", "::"):
+            raise ConfigError("cannot advertise a wildcard address: pass --advertise IP:PORT "
+                              "with an address other nodes can reach")
+
+    @property
+    def socket_path(self) -> Path:
+        """The local API's unix socket (owner-only)."""
+        return self.data_dir / "meshd.sock"
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """Parse ``K=V`` (``--label zone=a``).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"label {text!r} is not KEY=VALUE (e.g. --label zone=a)")
+    return key, value.strip()

@@ -1,0 +1,499 @@
+"""``meshd``: the one daemon every host runs.
+
+It composes the parts (it decides nothing about any protocol): the gossip adapter
+over UDP+TCP on the gossip port, the local API on ``DIR/meshd.sock``, the metrics
+endpoint, and the small bits of node life: its identity in the data dir, the peers
+it remembers for rejoining after a restart, and a graceful leave on SIGTERM/SIGINT.
+
+Resource handling:
+    :func:`run_node` owns one nursery with every task; sockets are closed and the
+    API socket file removed when it returns, whether by signal, error or cancel.
+
+Error handling:
+    Anything that prevents starting (a port in use, an unreachable join address, an
+    unwritable data dir) raises :class:`~mesh.errors.StartupError`; :func:`main`
+    prints its one line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import mesh
+from mesh.errors import ConfigError, StartupError
+from mesh.gossip.adapter import (
+    GossipAdapter,
+    TcpDialer,
+    UdpTransport,
+    bind_gossip_sockets,
+    describe_bind_error,
+)
+from mesh.gossip.core import Membership, MemberView
+from mesh.gossip.messages import Meta, Status
+from mesh.node import api
+from mesh.node.config import (
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+    GOSSIP_PROFILES,
+    NodeConfig,
+    parse_label,
+)
+from mesh.node.metrics import Metric, counter, gauge, render
+from mesh.types import Addr, NodeId
+
+LOGGER = logging.getLogger("mesh.node")
+
+REJOIN_INTERVAL_S = 10.0
+"""How often a node that is alone retries the peers it knows."""
+
+PEERS_WRITE_DELAY_S = 1.0
+"""Membership changes within this window are written to peers.json once."""
+
+
+# --- data dir ----------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_data_dir(data_dir: Path, name: str | None) -> NodeId:
+    """Create or open the data dir and settle the node's name.
+
+    The first start records the name in ``node.json``; later starts reuse it, and a
+    different ``--name`` is refused (a data dir belongs to one node).
+
+    Raises:
+        StartupError: the directory cannot be created or written, or it belongs to
+            another node.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = data_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data dir {data_dir} is not writable ({exc.strerror}): pass "
+                           "--data-dir with a directory this user can write") from None
+    identity = data_dir / "node.json"
+    stored: str | None = None
+    if identity.exists():
+        try:
+            stored = json.loads(identity.read_text())["name"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StartupError(f"{identity} is unreadable ({exc}): restore it or remove the "
+                               "data dir to start this node afresh") from None
+    if stored and name and stored != name:
+        raise StartupError(f"data dir {data_dir} belongs to node {stored!r}, not {name!r}: "
+                           "use another --data-dir, or drop --name")
+    final = stored or name or socket.gethostname()
+    if not stored:
+        try:
+            _write_json_atomic(identity, {"name": final, "version": mesh.__version__})
+        except OSError as exc:
+            raise StartupError(f"cannot write {identity}: {exc.strerror}") from None
+    return NodeId(final)
+
+
+def load_peers(data_dir: Path) -> list[Addr]:
+    """Addresses of the members this node knew when it last ran."""
+    path = data_dir / "peers.json"
+    try:
+        raw = json.loads(path.read_text())
+        return [Addr.parse(p, DEFAULT_PORT) for p in raw["peers"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        LOGGER.warning("peers_file_ignored path=%s reason=%s", path, exc)
+        return []
+
+
+# --- the node ----------------------------------------------------------------------
+
+
+class Node:
+    """The running parts of one meshd, and the API handlers that read them."""
+
+    def __init__(self, config: NodeConfig, adapter: GossipAdapter) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.started = trio.current_time()
+
+    @property
+    def core(self) -> Membership:
+        """The membership core (read-only use)."""
+        return self.adapter.core
+
+    def member_json(self, m: MemberView, now: float) -> dict[str, Any]:
+        """One member as ``meshctl members --json`` shows it (a stable contract)."""
+        return {
+            "name": m.node,
+            "address": str(m.addr),
+            "status": m.status.label,
+            "incarnation": m.incarnation,
+            "labels": m.meta.labels_dict,
+            "age": round(max(0.0, now - m.since), 3),
+            "role": m.meta.role,
+            "cpu_millis": m.meta.cpu_millis,
+            "memory_bytes": m.meta.memory_bytes,
+            "ports": m.meta.ports_dict,
+            "self": m.node == self.core.me,
+        }
+
+    async def api_members(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [self.member_json(m, now) for m in self.core.members()]
+
+    async def api_info(self, params: dict[str, Any]) -> dict[str, Any]:
+        stats = self.core.statistics()
+        return {
+            "name": self.core.me,
+            "version": mesh.__version__,
+            "address": str(self.config.advertise),
+            "incarnation": self.core.incarnation,
+            "health_score": stats.health_score,
+            "uptime": round(trio.current_time() - self.started, 3),
+            "members": {"alive": stats.members_alive, "suspect": stats.members_suspect,
+                        "dead": stats.members_dead, "left": stats.members_left},
+        }
+
+    def handlers(self) -> dict[str, api.Handler]:
+        """The API methods this node serves."""
+        return {"members": self.api_members, "info": self.api_info}
+
+    def metrics(self) -> list[Metric]:
+        """Every metric family of this node."""
+        s = self.core.statistics()
+        a = self.adapter.statistics()
+        g = "meshd_gossip_"
+        members = Metric(g + "members", "gauge", "Members by status as seen by this node.",
+                         tuple(((("status", st),), float(v)) for st, v in (
+                             ("alive", s.members_alive), ("suspect", s.members_suspect),
+                             ("dead", s.members_dead), ("left", s.members_left))))
+        return [
+            counter(g + "probes_total", "Failure-detection probes started.", s.probes),
+            counter(g + "acks_total", "Probe acks received.", s.acks),
+            counter(g + "nacks_total", "Nacks received from indirect probers.", s.nacks),
+            counter(g + "indirect_probes_total", "Indirect probe requests sent.",
+                    s.indirect_probes),
+            counter(g + "suspicions_total", "Members this node started to suspect.",
+                    s.suspicions),
+            counter(g + "refutations_total", "Times this node refuted its own suspicion.",
+                    s.refutations),
+            counter(g + "deaths_total", "Members this node declared dead.", s.deaths),
+            counter(g + "push_pulls_total", "Full state exchanges completed.", s.push_pulls),
+            counter(g + "packets_in_total", "Datagrams received.", a.packets_in),
+            counter(g + "packets_out_total", "Datagrams sent.", a.packets_out),
+            counter(g + "bytes_in_total", "Datagram bytes received.", a.bytes_in),
+            counter(g + "bytes_out_total", "Datagram bytes sent.", a.bytes_out),
+            counter(g + "packets_malformed_total",
+                    "Datagrams dropped as malformed, foreign or unauthenticated.",
+                    a.datagrams_rejected),
+            counter(g + "send_failures_total", "Datagrams the network refused.",
+                    s.send_failures),
+            gauge(g + "health_score", "Lifeguard local health score (0 is healthy).",
+                  s.health_score),
+            gauge(g + "incarnation", "This node's incarnation.", self.core.incarnation),
+            members,
+        ]
+
+    def render_metrics(self) -> str:
+        """The Prometheus text page."""
+        return render(self.metrics(), {"node": self.core.me})
+
+
+async def _write_peers(node: Node) -> None:
+    """Remember the other live members' addresses, for rejoining after a restart."""
+    events = node.adapter.subscribe()
+    path = node.config.data_dir / "peers.json"
+    async with events:
+        while True:
+            await events.receive()
+            await trio.sleep(PEERS_WRITE_DELAY_S)  # coalesce a burst of changes
+            while True:
+                try:
+                    events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            peers = sorted(str(m.addr) for m in node.core.members()
+                           if m.node != node.core.me and m.status <= Status.SUSPECT)
+            if not peers:
+                continue  # never forget the cluster because we are alone right now
+            try:
+                await trio.to_thread.run_sync(_write_json_atomic, path, {"peers": peers})
+            except OSError as exc:
+                LOGGER.error("peers_write_failed node=%s path=%s reason=%s; free disk space "
+                             "or fix permissions", node.core.me, path, exc.strerror)
+
+
+async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
+    """While this node is alone, keep trying the seeds it knows."""
+    while True:
+        if node.core.num_live() == 1:
+            result = await node.adapter.join(seeds)
+            if result.ok:
+                LOGGER.info("rejoined node=%s via=%s", node.core.me,
+                            ",".join(map(str, result.ok)))
+            else:
+                LOGGER.warning("rejoin_failed node=%s tried=%s; retrying in %gs",
+                               node.core.me, ",".join(str(a) for a, _ in result.failed),
+                               REJOIN_INTERVAL_S)
+        await trio.sleep(REJOIN_INTERVAL_S)
+
+
+async def _serve_gossip_tcp(listener: trio.SocketListener, adapter: GossipAdapter) -> None:
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off, do not die
+                LOGGER.warning("accept_failed node=%s reason=%s", adapter.core.me, exc)
+                await trio.sleep(0.1)
+                continue
+            peer = stream.socket.getpeername()
+            nursery.start_soon(adapter.serve_push_pull, stream, Addr(peer[0], peer[1]))
+
+
+async def run_node(config: NodeConfig, *, seed: int | None = None,
+                   task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one node until SIGTERM/SIGINT (graceful leave) or cancellation.
+
+    Raises:
+        StartupError: it cannot start; nothing is left running.
+    """
+    try:
+        udp, tcp = await bind_gossip_sockets(config.bind)
+    except OSError as exc:
+        raise StartupError(describe_bind_error(config.bind, exc)) from None
+    bound_port = udp.getsockname()[1]
+    if config.advertise.port == 0:
+        config = dataclasses.replace(config, advertise=Addr(config.advertise.host, bound_port))
+    meta = Meta.build(dict(config.labels), config.cpu_millis, config.memory_bytes,
+                      config.role, {"gossip": config.advertise.port})
+    rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
+    core = Membership(config.gossip, config.name, config.advertise, meta, rng,
+                      trio.current_time())
+    with udp:
+        adapter = GossipAdapter(core, UdpTransport(udp), TcpDialer())
+        node = Node(config, adapter)
+        api_listener = await api.bind_unix_socket(config.socket_path)
+        metrics_listener = await api.bind_tcp(config.metrics_bind) if config.metrics_bind \
+            else None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(adapter.run)
+                nursery.start_soon(_serve_gossip_tcp, tcp, adapter)
+                await nursery.start(api.serve_api, api_listener, node.handlers(), config.name)
+                if metrics_listener is not None:
+                    await nursery.start(api.serve_metrics, metrics_listener,
+                                        node.render_metrics)
+                LOGGER.info("node_started node=%s addr=%s bind=%s api=%s metrics=%s version=%s",
+                            config.name, config.advertise, config.bind, config.socket_path,
+                            config.metrics_bind or "off", mesh.__version__)
+                await _join(node, config, nursery)
+                nursery.start_soon(_write_peers, node)
+                task_status.started(node)
+                await _wait_for_signal(node)
+                nursery.cancel_scope.cancel()
+        finally:
+            config.socket_path.unlink(missing_ok=True)
+
+
+async def _join(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
+    if config.join:
+        result = await node.adapter.join(config.join)
+        if not result.ok:
+            tried = "; ".join(f"{a}: {why}" for a, why in result.failed)
+            raise StartupError(f"cannot join the cluster: no join address answered ({tried}). "
+                               "Check the address and that meshd runs there")
+        LOGGER.info("joined node=%s via=%s members=%d", config.name,
+                    ",".join(map(str, result.ok)), node.core.num_live())
+        nursery.start_soon(_stay_joined, node, config.join)
+        return
+    peers = [p for p in load_peers(config.data_dir) if p != config.advertise]
+    if peers:
+        LOGGER.info("rejoining node=%s known_peers=%d", config.name, len(peers))
+        nursery.start_soon(_stay_joined, node, peers)
+        return
+    LOGGER.info("cluster_created node=%s addr=%s; add nodes with: meshd start --join %s",
+                config.name, config.advertise, config.advertise)
+
+
+async def _wait_for_signal(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            LOGGER.info("leaving node=%s signal=%s", node.core.me, signal.Signals(signum).name)
+            await node.adapter.leave()
+            return
+
+
+# --- command line ------------------------------------------------------------------
+
+
+class StructuredFormatter(logging.Formatter):
+    """``2026-11-22T06:41:42.123Z INFO mesh.gossip member_dead node=a peer=b ...``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str) -> None:
+    """Send structured lines to stderr (only entry points configure logging)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StructuredFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``meshd`` argument parser."""
+    parser = argparse.ArgumentParser(prog="meshd", description="meshd: the meshd daemon.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="run this node in the foreground")
+    start.add_argument("--data-dir", default=os.environ.get("MESH_DATA_DIR", "/var/lib/meshd"),
+                       help="node state directory (default $MESH_DATA_DIR or /var/lib/meshd)")
+    start.add_argument("--bind", default=f"0.0.0.0:{DEFAULT_PORT}",
+                       help=f"IP[:PORT] for gossip UDP+TCP (default 0.0.0.0:{DEFAULT_PORT})")
+    start.add_argument("--advertise", help="IP:PORT other nodes reach this one at "
+                       "(default: the --bind address)")
+    start.add_argument("--name", help="unique node name (default: the name stored in the "
+                       "data dir, else the hostname)")
+    start.add_argument("--join", action="append", default=[],
+                       help="HOST:PORT[,HOST:PORT...] of a member to join through; repeatable")
+    start.add_argument("--label", action="append", default=[], help="K=V node label; "
+                       "repeatable (e.g. --label zone=a)")
+    start.add_argument("--cpu", type=float, default=None,
+                       help="schedulable CPU cores (default: all of this host's)")
+    start.add_argument("--memory", default=None,
+                       help="schedulable memory, e.g. 4G or 512M (default: this host's)")
+    start.add_argument("--role", default="worker", help="free-form role announced to peers")
+    start.add_argument("--metrics-bind", default=None,
+                       help=f"IP:PORT of the Prometheus endpoint (default: the bind IP if it "
+                       f"is loopback, else 127.0.0.1, port {DEFAULT_METRICS_PORT}); 'off' "
+                       "disables it")
+    start.add_argument("--gossip-profile", choices=sorted(GOSSIP_PROFILES), default="lan",
+                       help="gossip timing preset (default lan)")
+    start.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``4G``, ``1024`` (bytes) -> bytes.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"size {text!r} is not like 512M or 4G") from None
+    if value < 0:
+        raise ConfigError(f"size {text!r} is negative")
+    return int(value * mult)
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Build the node configuration from ``meshd start`` flags and the data dir.
+
+    Raises:
+        ConfigError: a flag is malformed.
+        StartupError: the data dir is unusable.
+    """
+    try:
+        bind = Addr.parse(args.bind, DEFAULT_PORT)
+        advertise = Addr.parse(args.advertise, bind.port) if args.advertise else bind
+        join = tuple(Addr.parse(part, DEFAULT_PORT) for item in args.join
+                     for part in item.split(",") if part.strip())
+        if args.metrics_bind == "off":
+            metrics: Addr | None = None
+        elif args.metrics_bind:
+            metrics = Addr.parse(args.metrics_bind, DEFAULT_METRICS_PORT)
+        else:
+            host = bind.host if bind.host.startswith("127.") or bind.host == "::1" \
+                else "127.0.0.1"
+            metrics = Addr(host, DEFAULT_METRICS_PORT)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    labels = tuple(sorted(dict(parse_label(x) for x in args.label).items()))
+    cpu = args.cpu if args.cpu is not None else float(os.cpu_count() or 1)
+    memory = parse_size(args.memory) if args.memory else _host_memory_bytes()
+    data_dir = Path(args.data_dir).resolve()
+    name = prepare_data_dir(data_dir, args.name)
+    return NodeConfig(
+        data_dir=data_dir, name=name, bind=bind, advertise=advertise, join=join,
+        labels=labels, cpu_millis=int(cpu * 1000), memory_bytes=memory, role=args.role,
+        metrics_bind=metrics, gossip=GOSSIP_PROFILES[args.gossip_profile](),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``meshd`` entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"meshd {mesh.__version__}")
+        return 0
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        trio.run(run_node, config)
+    except (ConfigError, StartupError) as exc:
+        print(f"meshd: error: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # A startup failure inside the nursery arrives wrapped in a group.
+        startup = group.subgroup(lambda e: isinstance(e, (ConfigError, StartupError)))
+        if startup is None:
+            raise
+        print(f"meshd: error: {_first_leaf(startup)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
