@@ -22,7 +22,7 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -226,7 +226,7 @@ class MemoryTransport:
         self._net = net
         self.addr = addr
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Addr, bytes]](256)
-        self.stream_handler: Callable[[trio.abc.Stream, Addr], object] | None = None
+        self.stream_handler: Callable[[trio.abc.Stream, Addr], Awaitable[None]] | None = None
 
     async def send_packet(self, to: Addr, data: bytes) -> None:
         self._net._deliver(self.addr, to, data)
@@ -273,7 +273,7 @@ async def read_frame(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         chunk = await stream.receive_some(65_536)
         if not chunk:
             raise RemoteProtocolError("stream closed before a whole frame arrived")
-        decoder.receive_data(chunk)
+        decoder.receive_data(bytes(chunk))
 
 
 class GossipAdapter:

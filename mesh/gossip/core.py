@@ -423,8 +423,15 @@ class Membership:
             raise
         self._stats.packets_in += 1
         self._stats.bytes_in += len(data)
+        # Membership news first, then probes: an ack must carry what the news in
+        # the same packet made us say (e.g. the refutation of a buddy-system
+        # suspicion riding on the ping).
         for msg in msgs:
-            self._dispatch(src, msg, now)
+            if isinstance(msg, (Suspect, Alive, Dead)):
+                self._dispatch(src, msg, now)
+        for msg in msgs:
+            if not isinstance(msg, (Suspect, Alive, Dead)):
+                self._dispatch(src, msg, now)
 
     def handle_send_failed(self, to: Addr, reason: str, now: float) -> None:
         """Report that a :class:`Send` could not be handed to the network (h11

@@ -54,12 +54,12 @@ async def bind_unix_socket(path: Path) -> trio.SocketListener:
     Raises:
         StartupError: another meshd answers there, or the path cannot be bound.
     """
-    if path.exists():
+    if await trio.Path(path).exists():
         probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await probe.connect(str(path))
         except OSError:
-            path.unlink()  # stale: left by a daemon that was killed
+            await trio.Path(path).unlink()  # stale: left by a daemon that was killed
         else:
             raise StartupError(f"another meshd is running with data dir {path.parent} "
                                "(its API socket answers): stop it or use another --data-dir")

@@ -1,0 +1,138 @@
+"""The local API (unix socket), metrics rendering, and meshctl/meshd helpers."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mesh import wire
+from mesh.errors import ConfigError, MeshError, StartupError
+from mesh.node import api
+from mesh.node.cli import format_age, format_table, members_table
+from mesh.node.config import parse_label
+from mesh.node.daemon import build_parser, config_from_args, parse_size, prepare_data_dir
+from mesh.node.metrics import Metric, counter, render
+from mesh.types import Addr
+
+
+async def echo(params: dict[str, Any]) -> dict[str, Any]:
+    return {"echo": params}
+
+
+async def refuse(params: dict[str, Any]) -> None:
+    raise api.ApiError("no such service 'web': list services with meshctl ps")
+
+
+async def test_api_roundtrip_errors_and_permissions(tmp_path: Path) -> None:
+    sock = tmp_path / "meshd.sock"
+    listener = await api.bind_unix_socket(sock)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve_api, listener, {"echo": echo, "refuse": refuse}, "n1")
+        assert await api.call(sock, "echo", {"x": 1}) == {"echo": {"x": 1}}
+        with pytest.raises(MeshError, match="list services with meshctl ps"):
+            await api.call(sock, "refuse")
+        with pytest.raises(MeshError, match="unknown method 'nope'"):
+            await api.call(sock, "nope")
+        # Garbage on the socket gets an error answer; the server keeps serving.
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(wire.frame(b"\x01\x00\x50garbage"))
+            reply = await stream.receive_some(4096)
+            assert b"malformed" in reply or b"not an API request" in reply
+        assert await api.call(sock, "echo") == {"echo": {}}
+        with pytest.raises(StartupError, match="another meshd is running"):
+            await api.bind_unix_socket(sock)
+        nursery.cancel_scope.cancel()
+
+
+async def test_stale_socket_is_replaced_and_missing_socket_is_explained(tmp_path: Path
+                                                                         ) -> None:
+    sock = tmp_path / "meshd.sock"
+    listener = await api.bind_unix_socket(sock)
+    await listener.aclose()  # the file stays, nobody listens: a killed daemon
+    assert sock.exists()
+    listener = await api.bind_unix_socket(sock)
+    await listener.aclose()
+    with pytest.raises(MeshError, match="is meshd running"):
+        await api.call(tmp_path / "absent.sock", "members")
+
+
+def test_metrics_text_format() -> None:
+    text = render([counter("meshd_x_total", "Things.", 3),
+                   Metric("meshd_members", "gauge", "By status.",
+                          (((("status", "alive"),), 2.0), ((("status", "dead"),), 0.5)))],
+                  {"node": 'a"b'})
+    assert text.splitlines() == [
+        "# HELP meshd_x_total Things.",
+        "# TYPE meshd_x_total counter",
+        'meshd_x_total{node="a\\"b"} 3',
+        "# HELP meshd_members By status.",
+        "# TYPE meshd_members gauge",
+        'meshd_members{node="a\\"b",status="alive"} 2',
+        'meshd_members{node="a\\"b",status="dead"} 0.5',
+    ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("512M", 512 << 20), ("4G", 4 << 30),
+                                                ("1.5GiB", int(1.5 * (1 << 30))), ("100", 100)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_parse_size_and_label_errors_are_explained() -> None:
+    with pytest.raises(ConfigError, match="like 512M"):
+        parse_size("lots")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_label("zone")
+    assert parse_label(" zone = a ") == ("zone", "a")
+
+
+def test_cli_formatting() -> None:
+    assert [format_age(s) for s in (5, 75, 3 * 3600 + 120, 2 * 86400 + 3600)] == [
+        "5s", "1m15s", "3h02m", "2d01h"]
+    assert format_table(["A", "BB"], [["xxx", "y"]]) == "A    BB\nxxx  y"
+    table = members_table([{"name": "n1", "address": "127.0.0.2:7946", "status": "alive",
+                            "incarnation": 3, "labels": {"zone": "a"}, "age": 61, "self": True}])
+    assert table.splitlines()[1].split() == ["n1", "*", "127.0.0.2:7946", "alive", "3",
+                                             "zone=a", "1m01s"]
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(["start", "--data-dir", str(tmp_path / "d"), *extra])
+
+
+def test_config_from_flags(tmp_path: Path) -> None:
+    cfg = config_from_args(_args(tmp_path, "--bind", "127.0.0.5", "--name", "web1",
+                                 "--join", "127.0.0.2:7946,127.0.0.3", "--label", "zone=b",
+                                 "--cpu", "2", "--memory", "1G"))
+    assert cfg.bind == Addr("127.0.0.5", 7946)
+    assert cfg.advertise == cfg.bind
+    assert cfg.join == (Addr("127.0.0.2", 7946), Addr("127.0.0.3", 7946))
+    assert cfg.labels == (("zone", "b"),)
+    assert cfg.cpu_millis == 2000
+    assert cfg.metrics_bind == Addr("127.0.0.5", 9946)
+    assert cfg.socket_path == tmp_path / "d" / "meshd.sock"
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        config_from_args(_args(tmp_path, "--bind", "127.0.0.1:99999"))
+    with pytest.raises(ConfigError, match="wildcard"):
+        config_from_args(_args(tmp_path, "--bind", "0.0.0.0:7946", "--name", "x"))
+
+
+def test_data_dir_keeps_its_node_name(tmp_path: Path) -> None:
+    assert prepare_data_dir(tmp_path / "d", "alpha") == "alpha"
+    assert prepare_data_dir(tmp_path / "d", None) == "alpha"
+    with pytest.raises(StartupError, match="belongs to node 'alpha'"):
+        prepare_data_dir(tmp_path / "d", "beta")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StartupError, match="not writable"):
+        prepare_data_dir(blocker / "sub", "x")

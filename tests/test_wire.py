@@ -1,0 +1,79 @@
+"""The envelope and TCP framing: roundtrips, limits and hostile input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh import wire
+from mesh.errors import LocalProtocolError, RemoteProtocolError
+
+bodies = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=5),
+    max_leaves=20,
+)
+
+
+@given(st.integers(1, 255), bodies)
+def test_encode_decode_roundtrip(msg_type: int, body: object) -> None:
+    env = wire.decode(wire.encode(msg_type, body))
+    assert (env.major, env.msg_type, env.body) == (wire.PROTOCOL_MAJOR, msg_type, body)
+
+
+@given(st.binary(max_size=200))
+def test_decode_random_bytes_only_raises_remote_protocol_error(data: bytes) -> None:
+    try:
+        wire.decode(data)
+    except RemoteProtocolError:
+        pass
+
+
+def test_other_major_version_is_refused_with_both_versions_named() -> None:
+    data = bytearray(wire.encode(5, [1]))
+    data[0] = wire.PROTOCOL_MAJOR + 1
+    with pytest.raises(RemoteProtocolError, match=r"peer speaks protocol 2\.0, we speak 1\.0"):
+        wire.decode(bytes(data))
+
+
+def test_other_minor_version_is_accepted() -> None:
+    data = bytearray(wire.encode(5, [1]))
+    data[1] = 7
+    assert wire.decode(bytes(data)).minor == 7
+
+
+def test_trailing_bytes_and_oversize_are_refused() -> None:
+    with pytest.raises(RemoteProtocolError):
+        wire.decode(wire.encode(5, [1]) + b"\x00")
+    with pytest.raises(RemoteProtocolError, match="exceeds limit"):
+        wire.decode(wire.encode(5, "x" * 100), max_bytes=50)
+
+
+def test_type_zero_is_reserved() -> None:
+    with pytest.raises(LocalProtocolError):
+        wire.encode(0, [])
+    with pytest.raises(RemoteProtocolError):
+        wire.decode(bytes((wire.PROTOCOL_MAJOR, 0, 0, 0x90)))
+
+
+@given(st.lists(bodies, min_size=1, max_size=5), st.integers(1, 7))
+def test_frame_decoder_reassembles_any_chunking(items: list[object], chunk: int) -> None:
+    stream = b"".join(wire.frame(wire.encode(9, item)) for item in items)
+    dec = wire.FrameDecoder()
+    out = []
+    for i in range(0, len(stream), chunk):
+        dec.receive_data(stream[i:i + chunk])
+        while not isinstance(env := dec.next_frame(), wire.NeedData):
+            out.append(env.body)
+    assert out == items
+    assert dec.buffered_bytes == 0
+
+
+def test_frame_decoder_refuses_oversized_length_before_buffering_body() -> None:
+    dec = wire.FrameDecoder(max_frame_bytes=100)
+    dec.receive_data((10_000).to_bytes(4, "big"))
+    with pytest.raises(RemoteProtocolError, match="exceeds limit 100"):
+        dec.next_frame()
