@@ -284,7 +284,8 @@ class Membership:
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._broadcasts = BroadcastQueue()
         self._outputs: list[GossipOutput] = []
-        self._seq = 0
+        # A random start, so an ack to a probe of a previous process cannot match.
+        self._seq = rng.getrandbits(32)
         self._probe: _Probe | None = None
         self._probe_order: list[NodeId] = []
         self._probe_index = 0
