@@ -53,10 +53,11 @@ from mesh.errors import (
     StorageError,
 )
 from mesh.gossip.keyring import DEFAULT_REPLAY_WINDOW_S, KEY_BYTES, Keyring
-from mesh.security.join import JoinClient, JoinResult, JoinServer
+from mesh.security.join import JoinClient, JoinRedirected, JoinResult, JoinServer
 from mesh.security.messages import (
     MAX_JOIN_FRAME_BYTES,
     NONCE_BYTES,
+    JoinRedirect,
     JoinRequest,
     LinkAccepted,
     LinkRefused,
@@ -1070,6 +1071,17 @@ def join_handler(
     return handle
 
 
+def redirect_join_handler(issuers: Callable[[], Sequence[Addr]]) -> Handler:
+    """The ``mesh-join/1`` handler of a node without the CA key: it names the members
+    that hold it (``issuers()``), and the joiner tries them next."""
+
+    async def handle(stream: SSLStreamT, peer: PeerInfo) -> None:
+        with trio.fail_after(DEFAULT_HANDSHAKE_TIMEOUT_S):
+            await send_message(stream, JoinRedirect(tuple(str(a) for a in issuers())))
+
+    return handle
+
+
 async def _run_join_client(
     addr: Addr, ctx: ssl.SSLContext, client: JoinClient, timeout_s: float
 ) -> JoinResult:
@@ -1084,6 +1096,8 @@ async def _run_join_client(
                 )
                 await send_message(stream, request)
                 return client.handle_reply(await receive_message(stream))
+    except JoinRedirected:
+        raise
     except StartupError as exc:
         raise StartupError(f"join via {addr} failed: {exc}") from None
     except OSError as exc:

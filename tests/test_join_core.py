@@ -27,6 +27,7 @@ from mesh.security.messages import (
     MSG_LINK_REFUSED,
     JoinAccept,
     JoinChallenge,
+    JoinRedirect,
     JoinReject,
     JoinRequest,
     LinkAccepted,
@@ -66,6 +67,7 @@ messages: st.SearchStrategy[SecurityMessage] = st.one_of(
     st.builds(JoinReject, text),
     st.just(LinkAccepted()),
     st.builds(LinkRefused, text),
+    st.builds(JoinRedirect, st.lists(text, max_size=16).map(tuple)),
 )
 
 
@@ -201,7 +203,7 @@ def test_wrong_token_rejected_with_actionable_reason() -> None:
     client, _ = joiner(wrong)
     reply = exchange(cluster, client)
     assert reply == JoinReject(REJECT_WRONG_TOKEN)
-    with pytest.raises(StartupError, match="meshctl token create"):
+    with pytest.raises(StartupError, match="meshctl token"):
         client.handle_reply(reply)
     assert cluster.server.statistics().rejected_token == 1
     assert cluster.server.poll_issued() == []

@@ -20,6 +20,7 @@ ALLOWED = {
     "node/driver.py",
     "node/api.py",
     "node/daemon.py",
+    "node/trust.py",
     "node/cli.py",
 }
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from mesh.errors import StartupError
 from mesh.gossip.keyring import Keyring
 from mesh.security import pki
-from mesh.security.join import JoinServer
+from mesh.security.join import JoinRedirected, JoinServer
 from mesh.security.messages import LinkRefused
 from mesh.security.token import JoinToken, new_token
 from mesh.tls import (
@@ -48,6 +48,7 @@ from mesh.tls import (
     load_keyring,
     open_tls_stream,
     receive_message,
+    redirect_join_handler,
     request_join,
     request_renewal,
     save_join_result,
@@ -396,7 +397,7 @@ async def test_join_with_wrong_token_says_what_to_do(served: Served, env: Env) -
     wrong = JoinToken(env.ca.fingerprint, b"\x00" * 32)
     csr = pki.create_csr(pki.generate_key(), "n6")
     with pytest.raises(
-        StartupError, match=r"join token is wrong or was rotated.*meshctl token create"
+        StartupError, match=r"join token is wrong or was rotated.*meshctl token"
     ):
         await request_join(served.addr, wrong, csr, Addr("127.0.0.6", 7946), wall_clock=real_clock)
     assert served.join.statistics().rejected_token == 1
@@ -420,6 +421,27 @@ async def test_join_on_a_node_without_ca_key(nursery: trio.Nursery, env: Env) ->
         await request_join(
             served.addr, env.token, csr, Addr("127.0.0.6", 7946), wall_clock=real_clock
         )
+
+
+async def test_join_is_redirected_by_a_node_without_ca_key(nursery: trio.Nursery, env: Env
+                                                          ) -> None:
+    """A node without the CA key names the members that hold it; following the
+    redirect to the real issuer then succeeds (CA pinning still applies there)."""
+    issuer = await start_server(nursery, env)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    relay_addr = Addr("127.0.0.1", listeners[0].socket.getsockname()[1])
+    relay = TlsServer(server_context(env.n2),
+                      {ALPN_JOIN: redirect_join_handler(lambda: [issuer.addr]),
+                       ALPN_GOSSIP: greet_then_echo})
+    await nursery.start(relay.serve, listeners)
+    csr = pki.create_csr(pki.generate_key(), "n7")
+    with pytest.raises(JoinRedirected) as info:
+        await request_join(relay_addr, env.token, csr, Addr("127.0.0.7", 7946),
+                           wall_clock=real_clock)
+    assert info.value.issuers == (str(issuer.addr),)
+    result = await request_join(Addr.parse(info.value.issuers[0], 0), env.token, csr,
+                                Addr("127.0.0.7", 7946), wall_clock=real_clock)
+    assert result.node_id == "n7"
 
 
 async def test_join_unreachable(env: Env) -> None:

@@ -88,7 +88,8 @@ class PacketTransport(Protocol):
 
 
 class StreamDialer(Protocol):
-    """Reliable streams to peers (plain TCP, or TLS with ALPN ``mesh-gossip/1``)."""
+    """Reliable streams to peers: :class:`mesh.tls.TlsDialer` (mutual TLS, ALPN
+    ``mesh-gossip/1``) in meshd, :class:`MemoryTransport` in tests."""
 
     async def open_stream(self, to: Addr) -> trio.abc.Stream:
         """Connect to ``to``. Raises ``OSError`` if it cannot."""
@@ -115,16 +116,6 @@ class UdpTransport:
             except ConnectionResetError:
                 continue  # an ICMP port-unreachable for an earlier send: not ours to fail
             return Addr(src[0], src[1]), data
-
-
-class TcpDialer:
-    """Plain TCP streams (used until the TLS dialer of :mod:`mesh.tls` replaces it)."""
-
-    def __init__(self, local_host: str | None = None) -> None:
-        self._local_host = local_host
-
-    async def open_stream(self, to: Addr) -> trio.abc.Stream:
-        return await trio.open_tcp_stream(to.host, to.port, local_address=self._local_host)
 
 
 async def bind_gossip_sockets(

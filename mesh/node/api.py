@@ -79,8 +79,10 @@ async def bind_unix_socket(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _serve_api_connection(stream: trio.abc.Stream, handlers: Mapping[str, Handler],
-                                node: str) -> None:
+async def serve_api_stream(stream: trio.abc.Stream, handlers: Mapping[str, Handler],
+                           node: str) -> None:
+    """Answer API requests on one stream (unix socket or ``mesh-rpc/1`` TLS link)
+    until the client closes it; closes it afterwards."""
     async with stream:
         while True:
             try:
@@ -116,7 +118,7 @@ async def serve_api(listener: trio.SocketListener, handlers: Mapping[str, Handle
         task_status.started()
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_serve_api_connection, stream, handlers, node)
+            nursery.start_soon(serve_api_stream, stream, handlers, node)
 
 
 async def call(socket_path: Path, method: str, params: dict[str, Any] | None = None,
@@ -131,8 +133,7 @@ async def call(socket_path: Path, method: str, params: dict[str, Any] | None = N
         with trio.fail_after(timeout_s):
             stream = await trio.open_unix_socket(str(socket_path))
             async with stream:
-                await stream.send_all(wire.frame(Request(method, params or {}).encode()))
-                data = await read_frame(stream, MAX_API_FRAME_BYTES)
+                return await call_stream(stream, method, params)
     except FileNotFoundError:
         raise MeshError(f"no meshd API socket at {socket_path}: is meshd running? Pass "
                         "--socket DIR/meshd.sock or set MESH_SOCKET") from None
@@ -143,9 +144,22 @@ async def call(socket_path: Path, method: str, params: dict[str, Any] | None = N
         raise MeshError(f"meshd is not running behind {socket_path} (stale socket)") from None
     except trio.TooSlowError:
         raise MeshError(f"meshd at {socket_path} did not answer within {timeout_s:g}s") from None
+
+
+
+async def call_stream(stream: trio.abc.Stream, method: str,
+                      params: dict[str, Any] | None = None) -> Any:
+    """Call one API method over an open stream (which stays open).
+
+    Raises:
+        MeshError: the call failed (the daemon's message) or the answer was garbage.
+        trio.BrokenResourceError: the stream broke.
+    """
+    await stream.send_all(wire.frame(Request(method, params or {}).encode()))
+    try:
+        response = Response.decode(await read_frame(stream, MAX_API_FRAME_BYTES))
     except RemoteProtocolError as exc:
-        raise MeshError(f"bad answer from meshd at {socket_path}: {exc}") from None
-    response = Response.decode(data)
+        raise MeshError(f"bad answer from meshd: {exc}") from None
     if not response.ok:
         raise MeshError(response.error)
     return response.result

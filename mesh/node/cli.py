@@ -17,8 +17,10 @@ from typing import Any
 import trio
 
 import mesh
-from mesh.errors import MeshError
+from mesh import tls
+from mesh.errors import MeshError, RemoteProtocolError
 from mesh.node import api
+from mesh.types import Addr
 
 DEFAULT_SOCKET = "/var/lib/meshd/meshd.sock"
 
@@ -61,11 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Control a meshd cluster.")
     parser.add_argument("--socket", default=None,
                         help=f"meshd API socket (default $MESH_SOCKET or {DEFAULT_SOCKET})")
+    parser.add_argument("--addr", default=os.environ.get("MESH_ADDR"),
+                        help="talk to a remote meshd at HOST:PORT over mutual TLS instead of "
+                        "the local socket (default $MESH_ADDR)")
+    parser.add_argument("--cert-dir", default=os.environ.get("MESH_CERT_DIR"),
+                        help="admin credentials (ca.pem, cert.pem, key.pem) for --addr; the "
+                        "first node writes them to DIR/admin (default $MESH_CERT_DIR)")
     sub = parser.add_subparsers(dest="command", required=True)
     members = sub.add_parser("members", help="list the cluster's members")
     members.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info = sub.add_parser("info", help="show this node's identity and health")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    token = sub.add_parser("token", help="show the join token (on a CA-holding node)")
+    token.add_argument("action", nargs="?", choices=["show", "rotate"], default="show",
+                       help="rotate: issue a new token; the old one stops working")
+    token.add_argument("--json", action="store_true", help="print JSON")
+    keys = sub.add_parser("keys", help="gossip encryption keys, on every member at once")
+    keys.add_argument("action", choices=["list", "install", "use", "remove"])
+    keys.add_argument("key", nargs="?", help="base64 key, or its id from `keys list`; "
+                      "install without a key generates one")
+    keys.add_argument("--json", action="store_true", help="print JSON")
+    node = sub.add_parser("node", help="manage nodes")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    rm = node_sub.add_parser("rm", help="remove a node for good: revoke its certificates "
+                             "and rotate the gossip key without it")
+    rm.add_argument("name")
+    rm.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -75,13 +98,62 @@ def socket_path(args: argparse.Namespace) -> Path:
     return Path(args.socket or os.environ.get("MESH_SOCKET") or DEFAULT_SOCKET)
 
 
+class Client:
+    """Calls the daemon: over the local unix socket, or with ``--addr`` over a
+    ``mesh-rpc/1`` mutual-TLS link using the admin certificate."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        if not self._args.addr:
+            return await api.call(socket_path(self._args), method, params)
+        return await self._call_remote(method, params)
+
+    async def _call_remote(self, method: str, params: dict[str, Any] | None) -> Any:
+        try:
+            addr = Addr.parse(self._args.addr, 7946)
+        except ValueError as exc:
+            raise MeshError(f"--addr: {exc}") from None
+        if not self._args.cert_dir:
+            raise MeshError("--addr needs admin credentials: pass --cert-dir DIR (the first "
+                            "node wrote them to its DATA_DIR/admin) or set MESH_CERT_DIR")
+        identity = tls.TlsIdentity.admin(Path(self._args.cert_dir))
+        if not identity.exists():
+            raise MeshError(f"no admin credentials in {self._args.cert_dir}: it needs "
+                            "ca.pem, cert.pem and key.pem (from DATA_DIR/admin on the first node)")
+        try:
+            ctx = tls.client_context(identity)
+            stream, _ = await tls.open_tls_stream(addr, ctx, tls.ALPN_RPC)
+            async with stream:
+                return await api.call_stream(stream, method, params)
+        except (OSError, trio.TooSlowError) as exc:
+            raise MeshError(f"cannot reach meshd at {addr}: {exc}; check --addr and that "
+                            "TCP port is open") from None
+        except RemoteProtocolError as exc:
+            raise MeshError(str(exc)) from None
+
+
+def per_node_table(nodes: dict[str, dict[str, Any]], describe: Any) -> str:
+    """One row per node of a cluster-wide operation."""
+    rows = []
+    for name, outcome in nodes.items():
+        rows.append([name, "ok" if outcome["ok"] else "FAILED",
+                     describe(outcome["result"]) if outcome["ok"] else outcome["error"]])
+    return format_table(["NODE", "RESULT", "DETAIL"], rows)
+
+
+def _keys_detail(result: list[dict[str, Any]]) -> str:
+    return ", ".join(k["id"] + (" (primary)" if k["primary"] else "") for k in result)
+
+
 async def _run(args: argparse.Namespace) -> str:
-    path = socket_path(args)
+    client = Client(args)
     if args.command == "members":
-        result = await api.call(path, "members")
+        result = await client.call("members")
         return json.dumps(result, indent=2) if args.json else members_table(result)
     if args.command == "info":
-        result = await api.call(path, "info")
+        result = await client.call("info")
         if args.json:
             return json.dumps(result, indent=2)
         counts = ", ".join(f"{v} {k}" for k, v in result["members"].items())
@@ -89,7 +161,47 @@ async def _run(args: argparse.Namespace) -> str:
                 f"version:       {result['version']}\nincarnation:   {result['incarnation']}\n"
                 f"health score:  {result['health_score']}\nuptime:        "
                 f"{format_age(result['uptime'])}\nmembers:       {counts}")
+    if args.command == "token":
+        result = await client.call("token_rotate" if args.action == "rotate" else "token")
+        if args.json:
+            return json.dumps(result, indent=2)
+        lead = "new join token (the old one no longer works):" if args.action == "rotate" \
+            else "join token:"
+        return f"{lead}\n  {result['token']}\njoin a node with:\n  {result['join_command']}"
+    if args.command == "keys":
+        params = {"key": args.key} if args.key else {}
+        if args.action in ("use", "remove") and not args.key:
+            raise MeshError(f"keys {args.action} needs a KEY (base64, or its id from keys list)")
+        result = await client.call(f"keys_{args.action}", params)
+        failed = [n for n, o in result["nodes"].items() if not o["ok"]]
+        if args.json:
+            text = json.dumps(result, indent=2)
+        else:
+            text = per_node_table(result["nodes"], _keys_detail)
+            if "key" in result:
+                text = f"installed key {result['key']}\n" + text
+        if failed:
+            raise PartialFailure(text, f"{len(failed)} node(s) failed: {', '.join(failed)}; "
+                                 "re-run the command once they are reachable")
+        return text
+    if args.command == "node" and args.node_command == "rm":
+        result = await client.call("node_rm", {"name": args.name})
+        if args.json:
+            return json.dumps(result, indent=2)
+        lines = [f"removed {result['name']}: revoked serials {', '.join(result['serials'])}",
+                 per_node_table(result["revoked"], lambda r: f"deny list: {r['revoked']}"),
+                 "gossip key rotated without it:",
+                 per_node_table(result["key_rotation"]["remove"], _keys_detail)]
+        return "\n".join(lines)
     raise AssertionError(args.command)
+
+
+class PartialFailure(MeshError):
+    """A cluster-wide command that failed on some nodes: print the table, exit 1."""
+
+    def __init__(self, output: str, message: str) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         print(trio.run(_run, args))
+    except PartialFailure as exc:
+        print(exc.output)
+        print(f"meshctl: error: {exc}", file=sys.stderr)
+        return 1
     except MeshError as exc:
         print(f"meshctl: error: {exc}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,17 +35,17 @@ from typing import Any
 import trio
 
 import mesh
+from mesh import tls
 from mesh.errors import ConfigError, StartupError
 from mesh.gossip.adapter import (
     GossipAdapter,
-    TcpDialer,
     UdpTransport,
     bind_gossip_sockets,
     describe_bind_error,
 )
 from mesh.gossip.core import Membership, MemberView
 from mesh.gossip.messages import Meta, Status
-from mesh.node import api
+from mesh.node import api, trust
 from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
@@ -53,6 +54,8 @@ from mesh.node.config import (
     parse_label,
 )
 from mesh.node.metrics import Metric, counter, gauge, render
+from mesh.security.pki import WallClock
+from mesh.security.token import JoinToken
 from mesh.types import Addr, NodeId
 
 LOGGER = logging.getLogger("mesh.node")
@@ -133,10 +136,13 @@ def load_peers(data_dir: Path) -> list[Addr]:
 class Node:
     """The running parts of one meshd, and the API handlers that read them."""
 
-    def __init__(self, config: NodeConfig, adapter: GossipAdapter) -> None:
+    def __init__(self, config: NodeConfig, adapter: GossipAdapter,
+                 credentials: trust.Trust) -> None:
         self.config = config
         self.adapter = adapter
+        self.trust = credentials
         self.started = trio.current_time()
+        self.tls_server: tls.TlsServer | None = None
 
     @property
     def core(self) -> Membership:
@@ -177,8 +183,9 @@ class Node:
         }
 
     def handlers(self) -> dict[str, api.Handler]:
-        """The API methods this node serves."""
-        return {"members": self.api_members, "info": self.api_info}
+        """The API methods this node serves (locally and over ``mesh-rpc/1``)."""
+        return {"members": self.api_members, "info": self.api_info,
+                **trust.SecurityApi(self.trust, self.core).handlers()}
 
     def metrics(self) -> list[Metric]:
         """Every metric family of this node."""
@@ -214,7 +221,33 @@ class Node:
                   s.health_score),
             gauge(g + "incarnation", "This node's incarnation.", self.core.incarnation),
             members,
+            *self._security_metrics(),
         ]
+
+    def _security_metrics(self) -> list[Metric]:
+        k = self.trust.keyring.statistics()
+        t = "meshd_tls_"
+        out = [
+            counter("meshd_gossip_sealed_total", "Datagrams sealed.", k.sealed),
+            counter("meshd_gossip_unsealed_total", "Datagrams opened.", k.opened),
+            counter("meshd_gossip_rejected_auth_total",
+                    "Datagrams that failed authentication (wrong key or label, tampered).",
+                    k.rejected_auth),
+            counter("meshd_gossip_rejected_stale_total",
+                    "Authenticated datagrams outside the replay window.", k.rejected_stale),
+            gauge("meshd_gossip_keys", "Keys in the gossip key ring.", len(self.trust.keyring.keys)),
+            gauge(t + "revoked_serials", "Serials on the deny list.", len(self.trust.revoked)),
+        ]
+        if self.tls_server is not None:
+            s = self.tls_server.statistics()
+            out += [
+                counter(t + "links_accepted_total", "TLS links admitted.", s.served),
+                counter(t + "links_refused_total", "TLS links refused after the handshake.",
+                        s.refused),
+                counter(t + "handshake_failures_total", "TLS handshakes that failed.",
+                        s.handshake_failures),
+            ]
+        return out
 
     def render_metrics(self) -> str:
         """The Prometheus text page."""
@@ -260,22 +293,46 @@ async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
         await trio.sleep(REJOIN_INTERVAL_S)
 
 
-async def _serve_gossip_tcp(listener: trio.SocketListener, adapter: GossipAdapter) -> None:
-    async with listener, trio.open_nursery() as nursery:
-        while True:
+def _link_handlers(node: Node) -> dict[str, tls.Handler]:
+    """What each ALPN on the gossip port leads to."""
+    adapter, credentials = node.adapter, node.trust
+    api_handlers = node.handlers()
+
+    async def gossip(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
+        await adapter.serve_push_pull(stream, peer.addr)
+
+    async def rpc(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
+        await api.serve_api_stream(stream, api_handlers, node.core.me)
+
+    handlers: dict[str, tls.Handler] = {tls.ALPN_GOSSIP: gossip, tls.ALPN_RPC: rpc}
+    if credentials.join_server is not None:
+        serve_join = tls.join_handler(credentials.join_server,
+                                      taken=trust.LiveNames(node.core))
+
+        async def join(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
             try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off, do not die
-                LOGGER.warning("accept_failed node=%s reason=%s", adapter.core.me, exc)
-                await trio.sleep(0.1)
-                continue
-            peer = stream.socket.getpeername()
-            nursery.start_soon(adapter.serve_push_pull, stream, Addr(peer[0], peer[1]))
+                await serve_join(stream, peer)
+            finally:
+                await trust.record_issued(credentials)
+
+        handlers[tls.ALPN_JOIN] = join
+    else:
+        handlers[tls.ALPN_JOIN] = tls.redirect_join_handler(lambda: trust.issuers(node.core))
+    return handlers
 
 
-async def run_node(config: NodeConfig, *, seed: int | None = None,
+async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
+                   cluster_label: str = "meshd", seed: int | None = None,
+                   wall_clock: WallClock = trust.utc_now,
                    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
     """Run one node until SIGTERM/SIGINT (graceful leave) or cancellation.
+
+    Args:
+        config: the node's configuration.
+        token: the join token, needed only for the first start of a joining node.
+        cluster_label: the cluster's name, used only when creating a cluster.
+        seed: seeds the node's RNG (tests); random otherwise.
+        wall_clock: the clock for certificate validity.
 
     Raises:
         StartupError: it cannot start; nothing is left running.
@@ -287,21 +344,32 @@ async def run_node(config: NodeConfig, *, seed: int | None = None,
     bound_port = udp.getsockname()[1]
     if config.advertise.port == 0:
         config = dataclasses.replace(config, advertise=Addr(config.advertise.host, bound_port))
-    meta = Meta.build(dict(config.labels), config.cpu_millis, config.memory_bytes,
-                      config.role, {"gossip": config.advertise.port})
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
-    core = Membership(config.gossip, config.name, config.advertise, meta, rng,
-                      trio.current_time())
     with udp:
-        adapter = GossipAdapter(core, UdpTransport(udp), TcpDialer())
-        node = Node(config, adapter)
+        try:
+            credentials = await trust.establish(config, token, wall_clock, cluster_label)
+        except BaseException:
+            await tcp.aclose()
+            raise
+        ports = {"gossip": config.advertise.port}
+        if credentials.join_server is not None:
+            ports[trust.JOIN_PORT_NAME] = config.advertise.port
+        meta = Meta.build(dict(config.labels), config.cpu_millis, config.memory_bytes,
+                          config.role, ports)
+        core = Membership(config.gossip, config.name, config.advertise, meta, rng,
+                          trio.current_time())
+        adapter = GossipAdapter(core, UdpTransport(udp), credentials.gossip_dialer(),
+                                credentials.codec)
+        node = Node(config, adapter, credentials)
+        node.tls_server = tls.TlsServer(credentials.server_ctx, _link_handlers(node),
+                                        revoked=credentials.revoked, node=config.name)
         api_listener = await api.bind_unix_socket(config.socket_path)
         metrics_listener = await api.bind_tcp(config.metrics_bind) if config.metrics_bind \
             else None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(adapter.run)
-                nursery.start_soon(_serve_gossip_tcp, tcp, adapter)
+                await nursery.start(node.tls_server.serve, [tcp])
                 await nursery.start(api.serve_api, api_listener, node.handlers(), config.name)
                 if metrics_listener is not None:
                     await nursery.start(api.serve_metrics, metrics_listener,
@@ -311,6 +379,8 @@ async def run_node(config: NodeConfig, *, seed: int | None = None,
                             config.metrics_bind or "off", mesh.__version__)
                 await _join(node, config, nursery)
                 nursery.start_soon(_write_peers, node)
+                nursery.start_soon(trust.renew_forever, credentials, core, config, wall_clock,
+                                   random.Random(rng.getrandbits(64)))
                 task_status.started(node)
                 await _wait_for_signal(node)
                 nursery.cancel_scope.cancel()
@@ -334,8 +404,7 @@ async def _join(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
         LOGGER.info("rejoining node=%s known_peers=%d", config.name, len(peers))
         nursery.start_soon(_stay_joined, node, peers)
         return
-    LOGGER.info("cluster_created node=%s addr=%s; add nodes with: meshd start --join %s",
-                config.name, config.advertise, config.advertise)
+    LOGGER.info("cluster_started node=%s addr=%s", config.name, config.advertise)
 
 
 async def _wait_for_signal(node: Node) -> None:
@@ -384,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "data dir, else the hostname)")
     start.add_argument("--join", action="append", default=[],
                        help="HOST:PORT[,HOST:PORT...] of a member to join through; repeatable")
+    start.add_argument("--token", default=os.environ.get("MESH_TOKEN"),
+                       help="join token (first join only; default $MESH_TOKEN); a cluster "
+                       "node shows it with `meshctl token`")
+    start.add_argument("--cluster-name", default="meshd",
+                       help="name of a new cluster (first node only; default meshd)")
     start.add_argument("--label", action="append", default=[], help="K=V node label; "
                        "repeatable (e.g. --label zone=a)")
     start.add_argument("--cpu", type=float, default=None,
@@ -472,7 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)
-        trio.run(run_node, config)
+        token = JoinToken.parse(args.token) if args.token else None
+        trio.run(functools.partial(run_node, config, token=token,
+                                   cluster_label=args.cluster_name))
     except (ConfigError, StartupError) as exc:
         print(f"meshd: error: {exc}", file=sys.stderr)
         return 1

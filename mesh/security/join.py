@@ -55,6 +55,7 @@ from mesh.security.messages import (
     NONCE_BYTES,
     JoinAccept,
     JoinChallenge,
+    JoinRedirect,
     JoinReject,
     JoinRequest,
     LinkRefused,
@@ -90,7 +91,7 @@ DEFAULT_PORT: Final = 7946
 
 REJECT_WRONG_TOKEN: Final = (
     "join token is wrong or was rotated; "
-    "get a new one with `meshctl token create` on a cluster node"
+    "get a new one with `meshctl token` on a cluster node"
 )
 REJECT_RENEW_NO_CERT: Final = (
     "certificate renewal needs the node's current certificate in the TLS handshake; "
@@ -135,6 +136,15 @@ def join_proof(
         mac.update(_LEN.pack(len(part)))
         mac.update(part)
     return mac.digest()
+
+
+class JoinRedirected(StartupError):
+    """The node holds no CA key and named the members that do (``issuers``)."""
+
+    def __init__(self, issuers: tuple[str, ...]) -> None:
+        where = ", ".join(issuers) or "none that it knows of"
+        super().__init__(f"the node holds no CA key; members that do: {where}")
+        self.issuers = issuers
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +423,8 @@ class JoinClient:
         """
         if isinstance(message, LinkRefused):
             raise StartupError(f"the node refused to serve the join: {message.reason}")
+        if isinstance(message, JoinRedirect):
+            raise JoinRedirected(message.issuers)
         if not isinstance(message, JoinChallenge):
             raise RemoteProtocolError(f"expected a join challenge, got {type(message).__name__}")
         ca = load_cert_pem(message.ca_pem)

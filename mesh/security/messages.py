@@ -33,6 +33,8 @@ MSG_JOIN_REJECT: Final = 35
 MSG_RENEW_REQUEST: Final = 36
 MSG_LINK_ACCEPTED: Final = 37
 MSG_LINK_REFUSED: Final = 38
+MSG_JOIN_REDIRECT: Final = 39
+MAX_REDIRECT_ADDRS: Final = 16
 
 MAX_JOIN_FRAME_BYTES: Final = 64 * 1024
 """Largest frame on ``mesh-join/1`` and largest status frame (64 KiB)."""
@@ -242,6 +244,28 @@ class LinkRefused:
         return cls(_str(_map(env, cls.MSG_TYPE), "why", MAX_REASON_CHARS))
 
 
+@dataclass(frozen=True, slots=True)
+class JoinRedirect:
+    """The node holds no CA key; ``issuers`` (``host:port``) do. Unauthenticated by
+    nature: following it is safe because the next node must still pass CA pinning."""
+
+    MSG_TYPE: ClassVar[int] = MSG_JOIN_REDIRECT
+    issuers: tuple[str, ...]
+
+    def to_wire(self) -> bytes:
+        """One envelope."""
+        return encode(self.MSG_TYPE, {"to": list(self.issuers[:MAX_REDIRECT_ADDRS])})
+
+    @classmethod
+    def from_wire(cls, env: Envelope) -> JoinRedirect:
+        """Validate an untrusted envelope. Raises RemoteProtocolError."""
+        raw = _map(env, cls.MSG_TYPE).get("to")
+        if type(raw) is not list or len(raw) > MAX_REDIRECT_ADDRS or not all(
+                type(a) is str and 0 < len(a) <= MAX_ADDR_CHARS for a in raw):
+            raise RemoteProtocolError("malformed join redirect")
+        return cls(tuple(raw))
+
+
 SecurityMessage = (
     JoinChallenge
     | JoinRequest
@@ -250,6 +274,7 @@ SecurityMessage = (
     | JoinReject
     | LinkAccepted
     | LinkRefused
+    | JoinRedirect
 )
 
 _DECODERS: Final[dict[int, Any]] = {
@@ -262,6 +287,7 @@ _DECODERS: Final[dict[int, Any]] = {
         JoinReject,
         LinkAccepted,
         LinkRefused,
+        JoinRedirect,
     )
 }
 

@@ -29,7 +29,7 @@ SECRET_BYTES: Final = 32
 SECRET_CHARS: Final = 52
 FINGERPRINT_CHARS: Final = 64
 
-_HELP: Final = "copy the whole token again from `meshctl token create` on a cluster node"
+_HELP: Final = "copy the whole token again from `meshctl token` on a cluster node"
 _B32_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 _HEX: Final = frozenset("0123456789abcdef")
 

@@ -1,0 +1,542 @@
+"""A node's trust life cycle: how it comes to hold credentials, and keeps them fresh.
+
+* First node (empty data dir, no ``--join``): creates the cluster CA, its node
+  certificate, the admin client certificate, the gossip key ring and a join token.
+* Joining node (empty data dir, ``--join``): proves the token to a CA-holding node
+  over ``mesh-join/1`` (the CA pinned by the token's fingerprint first) and receives
+  its certificate, the CA certificate and the gossip keys.
+* Restart (credentials in the data dir): loads them; no token needed.
+
+Then, while running: the deny list of revoked serials (checked on every link), the
+registry of issued serials (on CA-holding nodes, so ``meshctl node rm NAME`` knows
+what to revoke), certificate renewal at a random point in 50-80% of the certificate's
+life, and cluster-wide operations fanned out to every live member over
+``mesh-rpc/1`` (gossip key rotation, revocation).
+
+Until the replicated state ([raft]) holds the deny list, it lives in each node's
+``DIR/revoked.json``; a node that was down during a revocation learns it from the
+next fan-out or from an operator re-running ``meshctl node rm``.
+
+Resource handling:
+    Files are written atomically (temp, fsync, rename) through ``trio.to_thread``;
+    every link opened here is closed before the call returns.
+
+Error handling:
+    Startup problems raise :class:`~mesh.errors.StartupError` with one line a person
+    can act on; fan-out failures are returned per node, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mesh import tls
+from mesh.errors import MeshError, RemoteProtocolError, StartupError
+from mesh.gossip.core import Membership
+from mesh.gossip.keyring import Keyring, KeyringCodec
+from mesh.gossip.messages import Status
+from mesh.node import api
+from mesh.node.config import NodeConfig
+from mesh.security.join import JoinRedirected, JoinServer
+from mesh.security.pki import WallClock, create_csr, generate_key, renewal_time
+from mesh.security.token import JoinToken
+from mesh.types import Addr, NodeId
+
+LOGGER = logging.getLogger(__name__)
+
+JOIN_PORT_NAME = "join"
+"""Members that hold the CA key announce their gossip port under this name in their
+metadata ports: they serve joins and renewals."""
+
+FAN_OUT_TIMEOUT_S = 10.0
+"""Bound on one cluster-wide operation per member."""
+
+MAX_JOIN_ATTEMPTS = 8
+"""Join addresses (given and redirected to) tried before giving up."""
+
+RENEW_RETRY_S = 60.0
+"""Wait between renewal attempts that failed."""
+
+MAX_RENEW_ATTEMPTS = 24 * 60
+"""Attempts before rescheduling from the (unchanged) certificate: a day of retries."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tls.write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode(), 0o600)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{path} is damaged ({exc}): restore it or remove it") from None
+
+
+class RevocationList:
+    """The deny list of certificate serials, persisted in ``DIR/revoked.json``.
+
+    A live ``Container[int]``: the TLS server and dialers hold a reference and see
+    additions at once.
+    """
+
+    def __init__(self, path: Path, serials: Iterable[int] = ()) -> None:
+        self._path = path
+        self._serials = set(serials)
+
+    @classmethod
+    def load(cls, data_dir: Path) -> RevocationList:
+        """Read the list (empty if the file does not exist)."""
+        path = data_dir / "revoked.json"
+        raw = _read_json(path) or {"serials": []}
+        return cls(path, (int(s, 16) for s in raw["serials"]))
+
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._serials))
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+    async def add(self, serials: Iterable[int]) -> int:
+        """Revoke ``serials`` and persist; returns how many were new."""
+        new = set(serials) - self._serials
+        if new:
+            self._serials |= new
+            data = {"serials": [f"{s:x}" for s in sorted(self._serials)]}
+            await trio.to_thread.run_sync(_write_json, self._path, data)
+        return len(new)
+
+
+class IssuedRegistry:
+    """Which serials a CA-holding node issued to which node (``DIR/issued.json``)."""
+
+    def __init__(self, path: Path, by_name: dict[str, list[int]]) -> None:
+        self._path = path
+        self._by_name = by_name
+
+    @classmethod
+    def load(cls, data_dir: Path) -> IssuedRegistry:
+        """Read the registry (empty if the file does not exist)."""
+        path = data_dir / "issued.json"
+        raw = _read_json(path) or {}
+        return cls(path, {name: [int(s, 16) for s in serials] for name, serials in raw.items()})
+
+    def serials_of(self, name: str) -> list[int]:
+        """Every serial issued to ``name``."""
+        return list(self._by_name.get(name, []))
+
+    async def record(self, name: str, serial: int) -> None:
+        """Remember one issued serial and persist."""
+        self._by_name.setdefault(name, []).append(serial)
+        data = {n: [f"{s:x}" for s in ss] for n, ss in sorted(self._by_name.items())}
+        await trio.to_thread.run_sync(_write_json, self._path, data)
+
+
+@dataclass(slots=True)
+class Trust:
+    """Everything a running node needs to speak securely."""
+
+    data_dir: Path
+    identity: tls.TlsIdentity
+    keyring: Keyring
+    codec: KeyringCodec
+    client_ctx: ssl.SSLContext
+    server_ctx: ssl.SSLContext
+    revoked: RevocationList
+    join_server: JoinServer | None
+    issued: IssuedRegistry | None
+    created_cluster: bool
+
+    def gossip_dialer(self) -> tls.TlsDialer:
+        """Push-pull streams over ``mesh-gossip/1``."""
+        return tls.TlsDialer(self.client_ctx, tls.ALPN_GOSSIP, revoked=self.revoked)
+
+    async def save_keyring(self) -> None:
+        """Persist the gossip key ring after a change."""
+        await trio.to_thread.run_sync(tls.save_keyring, self.data_dir, self.keyring)
+
+
+def utc_now() -> datetime:
+    """The wall clock, for certificate validity (injected everywhere else)."""
+    return datetime.now(UTC)
+
+
+async def establish(config: NodeConfig, token: JoinToken | None, wall_clock: WallClock,
+                    cluster_label: str) -> Trust:
+    """Bootstrap, join or load this node's credentials.
+
+    Raises:
+        StartupError: a key file readable by others, no token for a first join, a
+            wrong or rotated token, no join address reachable, damaged files.
+    """
+    data_dir = config.data_dir
+    await trio.to_thread.run_sync(tls.check_data_dir, data_dir)
+    identity = tls.TlsIdentity.node(data_dir)
+    created = False
+    if not await trio.to_thread.run_sync(identity.exists):
+        if config.join:
+            await _join_with_token(config, token, wall_clock)
+        else:
+            boot = await trio.to_thread.run_sync(
+                tls.bootstrap_first_node, data_dir, config.name, config.advertise,
+                cluster_label, wall_clock)
+            created = True
+            LOGGER.warning(
+                "join_command node=%s: add nodes with: meshd start --join %s --token %s "
+                "(the token is also in %s; meshctl admin credentials are in %s)",
+                config.name, config.advertise, boot.token, data_dir / tls.TOKEN_FILE,
+                data_dir / tls.ADMIN_DIR)
+    elif token is not None:
+        LOGGER.info("token_ignored node=%s reason=already_joined data_dir=%s", config.name,
+                    data_dir)
+    return await trio.to_thread.run_sync(_load, data_dir, wall_clock, created)
+
+
+async def _join_with_token(config: NodeConfig, token: JoinToken | None,
+                           wall_clock: WallClock) -> None:
+    if token is None:
+        raise StartupError(
+            "joining a cluster needs its join token: on a cluster node run `meshctl token` "
+            "(or read DIR/join-token there) and pass --token TOKEN or set MESH_TOKEN")
+    key = generate_key()
+    csr = create_csr(key, config.name)
+    errors = []
+    queue = list(config.join)
+    tried: set[Addr] = set()
+    while queue and len(tried) < MAX_JOIN_ATTEMPTS:
+        seed = queue.pop(0)
+        if seed in tried:
+            continue
+        tried.add(seed)
+        try:
+            result = await tls.request_join(seed, token, csr, config.advertise,
+                                            wall_clock=wall_clock)
+        except JoinRedirected as redirect:
+            # A node without the CA key named the ones that have it: try them next.
+            LOGGER.info("join_redirected node=%s via=%s to=%s", config.name, seed,
+                        ",".join(redirect.issuers))
+            for text in redirect.issuers:
+                try:
+                    queue.append(Addr.parse(text, seed.port))
+                except ValueError:
+                    continue
+            if not redirect.issuers:
+                errors.append(f"{seed}: {redirect}")
+            continue
+        except StartupError as exc:
+            errors.append(str(exc))
+            continue
+        await trio.to_thread.run_sync(tls.save_join_result, config.data_dir, key, result)
+        LOGGER.info("credentials_received node=%s via=%s", config.name, seed)
+        return
+    raise StartupError("; ".join(errors) or "no join address could be tried")
+
+
+def _load(data_dir: Path, wall_clock: WallClock, created: bool) -> Trust:
+    identity = tls.TlsIdentity.node(data_dir)
+    keyring = tls.load_keyring(data_dir)
+    label = tls.load_cluster_label(data_dir)
+    codec = KeyringCodec(keyring, label, time.time, os.urandom)
+    ca = tls.load_ca(data_dir)
+    join_server = issued = None
+    if ca is not None:
+        join_server = JoinServer(ca, tls.load_token(data_dir), keyring, wall_clock)
+        issued = IssuedRegistry.load(data_dir)
+    return Trust(data_dir, identity, keyring, codec, tls.client_context(identity),
+                 tls.server_context(identity), RevocationList.load(data_dir), join_server,
+                 issued, created)
+
+
+class LiveNames:
+    """Names of live members: a joiner may not take one (``Container[str]``)."""
+
+    def __init__(self, core: Membership) -> None:
+        self._core = core
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        view = self._core.member(NodeId(name))
+        return view is not None and view.status <= Status.SUSPECT
+
+
+def issuers(core: Membership) -> list[Addr]:
+    """Addresses of alive members that hold the CA key (serve joins and renewals)."""
+    return [m.addr for m in core.members()
+            if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict]
+
+
+async def record_issued(trust: Trust) -> None:
+    """Move certificates the join server issued into the registry (after each join)."""
+    if trust.join_server is None or trust.issued is None:
+        return
+    for cert in trust.join_server.poll_issued():
+        await trust.issued.record(cert.name, cert.serial)
+        LOGGER.info("certificate_issued name=%s serial=%x renewal=%s", cert.name, cert.serial,
+                    cert.renewal)
+
+
+# --- renewal -----------------------------------------------------------------------
+
+
+async def renew_forever(trust: Trust, core: Membership, config: NodeConfig,
+                        wall_clock: WallClock, rng: random.Random) -> None:
+    """Renew the node certificate at a random point in 50-80% of its life, through
+    a member that holds the CA key (this node itself if it does)."""
+    while True:
+        cert = await trio.to_thread.run_sync(trust.identity.load_cert)
+        due = renewal_time(cert, rng)
+        wait_s = (due - wall_clock()).total_seconds()
+        LOGGER.info("certificate_renewal_scheduled node=%s at=%s", config.name, due.isoformat())
+        await trio.sleep(max(0.0, wait_s))
+        for _ in range(MAX_RENEW_ATTEMPTS):
+            if await _renew_once(trust, core, config, wall_clock):
+                break
+            await trio.sleep(RENEW_RETRY_S)
+
+
+async def _renew_once(trust: Trust, core: Membership, config: NodeConfig,
+                      wall_clock: WallClock) -> bool:
+    key = generate_key()
+    csr = create_csr(key, config.name)
+    candidates = issuers(core)
+    for addr in candidates:
+        try:
+            result = await tls.request_renewal(addr, trust.identity, csr, config.advertise,
+                                               wall_clock=wall_clock)
+        except StartupError as exc:
+            LOGGER.warning("certificate_renewal_failed node=%s via=%s reason=%s", config.name,
+                           addr, exc)
+            continue
+        await trio.to_thread.run_sync(trust.identity.save, result.cert, key, result.ca_cert)
+        for ctx in (trust.client_ctx, trust.server_ctx):
+            ctx.load_cert_chain(trust.identity.cert_file, trust.identity.key_file)
+        LOGGER.info("certificate_renewed node=%s via=%s", config.name, addr)
+        return True
+    LOGGER.error("certificate_renewal_failed node=%s reason=no CA-holding member answered "
+                 "(tried %d); the certificate expires unless one comes back", config.name,
+                 len(candidates))
+    return False
+
+
+# --- cluster-wide operations -------------------------------------------------------
+
+
+async def fan_out(trust: Trust, core: Membership, method: str, params: dict[str, Any],
+                  local: Callable[[dict[str, Any]], Any],
+                  exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Call ``method`` on every alive member (``local`` for this node) concurrently.
+
+    Returns:
+        ``{node: {"ok": True, "result": ...} | {"ok": False, "error": "..."}}``.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    skip = set(exclude)
+
+    async def one(name: NodeId, addr: Addr) -> None:
+        try:
+            with trio.fail_after(FAN_OUT_TIMEOUT_S):
+                if name == core.me:
+                    result = await local(params)
+                else:
+                    stream, _ = await tls.open_tls_stream(addr, trust.client_ctx, tls.ALPN_RPC,
+                                                           expect=name, revoked=trust.revoked)
+                    async with stream:
+                        result = await api.call_stream(stream, method, params)
+            results[name] = {"ok": True, "result": result}
+        except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError,
+                RemoteProtocolError) as exc:
+            results[name] = {"ok": False, "error": str(exc) or type(exc).__name__}
+
+    async with trio.open_nursery() as nursery:
+        for m in core.members():
+            if m.status == Status.ALIVE and m.node not in skip:
+                nursery.start_soon(one, m.node, m.addr)
+    return dict(sorted(results.items()))
+
+
+class SecurityApi:
+    """API methods for tokens, gossip keys and node removal.
+
+    ``keys_*`` and ``node_rm`` are cluster-wide: they fan out over ``mesh-rpc/1`` to
+    every alive member, which applies the ``*_local`` variant; the answer lists the
+    outcome per node, so a person sees exactly which node missed a change.
+    """
+
+    def __init__(self, trust: Trust, core: Membership) -> None:
+        self._trust = trust
+        self._core = core
+
+    def handlers(self) -> dict[str, api.Handler]:
+        """The methods, by name."""
+        return {
+            "token": self.token,
+            "token_rotate": self.token_rotate,
+            "keys_list": self.keys_list,
+            "keys_install": self.keys_install,
+            "keys_use": self.keys_use,
+            "keys_remove": self.keys_remove,
+            "keys_local": self.keys_local,
+            "node_rm": self.node_rm,
+            "revoke_local": self.revoke_local,
+        }
+
+    def _join_server(self) -> JoinServer:
+        if self._trust.join_server is None:
+            issuers = sorted(m.node for m in self._core.members()
+                             if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict)
+            raise api.ApiError("this node holds no CA key; ask a node that does: "
+                               + (", ".join(issuers) or "none is alive"))
+        return self._join_server_checked()
+
+    def _join_server_checked(self) -> JoinServer:
+        assert self._trust.join_server is not None
+        return self._trust.join_server
+
+    async def token(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The current join token and the command to join with it."""
+        server = self._join_server()
+        me = self._core.member(self._core.me)
+        assert me is not None
+        return {"token": str(server.token),
+                "join_command": f"meshd start --join {me.addr} --token {server.token}"}
+
+    async def token_rotate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Issue a new join token; the old one stops working at once."""
+        from mesh.security.token import new_token
+
+        server = self._join_server()
+        fresh = new_token(server.token.ca_fingerprint, os.urandom)
+        await trio.to_thread.run_sync(tls.save_token, self._trust.data_dir, fresh)
+        server.rotate_token(fresh)
+        LOGGER.warning("join_token_rotated node=%s", self._core.me)
+        return await self.token(params)
+
+    # --- gossip keys -----------------------------------------------------------
+
+    def _key(self, params: dict[str, Any]) -> bytes:
+        from mesh.errors import ConfigError
+        from mesh.gossip.keyring import decode_key, key_id
+
+        text = params.get("key")
+        if not isinstance(text, str) or not text:
+            raise api.ApiError("name the key (its base64 text, or its id from `meshctl keys list`)")
+        for key in self._trust.keyring.keys:
+            if key_id(key) == text:
+                return key
+        try:
+            return decode_key(text)
+        except ConfigError as exc:
+            raise api.ApiError(str(exc)) from None
+
+    async def keys_local(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Apply one key operation to this node's ring and persist it."""
+        from mesh.errors import ConfigError
+
+        op = params.get("op")
+        ring = self._trust.keyring
+        try:
+            if op == "install":
+                ring.install(self._key(params))
+            elif op == "use":
+                ring.use(self._key(params))
+            elif op == "remove":
+                ring.remove(self._key(params))
+            elif op != "list":
+                raise api.ApiError(f"unknown key operation {op!r}")
+        except ConfigError as exc:
+            raise api.ApiError(str(exc)) from None
+        if op != "list":
+            await self._trust.save_keyring()
+            LOGGER.warning("gossip_keyring_changed node=%s op=%s keys=%d", self._core.me, op,
+                           len(ring.keys))
+        return [{"id": k.key_id, "primary": k.primary} for k in ring.list()]
+
+    async def _keys_everywhere(self, op: str, key_text: str | None,
+                               exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        params: dict[str, Any] = {"op": op}
+        if key_text is not None:
+            params["key"] = key_text
+        return await fan_out(self._trust, self._core, "keys_local", params, self.keys_local,
+                             exclude)
+
+    async def keys_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Every alive member's key ids."""
+        return {"nodes": await self._keys_everywhere("list", None)}
+
+    async def keys_install(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Install a key on every member (a new random key if none is given)."""
+        from mesh.gossip.keyring import KEY_BYTES, encode_key
+
+        text = params.get("key") or encode_key(os.urandom(KEY_BYTES))
+        self._key({"key": text})  # validate before fanning out
+        return {"key": text, "nodes": await self._keys_everywhere("install", text)}
+
+    async def keys_use(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Make a key primary on every member."""
+        return {"nodes": await self._keys_everywhere("use", params.get("key"))}
+
+    async def keys_remove(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove a key from every member."""
+        return {"nodes": await self._keys_everywhere("remove", params.get("key"))}
+
+    # --- node removal ------------------------------------------------------------
+
+    async def revoke_local(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Add serials (hex) to this node's deny list."""
+        raw = params.get("serials")
+        if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+            raise api.ApiError("serials must be a list of hex strings")
+        try:
+            serials = [int(s, 16) for s in raw]
+        except ValueError:
+            raise api.ApiError("serials must be hex") from None
+        new = await self._trust.revoked.add(serials)
+        if new:
+            LOGGER.warning("certificates_revoked node=%s count=%d", self._core.me, new)
+        return {"revoked": len(self._trust.revoked)}
+
+    async def node_rm(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove a node for good: revoke every certificate issued to it on every
+        member, then rotate the gossip key without it, so it can neither open a
+        link nor read or forge gossip."""
+        from mesh.gossip.keyring import KEY_BYTES, encode_key
+
+        name = params.get("name")
+        if not isinstance(name, str) or not name:
+            raise api.ApiError("name the node to remove")
+        if name == self._core.me:
+            raise api.ApiError("a node cannot remove itself; run `meshctl node rm` on another")
+        self._join_server()
+        assert self._trust.issued is not None
+        serials = self._trust.issued.serials_of(name)
+        if not serials:
+            raise api.ApiError(f"no certificate was issued to {name!r} by this node; check "
+                               "the name with `meshctl members`")
+        hex_serials = [f"{s:x}" for s in serials]
+        revoked = await fan_out(self._trust, self._core, "revoke_local",
+                                {"serials": hex_serials}, self.revoke_local, exclude=[name])
+        old = self._trust.keyring.primary
+        fresh = encode_key(os.urandom(KEY_BYTES))
+        steps = {}
+        for op, key in (("install", fresh), ("use", fresh), ("remove", encode_key(old))):
+            steps[op] = await self._keys_everywhere(op, key, exclude=[name])
+        LOGGER.warning("node_removed node=%s removed=%s serials=%s", self._core.me, name,
+                       ",".join(hex_serials))
+        return {"name": name, "serials": hex_serials, "revoked": revoked, "key_rotation": steps}
