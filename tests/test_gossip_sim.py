@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.gossip.config import GossipConfig
+from mesh.gossip.core import HealthChanged
 from mesh.gossip.messages import Meta, Status
 from mesh.testing.net import LinkFaults
 from mesh.testing.sim import GossipSimulator, seed_from_env
@@ -205,3 +206,25 @@ def test_any_fault_schedule_converges_after_healing(faults: list[tuple[str, int,
             sim.restart(node.name)
     took = sim.run_until_true(sim.converged, timeout_s=40.0, step_s=0.5)
     assert took is not None, f"no convergence 40 s after healing (seed {seed}, {faults})"
+
+
+def test_relays_nack_in_time_so_probers_of_a_dead_node_stay_healthy() -> None:
+    """Lifeguard counts *missing* nacks against the prober. Relays must nack before
+    the prober's probe ends, or every prober of a really dead node would blame
+    itself (its health score would rise by ``indirect_checks``)."""
+    sim = GossipSimulator(10, seed=seed_from_env(13))
+    peak: dict[NodeId, int] = {}
+
+    def watch(_sim: GossipSimulator, node: NodeId, out: object) -> None:
+        if isinstance(out, HealthChanged):
+            peak[node] = max(peak.get(node, 0), out.score)
+
+    sim.observers.append(watch)
+    sim.run_for(2.0)
+    sim.crash(NodeId("n004"))
+    sim.run_for(10.0)
+    stats = [n.core.statistics() for n in sim.up_nodes() if n.core]
+    asked = sum(s.indirect_probes for s in stats)
+    assert asked > 0
+    assert sum(s.nacks for s in stats) == asked  # every live relay's nack counted
+    assert peak == {}                              # nobody blamed itself

@@ -240,6 +240,8 @@ class AdapterStatistics:
 
     datagrams_rejected: int
     """Datagrams that failed to open (authentication) or to decode."""
+    streams_rejected: int
+    """Push-pull streams dropped as malformed, oversized or truncated."""
     bytes_in: int
     """Wire bytes received (after sealing)."""
     bytes_out: int
@@ -296,7 +298,7 @@ class GossipAdapter:
         self._nursery: trio.Nursery | None = None
         self._subscribers: list[trio.MemorySendChannel[MembershipEvent]] = []
         self._join_waiters: list[trio.MemorySendChannel[JoinFinished]] = []
-        self._rejected = self._bytes_in = self._bytes_out = 0
+        self._rejected = self._streams_rejected = self._bytes_in = self._bytes_out = 0
         self._packets_in = self._packets_out = self._queue_drops = 0
         self._timeout_s = core.config.stream_timeout_s
         self._max_stream = core.config.max_stream_bytes
@@ -308,7 +310,8 @@ class GossipAdapter:
 
     def statistics(self) -> AdapterStatistics:
         """I/O counters of this adapter."""
-        return AdapterStatistics(self._rejected, self._bytes_in, self._bytes_out,
+        return AdapterStatistics(self._rejected, self._streams_rejected, self._bytes_in,
+                                 self._bytes_out,
                                  self._packets_in, self._packets_out, self._queue_drops)
 
     def subscribe(self, max_buffer: int = 1024) -> trio.MemoryReceiveChannel[MembershipEvent]:
@@ -360,6 +363,7 @@ class GossipAdapter:
                     self._flush()
                     await stream.send_all(wire.frame(reply, self._max_stream))
             except RemoteProtocolError as exc:
+                self._streams_rejected += 1
                 LOGGER.debug("push_pull_rejected node=%s peer=%s reason=%s",
                              self._core.me, peer, exc)
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:

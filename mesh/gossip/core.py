@@ -71,6 +71,8 @@ from mesh.types import Addr, NodeId
 
 _MSG_OVERHEAD_BYTES = 0  # packed messages are concatenated into the list as they are
 _REAP_CHECK_S = 1.0
+NACK_AFTER_FRACTION = 0.8
+"""A relay nacks after this fraction of ``probe_timeout_s`` without an ack."""
 
 
 # --- outputs -----------------------------------------------------------------------
@@ -647,8 +649,13 @@ class Membership:
         if self._leaving:
             return
         seq = self._next_seq()
+        # The prober sent this at probe_timeout into its probe and gives up one
+        # probe_timeout later (the interval is about twice the timeout): a nack sent
+        # only after a full probe_timeout arrives too late to count, and every
+        # helpful relay would look missing (Lifeguard §IV-A counts missing nacks
+        # against the prober's own health). Nack earlier.
         self._relays[seq] = _Relay(src, msg.seq, msg.want_nack,
-                                   now + self._config.probe_timeout_s)
+                                   now + NACK_AFTER_FRACTION * self._config.probe_timeout_s)
         self._send(msg.target_addr, [Ping(seq, msg.target, self._me)], now)
 
     def _expire_relays(self, now: float) -> None:

@@ -211,7 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshctl {mesh.__version__}")
         return 0
     try:
-        print(trio.run(_run, args))
+        output = trio.run(_run, args)
+        try:
+            print(output)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `meshctl members | head`: the reader left; that is not an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except PartialFailure as exc:
         print(exc.output)
         print(f"meshctl: error: {exc}", file=sys.stderr)

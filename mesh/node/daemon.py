@@ -215,6 +215,9 @@ class Node:
             counter(g + "packets_malformed_total",
                     "Datagrams dropped as malformed, foreign or unauthenticated.",
                     a.datagrams_rejected),
+            counter(g + "streams_malformed_total",
+                    "Push-pull streams dropped as malformed, oversized or truncated.",
+                    a.streams_rejected),
             counter(g + "send_failures_total", "Datagrams the network refused.",
                     s.send_failures),
             gauge(g + "health_score", "Lifeguard local health score (0 is healthy).",
@@ -254,10 +257,12 @@ class Node:
         return render(self.metrics(), {"node": self.core.me})
 
 
-async def _write_peers(node: Node) -> None:
+async def _write_peers(node: Node,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Remember the other live members' addresses, for rejoining after a restart."""
     events = node.adapter.subscribe()
     path = node.config.data_dir / "peers.json"
+    task_status.started()
     async with events:
         while True:
             await events.receive()
@@ -377,8 +382,10 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 LOGGER.info("node_started node=%s addr=%s bind=%s api=%s metrics=%s version=%s",
                             config.name, config.advertise, config.bind, config.socket_path,
                             config.metrics_bind or "off", mesh.__version__)
+                # Subscribe before joining: the join's own membership changes are the
+                # ones that must reach peers.json (a node that joined last sees no more).
+                await nursery.start(_write_peers, node)
                 await _join(node, config, nursery)
-                nursery.start_soon(_write_peers, node)
                 nursery.start_soon(trust.renew_forever, credentials, core, config, wall_clock,
                                    random.Random(rng.getrandbits(64)))
                 task_status.started(node)

@@ -1,0 +1,202 @@
+"""Integration: the trust life cycle of real ``meshd`` processes.
+
+Bootstrap on the first node, token joins (through any member), restarts without a
+token, remote ``meshctl`` over mutual TLS with the admin certificate, token rotation,
+gossip key rotation without downtime, and ``meshctl node rm``. Daemons run on
+127.0.0.100-127.0.0.129 (see ``tests/daemons.py``); every test kills what it started.
+Tests wait on conditions, never on a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemons import Cluster, Daemon, loopback_ips, metric
+
+from mesh.node.trust import utc_now
+from mesh.tls import bootstrap_first_node
+from mesh.types import Addr, NodeId
+
+FORM_TIMEOUT_S = 30.0
+"""Bound on a cluster forming (process start-ups dominate on a loaded machine)."""
+
+EXIT_TIMEOUT_S = 20.0
+"""Bound on ``meshd`` failing to start and exiting."""
+
+
+def _cluster(base: Path, first_ip: int, n: int) -> Cluster:
+    cluster = Cluster(base, profile="local")
+    for i, ip in enumerate(loopback_ips(first_ip, n)):
+        cluster.add(f"n{i}", ip)
+    return cluster
+
+
+def meshctl(*args: str, socket: Daemon | None = None) -> subprocess.CompletedProcess[str]:
+    """Run meshctl (locally through ``socket``'s API, or with ``--addr`` in args)."""
+    cmd = [sys.executable, "-m", "mesh.node.cli"]
+    if socket is not None:
+        cmd += ["--socket", str(socket.socket_path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+
+
+def meshd_fails(*args: str) -> str:
+    """Run ``meshd start ARGS`` expecting exit status 1; return stderr."""
+    proc = subprocess.run([sys.executable, "-m", "mesh.node.daemon", "start", *args],
+                          capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
+    assert proc.returncode == 1, f"meshd exited {proc.returncode}:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trio3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """n0 creates the cluster, n1 joins through n0, n2 joins through n1 (which holds
+    no CA key and redirects it to n0)."""
+    with _cluster(tmp_path_factory.mktemp("sec"), 100, 3) as cluster:
+        n0, n1, n2 = cluster["n0"], cluster["n1"], cluster["n2"]
+        n0.start()
+        n1.token = n2.token = n0.join_token()
+        n1.start(join=[n0.addr])
+        n2.start(join=[n1.addr])
+        cluster.wait_formed(FORM_TIMEOUT_S)
+        yield cluster
+
+
+def test_first_node_creates_private_trust_files(trio3: Cluster) -> None:
+    d = trio3["n0"].data_dir
+    for secret in ("tls/ca.key", "tls/node.key", "admin/key.pem", "gossip.keys", "join-token"):
+        assert stat.S_IMODE((d / secret).stat().st_mode) == 0o600, secret
+    assert not (trio3["n1"].data_dir / "tls" / "ca.key").exists()  # one issuer
+    assert "join_command" in trio3["n0"].log_text()
+
+
+def test_join_through_a_node_without_ca_key_is_redirected(trio3: Cluster) -> None:
+    log = trio3["n2"].log_events("join_redirected")
+    assert log, trio3["n2"].log_tail()
+    assert trio3["n2"].info()["members"]["alive"] == 3
+
+
+def test_remote_meshctl_over_mutual_tls(trio3: Cluster) -> None:
+    admin = str(trio3["n0"].data_dir / "admin")
+    ok = meshctl("--addr", trio3["n2"].addr, "--cert-dir", admin, "members", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert {m["name"] for m in json.loads(ok.stdout)} == {"n0", "n1", "n2"}
+    no_cert = meshctl("--addr", trio3["n2"].addr, "members")
+    assert no_cert.returncode == 1
+    assert "--cert-dir" in no_cert.stderr
+    # Admin credentials of another cluster (another CA) are refused.
+    other = trio3.base_dir / "other-cluster"
+    bootstrap_first_node(other, NodeId("x"), Addr("127.0.0.1", 1), "other", utc_now)
+    foreign = meshctl("--addr", trio3["n2"].addr, "--cert-dir", str(other / "admin"), "info")
+    assert foreign.returncode == 1
+    assert "did not accept our certificate" in foreign.stderr or "handshake" in foreign.stderr
+
+
+def test_garbage_and_foreign_datagrams_are_rejected_and_counted(trio3: Cluster) -> None:
+    import socket
+
+    target = trio3["n1"]
+    before = metric(target.metrics(), "meshd_gossip_rejected_auth_total")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for payload in (b"\x01" + os.urandom(60), os.urandom(200)):
+            sock.sendto(payload, (target.ip, target.port))
+    trio3.wait_until(
+        lambda: metric(target.metrics(), "meshd_gossip_rejected_auth_total") >= before + 1,
+        5, "the forged datagrams to be counted")
+    trio3.wait_status("n1", "alive", 5)
+
+
+def test_token_rotation_refuses_the_old_token_and_keeps_members(trio3: Cluster,
+                                                                 tmp_path: Path) -> None:
+    old = trio3["n0"].join_token()
+    rotated = meshctl("token", "rotate", "--json", socket=trio3["n1"])
+    assert rotated.returncode == 1
+    assert "holds no CA key" in rotated.stderr
+    assert "n0" in rotated.stderr
+    rotated = meshctl("token", "rotate", "--json", socket=trio3["n0"])
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)["token"]
+    assert new != old
+    assert trio3["n0"].join_token() == new
+    err = meshd_fails("--data-dir", str(tmp_path / "late"), "--bind", "127.0.0.110:17946",
+                      "--name", "late", "--join", trio3["n0"].addr, "--token", old,
+                      "--gossip-profile", "local")
+    assert "wrong or was rotated" in err
+    assert "meshctl token" in err
+    trio3.wait_formed(10)
+
+
+def test_restart_of_a_joined_node_needs_no_token(trio3: Cluster) -> None:
+    n1 = trio3["n1"]
+    trio3.wait_until(lambda: (n1.data_dir / "peers.json").exists(), 10, "n1's peers.json")
+    n1.stop()
+    n1.start()  # no --join, no --token: credentials and peers from the data dir
+    trio3.wait_formed(FORM_TIMEOUT_S)
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    with _cluster(tmp_path, 112, 1) as cluster:
+        n0 = cluster["n0"]
+        n0.start()
+        n0.stop()
+        key = n0.data_dir / "tls" / "node.key"
+        os.chmod(key, 0o644)
+        err = meshd_fails(*n0.command()[4:])
+        assert f"chmod 600 {key}" in err
+
+
+def test_gossip_key_rotation_has_no_downtime(tmp_path: Path) -> None:
+    with _cluster(tmp_path, 115, 3) as cluster:
+        cluster.start()
+        cluster.wait_formed(FORM_TIMEOUT_S)
+        n0 = cluster["n0"]
+        before = meshctl("keys", "list", "--json", socket=n0)
+        old_id = json.loads(before.stdout)["nodes"]["n0"]["result"][0]["id"]
+        installed = meshctl("keys", "install", "--json", socket=n0)
+        assert installed.returncode == 0, installed.stderr
+        new_key = json.loads(installed.stdout)["key"]
+        assert meshctl("keys", "use", new_key, socket=cluster["n1"]).returncode == 0
+        removed = meshctl("keys", "remove", old_id, "--json", socket=cluster["n2"])
+        assert removed.returncode == 0, removed.stderr
+        rows = json.loads(removed.stdout)["nodes"]
+        assert set(rows) == {"n0", "n1", "n2"}
+        for outcome in rows.values():
+            assert outcome["ok"]
+            assert [k["id"] for k in outcome["result"]] != [old_id]
+            assert len(outcome["result"]) == 1
+            assert outcome["result"][0]["primary"]
+        # Nobody was suspected during the rotation, and gossip still flows.
+        for d in cluster:
+            assert not d.log_events("member_suspect"), d.log_tail()
+        cluster.wait_formed(10)
+
+
+def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
+    with _cluster(tmp_path, 120, 3) as cluster:
+        cluster.start()
+        cluster.wait_formed(FORM_TIMEOUT_S)
+        n0, n2 = cluster["n0"], cluster["n2"]
+        removed = meshctl("node", "rm", "n2", "--json", socket=n0)
+        assert removed.returncode == 0, removed.stderr
+        result = json.loads(removed.stdout)
+        assert result["serials"]
+        assert set(result["revoked"]) == {"n0", "n1"}
+        seen = cluster.wait_status("n2", "dead", 20, observers=[n0, cluster["n1"]])
+        assert set(seen) == {"n0", "n1"}
+        revoked = json.loads((n0.data_dir / "revoked.json").read_text())["serials"]
+        assert revoked == result["serials"]
+        # Its next push-pull attempts (reconnect) are refused at the TLS listener.
+        cluster.wait_until(lambda: metric(n0.metrics(), "meshd_tls_links_refused_total") >= 1
+                           or metric(cluster["n1"].metrics(),
+                                     "meshd_tls_links_refused_total") >= 1,
+                           30, "a refused link from the removed node")
+        n2.check_running()
