@@ -94,6 +94,51 @@ class RaftConfig:
     """A leader that applies its own removal (or demotion) hands leadership to
     the most up-to-date voter and steps down. Default on."""
 
+    # --- adapter (mesh.raft.adapter) ------------------------------------------------
+
+    send_queue_msgs: int = 1024
+    """Messages queued for one peer before new ones are dropped (Raft resends what
+    matters; a full queue also tells the core the peer is unreachable). Default 1024."""
+
+    send_batch_bytes: int = 256 * 1024
+    """Queued frames for one peer written with one ``send_all``, up to this many
+    bytes. Default 256 KiB."""
+
+    dial_timeout_s: float = 2.0
+    """Seconds to open a stream to a peer before giving up. Default 2 s."""
+
+    send_timeout_s: float = 5.0
+    """Seconds one write to a peer may block before the stream is dropped and
+    reopened. Default 5 s."""
+
+    reconnect_min_s: float = 0.05
+    """First wait after a failed dial or send; doubles per failure up to
+    ``reconnect_max_s`` (frames for the peer are dropped meanwhile). Default 50 ms."""
+
+    reconnect_max_s: float = 2.0
+    """Longest wait between two dials of an unreachable peer. Default 2 s."""
+
+    stream_idle_timeout_s: float = 30.0
+    """A peer stream with no frame for this long is closed (it is reopened on
+    demand; a leader's heartbeats keep its streams busy). Default 30 s."""
+
+    propose_timeout_s: float = 10.0
+    """Seconds :meth:`~mesh.raft.adapter.RaftAdapter.propose` and ``read_index``
+    wait for their entry to be applied before raising ``ProposalDropped`` (the
+    outcome is then unknown: retry with the same request id). Default 10 s."""
+
+    snapshot_entries: int = 10_000
+    """Applied entries since the last snapshot after which the adapter snapshots
+    the state machine and compacts the log. Default 10,000."""
+
+    snapshot_keep_entries: int = 5_000
+    """Entries kept before the snapshot index when compacting, so a follower a
+    little behind catches up from the log instead of a snapshot. Default 5,000."""
+
+    storage_retry_max_s: float = 5.0
+    """Longest wait between two attempts to save a Ready after a storage error
+    (a full disk): writes stop, nothing acknowledged is lost. Default 5 s."""
+
     def __post_init__(self) -> None:
         for name in (
             "election_ticks",
@@ -106,16 +151,35 @@ class RaftConfig:
             "max_snapshot_bytes",
             "max_read_context_bytes",
             "max_pending_reads",
+            "send_queue_msgs",
+            "send_batch_bytes",
+            "snapshot_entries",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"raft {name} must be a positive integer, got {value!r}")
-        for name in ("max_inflight_bytes", "max_uncommitted_bytes"):
+        for name in ("max_inflight_bytes", "max_uncommitted_bytes", "snapshot_keep_entries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"raft {name} must be >= 0 (0 = unlimited), got {value!r}")
-        if not isinstance(self.tick_interval_s, (int, float)) or not self.tick_interval_s > 0:
-            raise ConfigError(f"raft tick_interval_s must be > 0, got {self.tick_interval_s!r}")
+        for name in (
+            "tick_interval_s",
+            "dial_timeout_s",
+            "send_timeout_s",
+            "reconnect_min_s",
+            "reconnect_max_s",
+            "stream_idle_timeout_s",
+            "propose_timeout_s",
+            "storage_retry_max_s",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"raft {name} must be > 0 seconds, got {value!r}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ConfigError(
+                f"raft reconnect_max_s ({self.reconnect_max_s}) must be at least "
+                f"reconnect_min_s ({self.reconnect_min_s})"
+            )
         if self.election_ticks <= self.heartbeat_ticks:
             raise ConfigError(
                 f"raft election_ticks ({self.election_ticks}) must be greater than "

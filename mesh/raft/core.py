@@ -482,6 +482,11 @@ class RaftCore:
         return self._id
 
     @property
+    def config(self) -> RaftConfig:
+        """The configuration this core runs with (the adapter reads its timings)."""
+        return self._cfg
+
+    @property
     def term(self) -> int:
         """Current term."""
         return self._term

@@ -1,0 +1,1008 @@
+"""The trio adapter that runs a :class:`~mesh.raft.core.RaftCore`.
+
+It owns every piece of Raft's I/O and no protocol decision (STYLE 1.2): a tick
+task calls ``core.tick()`` every ``tick_interval_s``; one *ready loop* takes
+each :class:`~mesh.raft.core.Ready` and carries out its contract (persist
+through ``trio.to_thread``, send, apply to the state machine, ``advance``);
+one sender task per peer writes that peer's bounded queue to a persistent
+stream; inbound streams are decoded frame by frame into ``core.step``.
+
+Batching falls out of the shape: while the ready loop waits for one fsync,
+every proposal and every peer message keeps feeding the core; all of it lands
+in the next Ready, so N concurrent proposals cost one ``save`` (one fsync) and
+one AppendEntries per follower.
+
+Client calls (:meth:`RaftAdapter.propose`, :meth:`RaftAdapter.read_index`,
+:meth:`RaftAdapter.propose_conf_change`) feed the core synchronously (it raises
+``NotLeader`` or ``ProposalDropped`` at once) and then wait for the ready loop
+to apply their entry or answer their read.
+
+Resource handling:
+    :meth:`RaftAdapter.run` owns a nursery with the tick task, the ready loop
+    and the per-peer senders; cancelling it stops them, closes every peer
+    stream (outbound and inbound) and fails every waiting client call with
+    ``ProposalDropped``. An adapter runs once: a restarted node builds a new
+    one over the same storage (:meth:`RaftAdapter.create`).
+
+Error handling:
+    A frame that fails to decode is dropped, counted in :meth:`statistics`
+    and logged at DEBUG; an oversized frame closes its stream. A failed dial
+    or write drops the frames at hand, tells the core
+    (``report_unreachable``) and retries with exponential backoff. A full peer
+    queue drops the new message (Raft resends what matters). A failing
+    ``storage.save`` (full disk) is retried with backoff and logged at ERROR;
+    meanwhile proposals are refused with :class:`~mesh.errors.StorageError`
+    and nothing already acknowledged is lost. Nothing a peer sends can end
+    the adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import heapq
+import itertools
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from mesh import wire
+from mesh.errors import (
+    LocalProtocolError,
+    NotLeader,
+    ProposalDropped,
+    RemoteProtocolError,
+    StorageError,
+)
+from mesh.raft import voters as voter_selection
+from mesh.raft.config import RaftConfig
+from mesh.raft.core import RaftCore, Ready, Role
+from mesh.raft.messages import ConfChange, Entry, RaftMessage, from_wire
+from mesh.raft.storage import RaftStorage
+from mesh.types import Addr, NodeId
+
+LOGGER = logging.getLogger(__name__)
+
+ALPN = "mesh-raft/1"
+"""The ALPN protocol id of raft streams on the shared TLS port (DESIGN.md)."""
+
+_T = TypeVar("_T")
+
+
+class StateMachine(Protocol):
+    """What the adapter applies committed entries to
+    (:class:`mesh.raft.state.MeshState` is the real one)."""
+
+    @property
+    def applied_index(self) -> int:
+        """Index of the last entry applied or restored."""
+        ...
+
+    def apply(self, entry: Entry) -> object:
+        """Apply one committed entry (any kind, in order); return the result
+        handed to the proposer. Must not raise for bad entry data."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """The whole state, for log compaction."""
+        ...
+
+    def restore(self, data: bytes, index: int) -> None:
+        """Replace the whole state with a snapshot taken at ``index``."""
+        ...
+
+
+class StreamDialer(Protocol):
+    """Reliable streams to peers: plain TCP now, TLS with ALPN ``mesh-raft/1``
+    later (the same shape as :class:`mesh.gossip.adapter.StreamDialer`)."""
+
+    async def open_stream(self, to: Addr) -> trio.abc.Stream:
+        """Connect to ``to``. Raises ``OSError`` (or ``trio.BrokenResourceError``
+        for a failed handshake) if it cannot."""
+        ...
+
+
+PeerAddr = Callable[[NodeId], Addr | None]
+"""Where a peer's raft streams go (fed by membership); ``None``: unknown."""
+
+
+class TcpDialer:
+    """Plain TCP streams (until the TLS dialer of :mod:`mesh.tls` replaces it)."""
+
+    def __init__(self, local_host: str | None = None) -> None:
+        self._local_host = local_host
+
+    async def open_stream(self, to: Addr) -> trio.abc.Stream:
+        """Connect to ``to``."""
+        return await trio.open_tcp_stream(to.host, to.port, local_address=self._local_host)
+
+
+@dataclass(frozen=True, slots=True)
+class RaftAdapterStatistics:
+    """What the adapter counted (the core's state is in ``core.status()``)."""
+
+    frames_in: int
+    """Frames decoded and stepped into the core."""
+    frames_out: int
+    """Frames written to peer streams."""
+    bytes_in: int
+    bytes_out: int
+    frames_malformed: int
+    """Inbound frames dropped because they did not decode (or were oversized)."""
+    frames_misrouted: int
+    """Inbound frames dropped because they were not for this node, or not from
+    the authenticated peer of their stream."""
+    queue_drops: int
+    """Outbound messages dropped because the peer's queue was full."""
+    send_drops: int
+    """Outbound frames dropped because the peer was unreachable."""
+    send_failures: int
+    """Failed dials and writes."""
+    dials: int
+    """Streams opened to peers."""
+    readies: int
+    saves: int
+    """``storage.save`` calls that succeeded (one per Ready with something to persist)."""
+    storage_errors: int
+    entries_applied: int
+    snapshots_created: int
+    snapshots_restored: int
+    leader_changes: int
+    proposals_committed: int
+    proposals_lost: int
+    """Proposals that failed with ``ProposalDropped`` after entering the log
+    (leader change, timeout, stop): their outcome is unknown."""
+
+
+class _Waiter:
+    """One client call waiting for the ready loop."""
+
+    __slots__ = ("event", "term", "leader", "result", "error", "index")
+
+    def __init__(self, term: int = 0, leader: NodeId | None = None) -> None:
+        self.event = trio.Event()
+        self.term = term
+        self.leader = leader
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.index = 0
+
+    def resolve(self, result: object) -> None:
+        if not self.event.is_set():
+            self.result = result
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+class _Peer:
+    __slots__ = ("node", "send", "recv", "backoff_s", "retry_at", "failing")
+
+    def __init__(self, node: NodeId, size: int, backoff_s: float) -> None:
+        self.node = node
+        self.send, self.recv = trio.open_memory_channel[bytes](size)
+        self.backoff_s = backoff_s
+        self.retry_at = -float("inf")
+        self.failing = False
+
+
+class RaftAdapter:
+    """Runs one Raft core: ticks, Ready handling, peer streams, client calls.
+
+    Args:
+        core: the protocol state machine (this adapter is its only caller).
+        storage: the core's storage; written here, read by the core.
+        state: the replicated state machine committed entries are applied to;
+            it must already reflect ``core.applied_index``.
+        dialer: opens streams to peers.
+        peer_addr: a peer's raft address, or ``None`` if unknown (its messages
+            are then dropped and the core told it is unreachable).
+        rng: seeds this adapter's read contexts (the core has its own RNG).
+        storage_in_thread: run ``storage.save``/``create_snapshot`` in a worker
+            thread (default; required for a real disk). Tests with
+            :class:`~mesh.raft.storage.MemoryStorage` pass ``False`` so that
+            trio's autojump clock does not move during a save.
+    """
+
+    def __init__(
+        self,
+        core: RaftCore,
+        storage: RaftStorage,
+        state: StateMachine,
+        dialer: StreamDialer,
+        peer_addr: PeerAddr,
+        *,
+        rng: random.Random,
+        storage_in_thread: bool = True,
+    ) -> None:
+        assert state.applied_index == core.applied_index, (
+            f"state machine at {state.applied_index}, core at {core.applied_index}"
+        )
+        self._core = core
+        self._cfg: RaftConfig = core.config
+        self._storage = storage
+        self._state = state
+        self._dialer = dialer
+        self._peer_addr = peer_addr
+        self._in_thread = storage_in_thread
+        self._max_frame = wire.DEFAULT_MAX_FRAME_BYTES
+        self._read_prefix = hashlib.blake2b(
+            core.id.encode() + rng.getrandbits(64).to_bytes(8, "big"), digest_size=12
+        ).digest()
+        self._read_seq = itertools.count(1)
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._running = False
+        self._closed = False
+        self._peers: dict[NodeId, _Peer] = {}
+        self._inbound: set[trio.abc.Stream] = set()
+        self._proposals: dict[int, _Waiter] = {}
+        self._reads: dict[bytes, _Waiter] = {}
+        self._applied_waiters: list[tuple[int, int, trio.Event]] = []
+        self._applied_seq = itertools.count()
+        self._storage_error: str | None = None
+        self._last_leader: NodeId | None = core.leader
+        self._was_leader = core.is_leader
+        self._c: dict[str, int] = dict.fromkeys(RaftAdapterStatistics.__dataclass_fields__, 0)
+
+    @classmethod
+    def create(
+        cls,
+        config: RaftConfig,
+        node_id: NodeId,
+        storage: RaftStorage,
+        state: StateMachine,
+        dialer: StreamDialer,
+        peer_addr: PeerAddr,
+        *,
+        rng: random.Random,
+        storage_in_thread: bool = True,
+    ) -> RaftAdapter:
+        """Build the core over ``storage`` and the adapter around it.
+
+        Loads the storage's snapshot into ``state`` first (unless ``state`` is
+        already past it), so a restarted node resumes from its snapshot and
+        re-applies the committed entries after it.
+
+        Raises:
+            StorageError: the snapshot's state image is malformed.
+            LocalProtocolError: storage and state machine do not match.
+        """
+        snap = storage.snapshot()
+        if not snap.is_empty and state.applied_index < snap.meta.index:
+            state.restore(snap.data, snap.meta.index)
+        core_rng = random.Random(rng.getrandbits(64))
+        core = RaftCore(config, node_id, storage, core_rng, applied=state.applied_index)
+        return cls(
+            core,
+            storage,
+            state,
+            dialer,
+            peer_addr,
+            rng=random.Random(rng.getrandbits(64)),
+            storage_in_thread=storage_in_thread,
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def core(self) -> RaftCore:
+        """The core (read its state; never feed it directly)."""
+        return self._core
+
+    @property
+    def me(self) -> NodeId:
+        """This node's id."""
+        return self._core.id
+
+    @property
+    def state(self) -> StateMachine:
+        """The state machine (read it; only the adapter applies to it)."""
+        return self._state
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node leads right now."""
+        return self._core.is_leader
+
+    @property
+    def leader(self) -> NodeId | None:
+        """Who this node believes leads."""
+        return self._core.leader
+
+    def statistics(self) -> RaftAdapterStatistics:
+        """I/O and apply counters of this adapter."""
+        return RaftAdapterStatistics(**self._c)
+
+    def status(self) -> dict[str, Any]:
+        """The JSON-ready document behind ``meshctl raft status``.
+
+        Keys: ``id``, ``term``, ``leader`` (node name or ``None``), ``role``,
+        ``voters``, ``learners`` (names), ``commit_index``, ``applied_index``,
+        ``last_index``, ``first_index``, ``snapshot_index``, ``lead_transferee``,
+        ``storage_error``, and on the leader ``peers``: per peer ``match``,
+        ``next``, ``state``, ``active``, ``learner`` and ``lag`` (entries behind).
+        """
+        st = self._core.status()
+        peers = {
+            nid: {
+                "match": p.match,
+                "next": p.next,
+                "state": p.state.value,
+                "active": p.recent_active,
+                "learner": p.is_learner,
+                "lag": max(0, st.last_index - p.match),
+            }
+            for nid, p in st.progress.items()
+            if nid != st.id
+        }
+        return {
+            "id": st.id,
+            "term": st.term,
+            "leader": st.leader,
+            "role": st.role.value,
+            "voters": list(st.voters),
+            "learners": list(st.learners),
+            "commit_index": st.commit_index,
+            "applied_index": st.applied_index,
+            "last_index": st.last_index,
+            "first_index": st.first_index,
+            "snapshot_index": self._storage.snapshot().meta.index,
+            "lead_transferee": st.lead_transferee,
+            "storage_error": self._storage_error,
+            "peers": peers,
+        }
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled: tick, handle Readies, send to peers."""
+        if self._running or self._closed:
+            raise LocalProtocolError("a RaftAdapter runs once; build a new one to restart")
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._ready_loop)
+                task_status.started()
+        finally:
+            self._running = False
+            self._closed = True
+            self._nursery = None
+            stopped = ProposalDropped("raft stopped on this node; the outcome is unknown, retry")
+            self._fail_proposals(stopped)
+            self._fail_reads(stopped)
+            for peer in self._peers.values():
+                peer.send.close()
+            self._peers.clear()
+            for stream in list(self._inbound):
+                await trio.aclose_forcefully(stream)
+            self._inbound.clear()
+            self._signal_changed()
+
+    async def serve(
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept raft streams on ``listener`` until cancelled (plain TCP: the
+        peer is not authenticated; a TLS listener calls :meth:`serve_stream`
+        with the certificate's node id instead)."""
+        async with listener, trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, do not die
+                    LOGGER.warning("raft_accept_failed node=%s reason=%s", self.me, exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.serve_stream, stream, None)
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer: NodeId | None = None) -> None:
+        """Read length-prefixed raft frames from ``stream`` into the core until
+        it closes, stays idle for ``stream_idle_timeout_s``, or the adapter stops.
+
+        Args:
+            stream: an accepted stream (closed here).
+            peer: the authenticated node at the other end (mTLS certificate),
+                or ``None`` when the link is not authenticated. Frames whose
+                ``src`` is another node are dropped.
+        """
+        if self._closed:
+            await trio.aclose_forcefully(stream)
+            return
+        self._inbound.add(stream)
+        decoder = wire.FrameDecoder(self._max_frame)
+        try:
+            async with stream:
+                while not self._closed:
+                    chunk: bytes | bytearray | None = None
+                    with trio.move_on_after(self._cfg.stream_idle_timeout_s):
+                        chunk = await stream.receive_some(65_536)
+                    if not chunk:  # idle (None) or closed by the peer (b"")
+                        return
+                    self._c["bytes_in"] += len(chunk)
+                    decoder.receive_data(bytes(chunk))
+                    while True:
+                        try:
+                            payload = decoder.next_payload()
+                        except RemoteProtocolError as exc:
+                            self._c["frames_malformed"] += 1
+                            LOGGER.debug(
+                                "raft_stream_rejected node=%s peer=%s reason=%s",
+                                self.me,
+                                peer or "-",
+                                exc,
+                            )
+                            return
+                        if not isinstance(payload, bytes):
+                            break
+                        self._handle_frame(payload, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            LOGGER.debug("raft_stream_closed node=%s peer=%s reason=%r", self.me, peer or "-", exc)
+        finally:
+            self._inbound.discard(stream)
+
+    def _handle_frame(self, payload: bytes, peer: NodeId | None) -> None:
+        if self._closed:
+            return
+        try:
+            msg = from_wire(payload, self._max_frame)
+        except RemoteProtocolError as exc:
+            self._c["frames_malformed"] += 1
+            LOGGER.debug("raft_frame_dropped node=%s peer=%s reason=%s", self.me, peer or "-", exc)
+            return
+        if msg.dst != self.me or (peer is not None and msg.src != peer):
+            self._c["frames_misrouted"] += 1
+            LOGGER.debug(
+                "raft_frame_misrouted node=%s peer=%s src=%s dst=%s",
+                self.me,
+                peer or "-",
+                msg.src,
+                msg.dst,
+            )
+            return
+        self._c["frames_in"] += 1
+        self._core.step(msg)
+        self._kick()
+
+    # ------------------------------------------------------------------ client calls
+
+    async def propose(self, command: bytes, *, timeout_s: float | None = None) -> object:
+        """Replicate ``command`` and return what the state machine's ``apply``
+        returned for it, once it is applied on this node.
+
+        Raises:
+            NotLeader: this node is not the leader (``leader_hint`` says who is).
+            ProposalDropped: refused (leadership transfer, too many bytes in
+                flight) or lost (leadership lost, not applied within
+                ``timeout_s``, adapter stopped): retry, with the same request
+                id so that a command that did commit is not applied twice.
+            StorageError: this node's storage is failing; writes are stopped.
+        """
+        self._check_writable()
+        eid = self._core.propose(command)
+        return await self._wait_entry(eid.index, eid.term, timeout_s)
+
+    async def propose_conf_change(
+        self, change: ConfChange, *, timeout_s: float | None = None
+    ) -> None:
+        """Propose a single-server membership change and wait until it is applied.
+
+        Raises:
+            NotLeader: not the leader.
+            ProposalDropped: another change is in progress, or it was lost.
+            LocalProtocolError: the change makes no sense for the membership.
+            StorageError: this node's storage is failing.
+        """
+        self._check_writable()
+        eid = self._core.propose_conf_change(change)
+        await self._wait_entry(eid.index, eid.term, timeout_s)
+
+    async def read_index(self, *, timeout_s: float | None = None) -> int:
+        """A linearizable read point (dissertation §6.4): returns once the local
+        state machine has applied everything committed when the read began, so
+        reading it now is linearizable. Works on followers and learners too.
+
+        Returns:
+            The read index (the state machine's applied index is at least this).
+
+        Raises:
+            NotLeader: no leader is known.
+            ProposalDropped: the leader changed, too many reads were pending,
+                or no answer came within ``timeout_s``; retry.
+        """
+        ctx = self._read_prefix + next(self._read_seq).to_bytes(8, "big")
+        self._core.read_index(ctx)
+        waiter = _Waiter(leader=self._core.leader)
+        self._reads[ctx] = waiter
+        self._kick()
+        timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await waiter.event.wait()
+                if waiter.error is None:
+                    await self.wait_applied(waiter.index)
+        finally:
+            self._reads.pop(ctx, None)
+        if waiter.error is not None:
+            raise waiter.error
+        if scope.cancelled_caught:
+            raise ProposalDropped(
+                f"read not confirmed by a leader quorum within {timeout:g}s; retry"
+            )
+        return waiter.index
+
+    async def transfer_leadership(
+        self, target: NodeId, *, timeout_s: float | None = None
+    ) -> NodeId:
+        """Hand leadership to ``target`` (``meshctl raft transfer``) and wait
+        until this node follows a new leader.
+
+        Returns:
+            The new leader (normally ``target``).
+
+        Raises:
+            NotLeader: not the leader.
+            LocalProtocolError: ``target`` is not a voter.
+            ProposalDropped: the transfer did not happen within the timeout.
+        """
+        self._core.transfer_leadership(target)
+        self._kick()
+        timeout = (
+            2 * self._cfg.election_ticks * self._cfg.tick_interval_s
+            if timeout_s is None
+            else timeout_s
+        )
+        with trio.move_on_after(timeout):
+            while self._core.is_leader or self._core.leader is None:
+                await self.wait_changed()
+                self._check_running()
+            return self._core.leader
+        raise ProposalDropped(f"leadership transfer to {target} did not finish within {timeout:g}s")
+
+    async def wait_applied(self, index: int) -> None:
+        """Wait until the state machine has applied ``index``.
+
+        Raises:
+            ProposalDropped: the adapter stopped first.
+        """
+        if self._state.applied_index < index and not self._closed:
+            event = trio.Event()
+            heapq.heappush(self._applied_waiters, (index, next(self._applied_seq), event))
+            await event.wait()
+        if self._state.applied_index < index:
+            raise ProposalDropped(f"raft stopped on this node before index {index} was applied")
+
+    async def wait_changed(self) -> None:
+        """Wait until the next Ready has been handled (or the adapter stopped)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._changed.wait()
+
+    async def wait_leader(self) -> NodeId:
+        """Wait until this node knows a leader; return it.
+
+        Raises:
+            ProposalDropped: the adapter stopped first.
+        """
+        while True:
+            leader = self._core.leader
+            if leader is not None:
+                await trio.lowlevel.checkpoint()
+                return leader
+            await self.wait_changed()
+            self._check_running()
+
+    def _check_running(self) -> None:
+        if self._closed:
+            raise ProposalDropped("raft is not running on this node")
+
+    async def manage_voters(
+        self,
+        members: Callable[[], Sequence[voter_selection.Candidate]],
+        *,
+        desired: int = 3,
+        interval_s: float = 1.0,
+        catch_up_entries: int = 250,
+    ) -> None:
+        """While leader, move the voters toward :func:`mesh.raft.voters.target_voters`,
+        one :func:`~mesh.raft.voters.next_step` every ``interval_s``.
+
+        Args:
+            members: the live members now (e.g. ``voters.candidates(...)`` over
+                the gossip members).
+            desired: wanted voters (``--raft-voters``).
+            interval_s: seconds between two looks.
+            catch_up_entries: a learner at most this many entries behind the
+                leader's log (and recently active) is promoted.
+
+        Raises:
+            ConfigError: ``desired`` is not allowed.
+        """
+        voter_selection.check_desired(desired)
+        while True:
+            await trio.sleep(interval_s)
+            if not self._core.is_leader or self._closed:
+                continue
+            st = self._core.status()
+            caught_up = [
+                n
+                for n in st.learners
+                if (p := st.progress.get(n)) is not None
+                and p.recent_active
+                and p.match + catch_up_entries >= st.last_index
+            ]
+            step = voter_selection.next_step(
+                members(),
+                st.voters,
+                st.learners,
+                desired=desired,
+                leader=self.me,
+                caught_up=caught_up,
+            )
+            if step is None:
+                continue
+            LOGGER.info(
+                "raft_voter_step node=%s term=%s change=%s peer=%s",
+                self.me,
+                st.term,
+                step.kind.name,
+                step.node,
+            )
+            try:
+                await self.propose_conf_change(step)
+            except (NotLeader, ProposalDropped, LocalProtocolError, StorageError) as exc:
+                LOGGER.info(
+                    "raft_voter_step_failed node=%s change=%s peer=%s reason=%s",
+                    self.me,
+                    step.kind.name,
+                    step.node,
+                    exc,
+                )
+
+    def _check_writable(self) -> None:
+        self._check_running()
+        if self._storage_error is not None:
+            raise StorageError(
+                f"raft storage is failing ({self._storage_error}); writes are stopped until "
+                "it recovers: free disk space or fix the disk"
+            )
+
+    async def _wait_entry(self, index: int, term: int, timeout_s: float | None) -> object:
+        waiter = _Waiter(term)
+        self._proposals[index] = waiter
+        self._kick()
+        timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
+        try:
+            with trio.move_on_after(timeout):
+                await waiter.event.wait()
+        finally:
+            self._proposals.pop(index, None)
+        if not waiter.event.is_set():
+            self._c["proposals_lost"] += 1
+            raise ProposalDropped(
+                f"entry {index} not applied within {timeout:g}s; the outcome is unknown: "
+                "retry with the same request id"
+            )
+        if waiter.error is not None:
+            self._c["proposals_lost"] += 1
+            raise waiter.error
+        self._c["proposals_committed"] += 1
+        return waiter.result
+
+    # ------------------------------------------------------------------ the loops
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _signal_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _tick_loop(self) -> None:
+        interval = self._cfg.tick_interval_s
+        deadline = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(deadline)
+            self._core.tick()
+            self._kick()
+            deadline += interval
+            now = trio.current_time()
+            if deadline <= now:
+                # The process stalled (SIGSTOP, a long GC): skip missed ticks
+                # rather than firing a burst that would look like lost heartbeats.
+                deadline = now + interval
+
+    async def _ready_loop(self) -> None:
+        while True:
+            rd = self._core.ready()
+            if rd is None:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            await self._handle_ready(rd)
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        self._c["readies"] += 1
+        # 1. Persist (one save, one fsync) before anything leaves.
+        await self._persist(rd)
+        # 2. Send.
+        for m in rd.messages:
+            self._enqueue(m)
+        # 3. Apply.
+        if rd.snapshot is not None:
+            index = rd.snapshot.meta.index
+            self._state.restore(rd.snapshot.data, index)
+            self._c["snapshots_restored"] += 1
+            lost = ProposalDropped(
+                "replaced by a snapshot from the leader; the outcome is unknown: retry with "
+                "the same request id"
+            )
+            for i in [i for i in self._proposals if i <= index]:
+                self._proposals.pop(i).fail(lost)
+        for e in rd.committed_entries:
+            result = self._state.apply(e)
+            self._c["entries_applied"] += 1
+            waiter = self._proposals.pop(e.index, None)
+            if waiter is not None:
+                if e.term == waiter.term:
+                    waiter.resolve(result)
+                else:
+                    waiter.fail(
+                        ProposalDropped(
+                            f"entry {e.index} was replaced after a leader change; retry with "
+                            "the same request id"
+                        )
+                    )
+        for rs in rd.read_states:
+            read = self._reads.get(rs.context)
+            if read is not None:
+                read.index = rs.index
+                read.resolve(None)
+        if rd.soft_state is not None:
+            self._on_soft_state(rd.soft_state.leader, rd.soft_state.role)
+        # 4. Advance.
+        self._core.advance(rd)
+        assert self._state.applied_index == self._core.applied_index, (
+            f"state machine at {self._state.applied_index}, core at {self._core.applied_index}"
+        )
+        self._notify_applied()
+        await self._maybe_snapshot()
+        self._signal_changed()
+
+    def _on_soft_state(self, leader: NodeId | None, role: Role) -> None:
+        if leader != self._last_leader:
+            if leader is not None:
+                self._c["leader_changes"] += 1
+            self._last_leader = leader
+            dropped = ProposalDropped(f"the leader changed (now {leader or 'unknown'}); retry")
+            for ctx, waiter in list(self._reads.items()):
+                if waiter.leader != leader and waiter.index == 0:
+                    self._reads.pop(ctx)
+                    waiter.fail(dropped)
+        is_leader = role is Role.LEADER
+        if self._was_leader and not is_leader:
+            self._fail_proposals(
+                ProposalDropped(
+                    f"this node lost the leadership (leader now {leader or 'unknown'}); the "
+                    "outcome is unknown: retry with the same request id"
+                )
+            )
+        self._was_leader = is_leader
+
+    def _fail_proposals(self, error: ProposalDropped) -> None:
+        waiters, self._proposals = self._proposals, {}
+        for waiter in waiters.values():
+            waiter.fail(error)
+
+    def _fail_reads(self, error: ProposalDropped) -> None:
+        waiters, self._reads = self._reads, {}
+        for waiter in waiters.values():
+            waiter.fail(error)
+        for _, _, event in self._applied_waiters:
+            event.set()
+        self._applied_waiters = []
+
+    def _notify_applied(self) -> None:
+        applied = self._state.applied_index
+        while self._applied_waiters and self._applied_waiters[0][0] <= applied:
+            heapq.heappop(self._applied_waiters)[2].set()
+
+    async def _storage_call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        call = functools.partial(fn, *args, **kwargs)
+        if self._in_thread:
+            return await trio.to_thread.run_sync(call)
+        return call()
+
+    async def _persist(self, rd: Ready) -> None:
+        if rd.snapshot is None and not rd.entries and rd.hard_state is None:
+            return
+        backoff = self._cfg.reconnect_min_s
+        while True:
+            try:
+                await self._storage_call(
+                    self._storage.save, rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync
+                )
+            except StorageError as exc:
+                self._c["storage_errors"] += 1
+                self._storage_error = str(exc)
+                self._signal_changed()  # status() changed: let watchers see it
+                LOGGER.error(
+                    "raft_storage_failed node=%s term=%s retry_in=%gs reason=%s",
+                    self.me,
+                    self._core.term,
+                    backoff,
+                    exc,
+                )
+                await trio.sleep(backoff)
+                backoff = min(2 * backoff, self._cfg.storage_retry_max_s)
+                continue
+            if self._storage_error is not None:
+                LOGGER.warning("raft_storage_recovered node=%s", self.me)
+                self._storage_error = None
+            self._c["saves"] += 1
+            return
+
+    async def _maybe_snapshot(self) -> None:
+        applied = self._core.applied_index
+        snap_index = self._storage.snapshot().meta.index
+        if applied - snap_index < self._cfg.snapshot_entries:
+            return
+        data = self._state.snapshot()
+        conf = self._core.conf_state
+        try:
+            await self._storage_call(self._storage.create_snapshot, applied, conf, data)
+            compact_to = applied - self._cfg.snapshot_keep_entries
+            if compact_to >= self._storage.first_index():
+                # In this thread: compaction changes the entries the core reads.
+                self._storage.compact(compact_to)
+        except StorageError as exc:
+            LOGGER.error("raft_snapshot_failed node=%s index=%s reason=%s", self.me, applied, exc)
+            return
+        self._c["snapshots_created"] += 1
+        LOGGER.info(
+            "raft_snapshot_created node=%s term=%s index=%s bytes=%s",
+            self.me,
+            self._core.term,
+            applied,
+            len(data),
+        )
+
+    # ------------------------------------------------------------------ peers
+
+    def _enqueue(self, m: RaftMessage) -> None:
+        try:
+            frame = wire.frame(m.to_wire(), self._max_frame)
+        except LocalProtocolError as exc:
+            LOGGER.error("raft_message_too_large node=%s peer=%s reason=%s", self.me, m.dst, exc)
+            return
+        peer = self._peers.get(m.dst)
+        if peer is None:
+            assert self._nursery is not None
+            peer = _Peer(m.dst, self._cfg.send_queue_msgs, self._cfg.reconnect_min_s)
+            self._peers[m.dst] = peer
+            self._nursery.start_soon(self._sender, peer)
+        try:
+            peer.send.send_nowait(frame)
+        except trio.WouldBlock:
+            self._c["queue_drops"] += 1
+            self._core.report_unreachable(m.dst)
+        except trio.BrokenResourceError:
+            self._c["send_drops"] += 1
+
+    async def _next_batch(self, peer: _Peer) -> list[bytes] | None:
+        with trio.move_on_after(self._cfg.stream_idle_timeout_s):
+            first = await peer.recv.receive()
+            batch = [first]
+            size = len(first)
+            while size < self._cfg.send_batch_bytes:
+                try:
+                    frame = peer.recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(frame)
+                size += len(frame)
+            return batch
+        return None
+
+    async def _sender(self, peer: _Peer) -> None:
+        stream: trio.abc.Stream | None = None
+        try:
+            while True:
+                batch = await self._next_batch(peer)
+                if batch is None:
+                    if peer.recv.statistics().current_buffer_used:
+                        continue
+                    # Idle: close the stream and let the next message start over.
+                    if self._peers.get(peer.node) is peer:
+                        del self._peers[peer.node]
+                    peer.send.close()
+                    return
+                if stream is None:
+                    stream = await self._connect(peer, len(batch))
+                    if stream is None:
+                        continue
+                data = b"".join(batch)
+                try:
+                    with trio.fail_after(self._cfg.send_timeout_s):
+                        await stream.send_all(data)
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    trio.TooSlowError,
+                    OSError,
+                ) as exc:
+                    await trio.aclose_forcefully(stream)
+                    stream = None
+                    self._send_failed(peer, len(batch), f"write failed: {exc!r}")
+                    continue
+                self._c["frames_out"] += len(batch)
+                self._c["bytes_out"] += len(data)
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def _connect(self, peer: _Peer, frames: int) -> trio.abc.Stream | None:
+        if trio.current_time() < peer.retry_at:
+            self._c["send_drops"] += frames
+            self._core.report_unreachable(peer.node)
+            self._kick()
+            return None
+        addr = self._peer_addr(peer.node)
+        if addr is None:
+            self._send_failed(peer, frames, "no known address")
+            return None
+        try:
+            with trio.fail_after(self._cfg.dial_timeout_s):
+                stream = await self._dialer.open_stream(addr)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self._send_failed(peer, frames, f"dial {addr} failed: {exc!r}")
+            return None
+        self._c["dials"] += 1
+        peer.backoff_s = self._cfg.reconnect_min_s
+        if peer.failing:
+            peer.failing = False
+            LOGGER.info("raft_peer_reachable node=%s peer=%s addr=%s", self.me, peer.node, addr)
+        return stream
+
+    def _send_failed(self, peer: _Peer, frames: int, reason: str) -> None:
+        self._c["send_failures"] += 1
+        self._c["send_drops"] += frames
+        level = logging.DEBUG if peer.failing else logging.WARNING
+        LOGGER.log(
+            level,
+            "raft_peer_unreachable node=%s peer=%s retry_in=%gs reason=%s",
+            self.me,
+            peer.node,
+            peer.backoff_s,
+            reason,
+        )
+        peer.failing = True
+        peer.retry_at = trio.current_time() + peer.backoff_s
+        peer.backoff_s = min(2 * peer.backoff_s, self._cfg.reconnect_max_s)
+        self._core.report_unreachable(peer.node)
+        self._kick()
+
+
+__all__: Sequence[str] = (
+    "ALPN",
+    "PeerAddr",
+    "RaftAdapter",
+    "RaftAdapterStatistics",
+    "StateMachine",
+    "StreamDialer",
+    "TcpDialer",
+)

@@ -1,0 +1,380 @@
+"""The replicated state machine: commands, CAS, dedup, watches, snapshots.
+
+Plain synchronous tests plus Hypothesis properties: replicas that apply the
+same entries agree byte for byte, whether or not they went through a snapshot,
+and the key-value store matches a dict model.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh import wire
+from mesh.errors import LocalProtocolError, RemoteProtocolError, StorageError
+from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, EntryKind
+from mesh.raft.state import (
+    DEDUP_ENTRIES,
+    Command,
+    CommandKind,
+    DenyAdd,
+    DenyRemove,
+    KvDelete,
+    KvPut,
+    MeshState,
+    NodeClear,
+    NodeSet,
+    Result,
+    ResultCode,
+    Table,
+    decode_command,
+    iter_records,
+)
+from mesh.raft.storage import Compacted
+from mesh.types import NodeId
+
+
+class Replica:
+    """A MeshState fed entries with consecutive indexes."""
+
+    def __init__(self, max_events: int = 10_000) -> None:
+        self.sm = MeshState(max_events=max_events)
+
+    def apply(self, cmd: Command | bytes) -> Result:
+        data = cmd if isinstance(cmd, bytes) else cmd.encode()
+        result = self.sm.apply(Entry(2, self.sm.applied_index + 1, data))
+        assert result is not None
+        return result
+
+
+# ------------------------------------------------------------------ key-value
+
+
+def test_put_get_and_indexes() -> None:
+    r = Replica()
+    first = r.apply(KvPut("a/x", b"1"))
+    assert first.ok
+    assert first.index == 1
+    assert first.mod_index == 1
+    second = r.apply(KvPut("a/x", b"2"))
+    entry = r.sm.get("a/x")
+    assert entry is not None
+    assert (entry.value, entry.create_index, entry.mod_index) == (b"2", 1, 2)
+    assert second.mod_index == 2
+    assert r.sm.get("missing") is None
+
+
+def test_cas_put_and_delete() -> None:
+    r = Replica()
+    assert r.apply(KvPut("k", b"new", cas=0)).ok  # create only if absent
+    failed = r.apply(KvPut("k", b"again", cas=0))
+    assert failed.code is ResultCode.CAS_FAILED
+    assert failed.mod_index == 1
+    assert "exists" in failed.message
+    stale = r.apply(KvPut("k", b"x", cas=7))
+    assert stale.code is ResultCode.CAS_FAILED
+    assert "not 7" in stale.message
+    ok = r.apply(KvPut("k", b"x", cas=1))
+    assert ok.ok
+    assert ok.mod_index == 4
+    assert r.apply(KvDelete("k", cas=1)).code is ResultCode.CAS_FAILED
+    assert r.apply(KvDelete("k", cas=4)).ok
+    assert r.sm.get("k") is None
+    absent = r.apply(KvDelete("k"))
+    assert absent.ok
+    assert absent.mod_index == 0
+    assert r.apply(KvDelete("k", cas=3)).code is ResultCode.CAS_FAILED
+    assert r.apply(KvDelete("k", cas=0)).ok
+
+
+def test_prefix_listing_is_sorted_and_limited() -> None:
+    r = Replica()
+    for key in ["b", "a/2", "a/1", "a", "ab", "a/3"]:
+        r.apply(KvPut(key, key.encode()))
+    assert [e.key for e in r.sm.items("a/")] == ["a/1", "a/2", "a/3"]
+    assert [e.key for e in r.sm.items("a")] == ["a", "a/1", "a/2", "a/3", "ab"]
+    assert [e.key for e in r.sm.items("a/", limit=2)] == ["a/1", "a/2"]
+    assert [e.key for e in r.sm.items()] == ["a", "a/1", "a/2", "a/3", "ab", "b"]
+    r.apply(KvDelete("a/2"))
+    assert [e.key for e in r.sm.items("a/")] == ["a/1", "a/3"]
+    assert len(r.sm) == 5
+
+
+def test_request_ids_make_commands_idempotent() -> None:
+    r = Replica()
+    first = r.apply(KvPut("counter", b"1", request_id=b"req-1"))
+    r.apply(KvPut("counter", b"2"))
+    retry = r.apply(KvPut("counter", b"1", request_id=b"req-1"))
+    assert retry.duplicate
+    assert retry.index == first.index
+    assert retry.code is first.code
+    entry = r.sm.get("counter")
+    assert entry is not None
+    assert entry.value == b"2"
+    # A failed CAS is remembered too: the retry gets the same answer.
+    bad = r.apply(KvPut("counter", b"x", cas=99, request_id=b"req-2"))
+    r.apply(KvPut("counter", b"y", request_id=b"req-3"))
+    assert r.apply(KvPut("counter", b"x", cas=99, request_id=b"req-2")).message == bad.message
+
+
+def test_dedup_table_is_bounded_oldest_first() -> None:
+    r = Replica()
+    r.apply(KvPut("k", b"0", request_id=b"oldest"))
+    for i in range(DEDUP_ENTRIES):
+        r.apply(KvDelete(f"none{i}", request_id=f"r{i}".encode()))
+    again = r.apply(KvPut("k", b"0", request_id=b"oldest"))
+    assert not again.duplicate  # forgotten: applied again
+    assert r.apply(KvDelete("none5", request_id=b"r5")).duplicate
+
+
+# ------------------------------------------------------------------ other tables
+
+
+def test_node_overrides_and_deny_list() -> None:
+    r = Replica()
+    n1 = NodeId("n1")
+    assert r.apply(NodeSet.build(n1, drain=True)).ok
+    r.apply(NodeSet.build(n1, labels={"zone": "b", "disk": "ssd"}))
+    override = r.sm.node_override(n1)
+    assert override is not None
+    assert override.drain is True  # kept: drain was not given the second time
+    assert override.labels == (("disk", "ssd"), ("zone", "b"))
+    assert override.as_dict()["labels"] == {"disk": "ssd", "zone": "b"}
+    r.apply(NodeClear(n1))
+    assert r.sm.node_override(n1) is None
+    assert r.sm.node_overrides() == []
+
+    r.apply(DenyAdd("0af3", NodeId("n9"), "decommissioned"))
+    assert r.sm.is_denied("0AF3")
+    assert r.sm.is_denied("0af3")
+    assert [d.serial for d in r.sm.deny_list()] == ["0af3"]
+    r.apply(DenyRemove("0af3"))
+    assert not r.sm.is_denied("0af3")
+
+
+def test_commands_validate_locally() -> None:
+    with pytest.raises(LocalProtocolError):
+        KvPut("", b"x")
+    with pytest.raises(LocalProtocolError):
+        KvPut("bad\nkey", b"x")
+    with pytest.raises(LocalProtocolError):
+        KvPut("k", b"x" * (512 * 1024 + 1))
+    with pytest.raises(LocalProtocolError):
+        KvPut("k", b"x", cas=-1)
+    with pytest.raises(LocalProtocolError):
+        KvPut("k", b"x", request_id=b"r" * 65)
+    with pytest.raises(LocalProtocolError):
+        DenyAdd("XYZ", NodeId("n1"))
+    with pytest.raises(LocalProtocolError):
+        NodeSet(NodeId("n1"), labels=(("z", "1"), ("a", "2")))  # unsorted
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc1",  # not msgpack
+        wire.pack_body({"not": "a list"}),
+        wire.pack_body([2, 1, b"", "k", b"v", None]),  # future format
+        wire.pack_body([1, 99, b"", "k"]),  # unknown kind (a newer meshd's command)
+        wire.pack_body([1, True, b"", "k", b"v", None]),  # bool is not a kind
+        wire.pack_body([1, 1, b"", "k", b"v"]),  # missing field
+        wire.pack_body([1, 1, b"", "", b"v", None]),  # empty key
+        wire.pack_body([1, 1, "rid", "k", b"v", None]),  # request id not bytes
+        wire.pack_body([1, 16, b"", "n1", "yes", None]),  # drain not a bool
+        wire.pack_body([1, 24, b"", "ZZ", "n1", ""]),  # serial not hex
+    ],
+)
+def test_bad_commands_fail_the_same_way_on_every_replica(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_command(data)
+    a, b = Replica(), Replica()
+    ra, rb = a.apply(data), b.apply(data)
+    assert ra == rb
+    assert ra.code is ResultCode.INVALID
+    assert ra.index == 1
+    assert a.sm.digest() == b.sm.digest()
+    assert a.sm.applied_index == 1
+
+
+def test_non_command_entries_only_move_the_index() -> None:
+    sm = MeshState()
+    assert (
+        sm.apply(
+            Entry(
+                1,
+                1,
+                ConfChange(ConfChangeKind.ADD_VOTER, NodeId("a")).encode(),
+                EntryKind.CONF_CHANGE,
+            )
+        )
+        is None
+    )
+    assert sm.apply(Entry(2, 2)) is None  # a new leader's empty entry
+    assert sm.applied_index == 2
+    assert len(sm) == 0
+    with pytest.raises(AssertionError):
+        sm.apply(Entry(2, 4, KvPut("k", b"v").encode()))  # a gap is a bug
+
+
+# ------------------------------------------------------------------ watches
+
+
+def test_changes_since_resumes_and_filters() -> None:
+    r = Replica()
+    r.apply(KvPut("app/a", b"1"))  # 1
+    r.apply(NodeSet.build(NodeId("n1"), drain=True))  # 2
+    r.apply(KvPut("other", b"x"))  # 3
+    r.apply(KvDelete("app/a"))  # 4
+    all_changes = r.sm.changes_since(0)
+    assert [c.index for c in all_changes] == [1, 2, 3, 4]
+    assert all_changes[3].record is None  # a deletion
+    assert [c.index for c in r.sm.changes_since(2)] == [3, 4]
+    assert [c.index for c in r.sm.changes_since(0, table=Table.KV, prefix="app/")] == [1, 4]
+    assert [c.table for c in r.sm.changes_since(0, table=Table.NODE)] == [Table.NODE]
+    assert [c.index for c in r.sm.changes_since(0, limit=2)] == [1, 2]
+    assert r.sm.changes_since(4) == []
+    assert r.sm.changes_since(10) == []
+
+
+def test_changes_since_a_dropped_index_raises_compacted() -> None:
+    r = Replica(max_events=3)
+    for i in range(6):
+        r.apply(KvPut(f"k{i}", b""))
+    assert r.sm.first_change_index == 3
+    assert [c.index for c in r.sm.changes_since(3)] == [4, 5, 6]
+    with pytest.raises(Compacted):
+        r.sm.changes_since(2)
+    # After a restore, changes are available from the snapshot's index.
+    other = MeshState()
+    other.restore(r.sm.snapshot(), 6)
+    assert other.first_change_index == 6
+    assert other.changes_since(6) == []
+    with pytest.raises(Compacted):
+        other.changes_since(5)
+    records = list(iter_records(other))
+    assert [key for _, key, _ in records] == [f"k{i}" for i in range(6)]
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+def test_snapshot_round_trip_is_exact() -> None:
+    r = Replica()
+    r.apply(KvPut("k", b"v", request_id=b"id"))
+    r.apply(NodeSet.build(NodeId("n2"), drain=False, labels={"zone": "a"}))
+    r.apply(DenyAdd("ff", NodeId("n3"), "stolen laptop"))
+    copy = MeshState()
+    copy.restore(r.sm.snapshot(), r.sm.applied_index)
+    assert copy.snapshot() == r.sm.snapshot()
+    assert copy.get("k") == r.sm.get("k")
+    # The dedup table travels with the snapshot.
+    dup = copy.apply(Entry(2, 4, KvPut("k", b"v", request_id=b"id").encode()))
+    assert dup is not None
+    assert dup.duplicate
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        b"",
+        b"\xc1",
+        wire.pack_body([1, 1, [], [], []]),  # missing dedup table
+        wire.pack_body([9, 1, [], [], [], []]),  # another format
+        wire.pack_body([1, 1, [["k", "not-bytes", 1, 1]], [], [], []]),
+        wire.pack_body([1, 1, [], [["n1", 1, {}, 1]], [], []]),
+    ],
+)
+def test_bad_snapshot_images_are_refused_and_change_nothing(image: bytes) -> None:
+    r = Replica()
+    r.apply(KvPut("keep", b"me"))
+    before = r.sm.snapshot()
+    with pytest.raises(StorageError):
+        r.sm.restore(image, 1)
+    assert r.sm.snapshot() == before
+
+
+def test_snapshot_taken_at_another_index_is_refused() -> None:
+    r = Replica()
+    r.apply(KvPut("k", b"v"))
+    with pytest.raises(StorageError, match="index 1"):
+        MeshState().restore(r.sm.snapshot(), 5)
+
+
+# ------------------------------------------------------------------ properties
+
+KEYS = st.sampled_from(["a", "a/b", "a/c", "b", "zz"])
+NODES = st.sampled_from([NodeId("n1"), NodeId("n2")])
+RIDS = st.sampled_from([b"", b"", b"r1", b"r2", b"r3"])
+CAS = st.one_of(st.none(), st.integers(0, 12))
+
+COMMANDS = st.one_of(
+    st.builds(KvPut, KEYS, st.binary(max_size=4), CAS, RIDS),
+    st.builds(KvDelete, KEYS, CAS, RIDS),
+    st.builds(
+        NodeSet.build,
+        NODES,
+        drain=st.one_of(st.none(), st.booleans()),
+        labels=st.one_of(st.none(), st.dictionaries(st.sampled_from(["zone", "rack"]), KEYS)),
+        request_id=RIDS,
+    ),
+    st.builds(NodeClear, NODES, RIDS),
+    st.builds(DenyAdd, st.sampled_from(["01", "ab"]), NODES, st.just("r"), RIDS),
+    st.builds(DenyRemove, st.sampled_from(["01", "ab"]), RIDS),
+)
+
+
+@given(st.lists(COMMANDS, max_size=40), st.integers(0, 40))
+def test_replicas_agree_with_and_without_a_snapshot(cmds: list[Command], cut: int) -> None:
+    """State machine safety at this layer: same entries, same bytes, same results,
+    even when one replica restores from the other's snapshot half way."""
+    a, b = Replica(), Replica()
+    cut = min(cut, len(cmds))
+    results_a, results_b = [], []
+    for i, cmd in enumerate([*cmds, None]):
+        if i == cut:
+            b = Replica()
+            b.sm.restore(a.sm.snapshot(), a.sm.applied_index)
+        if cmd is None:
+            break
+        results_a.append(a.apply(cmd))
+        if i >= cut:
+            results_b.append(b.apply(cmd))
+    assert a.sm.snapshot() == b.sm.snapshot()
+    assert results_a[len(results_a) - len(results_b) :] == results_b
+
+
+@given(st.lists(COMMANDS, max_size=40))
+def test_kv_matches_a_dict_model(cmds: list[Command]) -> None:
+    r = Replica()
+    model: dict[str, tuple[bytes, int]] = {}
+    seen: set[bytes] = set()
+    for cmd in cmds:
+        result = r.apply(cmd)
+        if cmd.request_id and cmd.request_id in seen:
+            assert result.duplicate
+            continue
+        if cmd.request_id:
+            seen.add(cmd.request_id)
+        if not isinstance(cmd, KvPut | KvDelete):
+            continue
+        cur = model.get(cmd.key)
+        if cmd.cas is not None and (
+            (cmd.cas == 0 and cur is not None)
+            or (cmd.cas > 0 and (cur is None or cur[1] != cmd.cas))
+        ):
+            assert result.code is ResultCode.CAS_FAILED
+            continue
+        assert result.ok
+        if isinstance(cmd, KvPut):
+            model[cmd.key] = (cmd.value, result.index)
+        else:
+            model.pop(cmd.key, None)
+    assert {e.key: (e.value, e.mod_index) for e in r.sm.items()} == model
+    assert [e.key for e in r.sm.items()] == sorted(model)
+
+
+@given(COMMANDS)
+def test_commands_round_trip(cmd: Command) -> None:
+    assert decode_command(cmd.encode()) == cmd
+    assert cmd.KIND in set(CommandKind)
