@@ -12,6 +12,15 @@ line)::
 ``detect``, ``loss`` and ``idle`` run real ``meshd`` processes on 127.0.0.50 and up
 (``--first-ip``), gossip port 17946, with data dirs under a temporary directory
 (``--keep`` keeps it and its logs). Every process is killed by PID on the way out.
+They run the ``mesh`` package this bench imports (the checkout it lives in), or, with
+``--pythonpath DIR``, the one in ``DIR`` (a ``git worktree`` of another commit, for
+A/B runs): ``PYTHONPATH=DIR`` plus ``PYTHONSAFEPATH=1``, so that the current directory
+cannot shadow it. The figures name the code that ran (file, commit, clean or not) and
+whether the cluster was secured (the seed wrote a join token: sealed gossip, mutual
+TLS push-pull) or plain (a meshd from before security).
+
+Every subcommand samples the 1-minute load average every 5 s while it runs and
+reports it with the figures (the machine is often shared).
 
 ``detect``: each round SIGKILLs one random non-seed node and reads, from the
 survivors' structured stderr (wall-clock UTC, ms), when the first and the last of
@@ -34,6 +43,7 @@ metadata update to reach every member, and gossip bytes/s per node while idle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -112,6 +123,87 @@ def machine() -> dict[str, Any]:
             "kernel": os.uname().release, "loadavg_at_start": [round(x, 2) for x in load]}
 
 
+class LoadSampler:
+    """Samples the 1-minute load average every ``interval_s`` in a daemon thread."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loadavg", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.samples.append(os.getloadavg()[0])
+
+    def figures(self) -> dict[str, float | int | None]:
+        """min / mean / max of the samples, and their count."""
+        if not self.samples:
+            return {"n": 0, "min": None, "mean": None, "max": None}
+        return {"n": len(self.samples), "min": round(min(self.samples), 2),
+                "mean": round(statistics.fmean(self.samples), 2),
+                "max": round(max(self.samples), 2)}
+
+
+def code_under_test(pythonpath: str | None) -> dict[str, Any]:
+    """Which ``mesh`` package the daemons import, and its git commit."""
+    where = Path(pythonpath).resolve() if pythonpath else ROOT
+    probe = subprocess.run(
+        [sys.executable, "-c", "import mesh.node.daemon as d; print(d.__file__)"],
+        env=daemon_env(pythonpath), capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise SystemExit(f"cannot import mesh.node.daemon the way the daemons would:\n"
+                         f"{probe.stderr}")
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *argv], capture_output=True,
+                              text=True, check=False).stdout.strip()
+
+    return {"pythonpath": pythonpath, "daemon_module": probe.stdout.strip(),
+            "commit": git("rev-parse", "--short", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "mesh"))}
+
+
+def daemon_env(pythonpath: str | None) -> dict[str, str]:
+    """The environment the daemons start with."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = str(Path(pythonpath).resolve())
+        env["PYTHONSAFEPATH"] = "1"  # ``python -m`` would put the cwd first otherwise
+    return env
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Run with ``os.environ`` set to ``env`` (children inherit it), then restore it."""
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def secured(cluster: Cluster) -> bool:
+    """True if the seed created a join token (sealed gossip, mTLS push-pull)."""
+    return cluster["n00"].join_token() is not None
+
+
 def print_json(result: dict[str, Any]) -> None:
     """The figures as the last line of output."""
     print(json.dumps(result, sort_keys=True), flush=True)
@@ -139,13 +231,15 @@ def real_cluster(args: argparse.Namespace) -> Iterator[Cluster]:
     for i, ip in enumerate(loopback_ips(args.first_ip, args.nodes)):
         cluster.add(f"n{i:02d}", ip, labels={"zone": f"z{i % 3}"})
     try:
-        t0 = time.monotonic()
-        cluster.start(timeout_s=FORM_TIMEOUT_S)
-        cluster.wait_formed(FORM_TIMEOUT_S)
-        print(f"{args.nodes} daemons ({args.profile} profile) on "
-              f"{cluster['n00'].ip}-{list(cluster)[-1].ip}:{GOSSIP_PORT} formed in "
-              f"{time.monotonic() - t0:.1f}s; data dirs and logs in {base}", flush=True)
-        yield cluster
+        with environment(daemon_env(args.pythonpath)):
+            t0 = time.monotonic()
+            cluster.start(timeout_s=FORM_TIMEOUT_S)
+            cluster.wait_formed(FORM_TIMEOUT_S)
+            print(f"{args.nodes} daemons ({args.profile} profile, "
+                  f"{'secured' if secured(cluster) else 'plain: no join token'}) on "
+                  f"{cluster['n00'].ip}-{list(cluster)[-1].ip}:{GOSSIP_PORT} formed in "
+                  f"{time.monotonic() - t0:.1f}s; data dirs and logs in {base}", flush=True)
+            yield cluster
     finally:
         cluster.close()
         if args.keep:
@@ -161,6 +255,9 @@ def add_cluster_args(p: argparse.ArgumentParser, nodes: int) -> None:
     p.add_argument("--profile", default="lan", choices=["lan", "wan", "local"],
                    help="--gossip-profile of every daemon (default lan, the default config)")
     p.add_argument("--keep", action="store_true", help="keep data dirs and logs")
+    p.add_argument("--pythonpath", metavar="DIR", default=None,
+                   help="run the daemons from the mesh package in DIR (e.g. a git worktree "
+                        "of another commit) instead of this checkout's")
 
 
 # --- detect ------------------------------------------------------------------------
@@ -229,11 +326,12 @@ def cmd_detect(args: argparse.Namespace) -> dict[str, Any]:
                   f"survivors {_s(last)}", flush=True)
             victim.start(join=[seed.addr], timeout_s=FORM_TIMEOUT_S)
             cluster.wait_formed(FORM_TIMEOUT_S)
+        is_secured = secured(cluster)
     result = {"bench": "detect", "nodes": args.nodes, "rounds": args.rounds,
               "profile": args.profile, "seed": args.seed,
               "first_dead_s": summary(firsts), "all_dead_s": summary(alls),
               "first_suspect_s": summary(suspects), "undetected_rounds": undetected,
-              "false_deaths": false_deaths, "machine": machine(), "per_round": rounds}
+              "false_deaths": false_deaths, "secured": is_secured, "per_round": rounds}
     print(f"\nSIGKILL -> first survivor logs member_dead: {fmt(result['first_dead_s'])}")
     print(f"SIGKILL -> all survivors logged member_dead: {fmt(result['all_dead_s'])}")
     print(f"SIGKILL -> first member_suspect:             {fmt(result['first_suspect_s'])}")
@@ -331,6 +429,7 @@ def cmd_loss(args: argparse.Namespace) -> dict[str, Any]:
             after = _counters(cluster)
         # Back to a clean network: everyone must see everyone alive.
         cluster.wait_formed(FORM_TIMEOUT_S)
+        is_secured = secured(cluster)
     delta = {k: sum(after[n][k] - before[n][k] for n in after) for k in before["n00"]}
     sent = delta["packets_out_total"]
     result = {"bench": "loss", "nodes": args.nodes, "loss": args.loss,
@@ -345,7 +444,7 @@ def cmd_loss(args: argparse.Namespace) -> dict[str, Any]:
               "datagrams_sent": sent, "datagrams_received": delta["packets_in_total"],
               "datagrams_dropped_by_rule": n_dropped,
               "measured_loss": round(n_dropped / sent, 4) if sent else None,
-              "machine": machine()}
+              "secured": is_secured}
     print(f"\n{args.nodes} nodes, {args.loss:.0%} loss on every link for {args.duration:g}s "
           f"(measured: {n_dropped} of {int(sent)} datagrams dropped = "
           f"{result['measured_loss']:.2%})")
@@ -461,8 +560,7 @@ def cmd_sim(args: argparse.Namespace) -> dict[str, Any]:
     steady = [r["steady_bytes_per_s_per_node"] for r in rows]
     flat = max(steady) / min(steady) - 1 if steady and min(steady) > 0 else None
     result = {"bench": "sim", "seed": args.seed, "config": "GossipConfig.lan()",
-              "sizes": rows, "steady_bytes_spread": flat and round(flat, 3),
-              "machine": machine()}
+              "sizes": rows, "steady_bytes_spread": flat and round(flat, 3)}
     print(f"\nsteady bytes/s per node from {sizes[0]} to {sizes[-1]} nodes: "
           f"{min(steady):.0f}-{max(steady):.0f} (spread {flat:.1%}; goal within 20%)")
     print("goal: an update reaches 100% of 1000 members in <= 2 s")
@@ -490,17 +588,20 @@ def cmd_idle(args: argparse.Namespace) -> dict[str, Any]:
         print(f"settling for {args.settle:g}s, then measuring {args.duration:g}s ...",
               flush=True)
         time.sleep(args.settle)
-        start = {d.name: (_cpu_ticks(d.pid), metric(d.metrics(),
-                                                    "meshd_gossip_bytes_out_total"),
-                          metric(d.metrics(), "meshd_gossip_push_pulls_total"))
-                 for d in cluster}
+        start = {}
+        for d in cluster:
+            samples = d.metrics()
+            start[d.name] = (_cpu_ticks(d.pid),
+                             metric(samples, "meshd_gossip_bytes_out_total"),
+                             metric(samples, "meshd_gossip_packets_out_total"),
+                             metric(samples, "meshd_gossip_push_pulls_total"))
         t0 = time.monotonic()
         time.sleep(args.duration)
         elapsed = time.monotonic() - t0
         rows: list[dict[str, Any]] = []
         for d in cluster:
             d.check_running()
-            cpu0, out0, pp0 = start[d.name]
+            cpu0, out0, pkt0, pp0 = start[d.name]
             samples = d.metrics()
             rows.append({
                 "node": d.name,
@@ -508,20 +609,27 @@ def cmd_idle(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_mb": round(_rss_mb(d.pid), 1),
                 "udp_bytes_out_per_s": round(
                     (metric(samples, "meshd_gossip_bytes_out_total") - out0) / elapsed, 1),
+                "udp_datagrams_out_per_s": round(
+                    (metric(samples, "meshd_gossip_packets_out_total") - pkt0) / elapsed, 2),
                 "push_pulls": int(metric(samples, "meshd_gossip_push_pulls_total") - pp0),
             })
+        is_secured = secured(cluster)
     for r in rows:
         print(f"  {r['node']}: CPU {r['cpu_percent']:.2f}% of a core, RSS {r['rss_mb']:.1f} MB,"
-              f" {r['udp_bytes_out_per_s']:.0f} B/s gossip out, {r['push_pulls']} push-pulls")
+              f" {r['udp_bytes_out_per_s']:.0f} B/s gossip out in "
+              f"{r['udp_datagrams_out_per_s']:.2f} datagrams/s, {r['push_pulls']} push-pulls")
     agg = {k: summary([r[k] for r in rows])
-           for k in ("cpu_percent", "rss_mb", "udp_bytes_out_per_s")}
+           for k in ("cpu_percent", "rss_mb", "udp_bytes_out_per_s",
+                     "udp_datagrams_out_per_s")}
     print(f"\nCPU % of one core: {fmt(agg['cpu_percent'], '')}   (goal <= 1)")
     print(f"RSS MB:            {fmt(agg['rss_mb'], '')}   (goal <= 60)")
     print(f"gossip B/s out:    {fmt(agg['udp_bytes_out_per_s'], '')}   (goal <= 1000; UDP "
           "only: push-pull over TCP is not in meshd_gossip_bytes_out_total)")
+    print(f"gossip datagrams/s out: {fmt(agg['udp_datagrams_out_per_s'], '')}"
+          + ("   (sealed: 33 B of each is the seal)" if is_secured else ""))
     return {"bench": "idle", "nodes": args.nodes, "profile": args.profile,
             "window_s": round(elapsed, 1), "settle_s": args.settle, **agg,
-            "per_node": rows, "machine": machine()}
+            "secured": is_secured, "per_node": rows}
 
 
 # --- command line --------------------------------------------------------------------
@@ -554,8 +662,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
         "detect": cmd_detect, "loss": cmd_loss, "sim": cmd_sim, "idle": cmd_idle}
-    with terminate_as_interrupt():
+    start = machine()
+    code = code_under_test(args.pythonpath) if "pythonpath" in args else None
+    if code is not None:
+        print(f"daemons run {code['daemon_module']} (commit {code['commit']}"
+              f"{', with uncommitted changes' if code['dirty'] else ''})", flush=True)
+    with terminate_as_interrupt(), LoadSampler() as load:
         result = commands[args.command](args)
+    during = load.figures()
+    print(f"load average (1 min) during the run: min {during['min']}, mean "
+          f"{during['mean']}, max {during['max']} ({os.cpu_count()} cpus)")
+    result["machine"] = {**start, "loadavg_1m_during": during}
+    if code is not None:
+        result["code"] = code
     print_json(result)
     return 0
 

@@ -314,9 +314,13 @@ class Daemon:
         """True once the data dir holds credentials (no token needed any more)."""
         return (self.data_dir / "tls" / "node.crt").exists()
 
-    def join_token(self) -> str:
-        """The cluster's join token, read from this (first) node's data dir."""
-        return (self.data_dir / "join-token").read_text().strip()
+    def join_token(self) -> str | None:
+        """The cluster's join token, read from this (first) node's data dir; ``None``
+        if it has none (a meshd from before security, run for A/B benchmarks)."""
+        try:
+            return (self.data_dir / "join-token").read_text().strip()
+        except FileNotFoundError:
+            return None
 
     def spawn(self, join: Sequence[str] = ()) -> None:
         """Start the process (do not wait for it); see :meth:`wait_ready`."""
@@ -491,8 +495,9 @@ class Cluster:
         seed, rest = ds[0], ds[1:]
         seed.start(timeout_s=timeout_s)
         token = seed.join_token()
-        for d in self.daemons.values():
-            d.token = d.token or token
+        if token is not None:
+            for d in self.daemons.values():
+                d.token = d.token or token
         for d in rest:
             d.spawn(join=[seed.addr])
         for d in rest:
