@@ -114,7 +114,7 @@ def replace(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             observer = cluster[st["leader"]]
             killed_at = victim.kill()
 
-            def replaced() -> bool:
+            def replaced(observer: Daemon = observer, victim: Daemon = victim) -> bool:
                 s = status(observer)
                 return victim.name not in s["voters"] and len(s["voters"]) == 3
 
