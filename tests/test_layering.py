@@ -21,6 +21,7 @@ ALLOWED = {
     "node/api.py",
     "node/daemon.py",
     "node/trust.py",
+    "node/replica.py",
     "node/cli.py",
 }
 

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from mesh import wire
-from mesh.errors import NotLeader, ProposalDropped, StorageError
+from mesh.errors import NotLeader, ProposalDropped, RemoteProtocolError, StorageError
 from mesh.gossip.adapter import MemoryNetwork, MemoryTransport
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
@@ -79,6 +79,9 @@ class _LinkDialer:
         if self._cluster.blocked(self._src, dst):
             await trio.lowlevel.checkpoint()
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"{to} unreachable")
+        if dst in self._cluster.refused:
+            await trio.lowlevel.checkpoint()
+            raise RemoteProtocolError(f"{to} presents a revoked certificate")
         stream = _LinkStream(await self._ep.open_stream(to), stall=dst in self._cluster.stalled)
         self._cluster.links.append((self._src, dst, stream))
         return stream
@@ -115,6 +118,8 @@ class Cluster:
         self.scopes: dict[NodeId, trio.CancelScope] = {}
         self.isolated: set[NodeId] = set()
         self.stalled: set[NodeId] = set()
+        self.refused: set[NodeId] = set()
+        """Links *to* these nodes are refused (TLS: revoked, another CA)."""
         self.links: list[tuple[NodeId, NodeId, _LinkStream]] = []
         self.rng = random.Random(seed)
 
@@ -628,4 +633,29 @@ async def test_full_disk_stops_writes_and_loses_nothing(
         assert isinstance(state, MeshState)
         assert state.get("kept") is not None
         assert state.get("refused") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_refused_links_are_a_send_failure_not_a_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer whose link is refused (a revoked node, say) is unreachable: the others
+    keep committing and no adapter dies of it."""
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, ["a", "b", "c"])
+        await c.start()
+        leader = await c.wait_leader()
+        victim = next(n for n in c.names if n != leader.me)
+        c.refused.add(victim)
+        for src, dst, stream in list(c.links):
+            if victim in (src, dst):
+                await trio.aclose_forcefully(stream)
+        for i in range(5):
+            result = await leader.propose(put(f"k{i}"))
+            assert isinstance(result, Result)
+            assert result.ok
+            # Advance virtual time past the reconnect backoff: senders redial.
+            await trio.sleep(10 * ELECTION_S)
+        assert leader.statistics().send_failures > 0
+        assert all(a.core is not None for a in c.live())
         nursery.cancel_scope.cancel()

@@ -89,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "and rotate the gossip key without it")
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true", help="print JSON")
+    kv = sub.add_parser("kv", help="the replicated key-value store")
+    kv_sub = kv.add_subparsers(dest="kv_command", required=True)
+    put = kv_sub.add_parser("put", help="set a key (exit 1 if not committed)")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--cas", type=int, default=None,
+                     help="only if the key's modify index is this (0: only if absent)")
+    get = kv_sub.add_parser("get", help="read a key (linearizable unless --stale)")
+    get.add_argument("key")
+    delete = kv_sub.add_parser("del", help="delete a key")
+    delete.add_argument("key")
+    delete.add_argument("--cas", type=int, default=None, help="as for put")
+    ls = kv_sub.add_parser("ls", help="list keys under a prefix")
+    ls.add_argument("prefix", nargs="?", default="")
+    for p in (put, get, delete, ls):
+        p.add_argument("--json", action="store_true", help="print JSON")
+    for p in (get, ls):
+        p.add_argument("--stale", action="store_true",
+                       help="read this node's replica without asking the leader")
+    raft = sub.add_parser("raft", help="the Raft group that holds the desired state")
+    raft_sub = raft.add_subparsers(dest="raft_command", required=True)
+    status = raft_sub.add_parser("status", help="term, leader, voters, indexes, lag")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    transfer = raft_sub.add_parser("transfer", help="hand leadership to another voter")
+    transfer.add_argument("--to", default=None, help="the voter (default: any other)")
+    transfer.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -160,7 +186,8 @@ async def _run(args: argparse.Namespace) -> str:
         return (f"name:          {result['name']}\naddress:       {result['address']}\n"
                 f"version:       {result['version']}\nincarnation:   {result['incarnation']}\n"
                 f"health score:  {result['health_score']}\nuptime:        "
-                f"{format_age(result['uptime'])}\nmembers:       {counts}")
+                f"{format_age(result['uptime'])}\nmembers:       {counts}\n"
+                f"dns:           {result.get('dns') or 'off'}")
     if args.command == "token":
         result = await client.call("token_rotate" if args.action == "rotate" else "token")
         if args.json:
@@ -193,7 +220,61 @@ async def _run(args: argparse.Namespace) -> str:
                  "gossip key rotated without it:",
                  per_node_table(result["key_rotation"]["remove"], _keys_detail)]
         return "\n".join(lines)
+    if args.command == "kv":
+        return await _kv(client, args)
+    if args.command == "raft":
+        method = "raft_status" if args.raft_command == "status" else "raft_transfer"
+        params = {"to": args.to} if args.raft_command == "transfer" and args.to else {}
+        result = await client.call(method, params)
+        return json.dumps(result, indent=2) if args.json else raft_text(result)
     raise AssertionError(args.command)
+
+
+def _printable(entry: dict[str, Any]) -> dict[str, Any]:
+    value = entry.get("value")
+    if isinstance(value, bytes):
+        entry = {**entry, "value": value.decode("utf-8", "replace")}
+    return entry
+
+
+async def _kv(client: Client, args: argparse.Namespace) -> str:
+    cmd = args.kv_command
+    if cmd in ("put", "del"):
+        params: dict[str, Any] = {"key": args.key, "request_id": os.urandom(16)}
+        if args.cas is not None:
+            params["cas"] = args.cas
+        if cmd == "put":
+            params["value"] = args.value
+        result = await client.call(f"kv_{cmd}", params)
+        return json.dumps(result, indent=2) if args.json else \
+            f"{'set' if cmd == 'put' else 'deleted'} {args.key} (index {result['index']})"
+    if cmd == "get":
+        entry = _printable(await client.call("kv_get", {"key": args.key,
+                                                         "stale": args.stale}))
+        return json.dumps(entry, indent=2) if args.json else str(entry["value"])
+    entries = [_printable(e) for e in await client.call(
+        "kv_ls", {"prefix": args.prefix, "stale": args.stale})]
+    if args.json:
+        return json.dumps(entries, indent=2)
+    return format_table(["KEY", "VALUE", "MODIFY INDEX"],
+                        [[e["key"], str(e["value"])[:60], str(e["mod_index"])] for e in entries])
+
+
+def raft_text(st: dict[str, Any]) -> str:
+    """``meshctl raft status`` for people."""
+    lines = [f"leader:   {st.get('leader') or 'none'} (term {st['term']})",
+             f"this:     {st['id']} ({st['role']})",
+             f"voters:   {', '.join(st['voters']) or '-'}",
+             f"learners: {', '.join(st['learners']) or '-'}",
+             f"indexes:  commit {st['commit_index']}, applied {st['applied_index']}, "
+             f"last {st['last_index']}"]
+    if st.get("peers"):
+        rows = [[n, "learner" if p["learner"] else "voter", str(p["match"]), str(p["lag"]),
+                 "yes" if p["active"] else "no"] for n, p in sorted(st["peers"].items())]
+        lines.append(format_table(["PEER", "ROLE", "MATCH", "LAG", "ACTIVE"], rows))
+    if st.get("storage_error"):
+        lines.append(f"STORAGE FAILING: {st['storage_error']}")
+    return "\n".join(lines)
 
 
 class PartialFailure(MeshError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.dns.config import DnsConfig
 from mesh.errors import ConfigError
 from mesh.gossip.config import GossipConfig
 from mesh.types import Addr, NodeId
@@ -39,6 +40,7 @@ class NodeConfig:
         role: free-form role announced to the cluster.
         metrics_bind: where the Prometheus endpoint listens; ``None`` disables it.
         gossip: SWIM timing and sizes.
+        dns: the DNS server's configuration; ``None`` disables it.
     """
 
     data_dir: Path
@@ -52,6 +54,7 @@ class NodeConfig:
     role: str = "worker"
     metrics_bind: Addr | None = None
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
+    dns: DnsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 128 or not self.name.isprintable() \

@@ -18,6 +18,7 @@ Error handling:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,6 +37,10 @@ import trio
 
 import mesh
 from mesh import tls
+from mesh.dns.adapter import DnsServer, DnsSockets, bind_dns_sockets
+from mesh.dns.catalog import CatalogBuilder, Endpoint
+from mesh.dns.config import DnsConfig
+from mesh.dns.metrics import dns_metrics
 from mesh.errors import ConfigError, StartupError
 from mesh.gossip.adapter import (
     GossipAdapter,
@@ -54,6 +59,8 @@ from mesh.node.config import (
     parse_label,
 )
 from mesh.node.metrics import Metric, counter, gauge, render
+from mesh.node.replica import Replica, ReplicaSettings
+from mesh.raft.config import RaftConfig
 from mesh.security.pki import WallClock
 from mesh.security.token import JoinToken
 from mesh.types import Addr, NodeId
@@ -65,6 +72,13 @@ REJOIN_INTERVAL_S = 10.0
 
 PEERS_WRITE_DELAY_S = 1.0
 """Membership changes within this window are written to peers.json once."""
+
+RAFT_PROFILES = {"lan": (RaftConfig.lan, 10.0), "wan": (RaftConfig.wan, 30.0),
+                 "local": (RaftConfig.local, 2.0)}
+"""Per --gossip-profile: Raft timing, and seconds a member must be alive before it
+may become a voter."""
+
+
 
 
 # --- data dir ----------------------------------------------------------------------
@@ -143,6 +157,9 @@ class Node:
         self.trust = credentials
         self.started = trio.current_time()
         self.tls_server: tls.TlsServer | None = None
+        self.dns: DnsServer | None = None
+        self.replica: Replica | None = None
+        self.dns_addr: Addr | None = None
 
     @property
     def core(self) -> Membership:
@@ -178,6 +195,7 @@ class Node:
             "incarnation": self.core.incarnation,
             "health_score": stats.health_score,
             "uptime": round(trio.current_time() - self.started, 3),
+            "dns": str(self.dns_addr) if self.dns_addr else None,
             "members": {"alive": stats.members_alive, "suspect": stats.members_suspect,
                         "dead": stats.members_dead, "left": stats.members_left},
         }
@@ -185,7 +203,8 @@ class Node:
     def handlers(self) -> dict[str, api.Handler]:
         """The API methods this node serves (locally and over ``mesh-rpc/1``)."""
         return {"members": self.api_members, "info": self.api_info,
-                **trust.SecurityApi(self.trust, self.core).handlers()}
+                **trust.SecurityApi(self.trust, self.core).handlers(),
+                **(self.replica.handlers() if self.replica is not None else {})}
 
     def metrics(self) -> list[Metric]:
         """Every metric family of this node."""
@@ -225,6 +244,8 @@ class Node:
             gauge(g + "incarnation", "This node's incarnation.", self.core.incarnation),
             members,
             *self._security_metrics(),
+            *(dns_metrics(self.dns.statistics()) if self.dns is not None else []),
+            *(self.replica.metrics() if self.replica is not None else []),
         ]
 
     def _security_metrics(self) -> list[Metric]:
@@ -283,6 +304,18 @@ async def _write_peers(node: Node,
                              "or fix permissions", node.core.me, path, exc.strerror)
 
 
+async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None:
+    """Keep the DNS catalogue in step with membership: a member SWIM declares dead
+    leaves the answers the moment this node learns it."""
+    endpoints: list[Endpoint] = []  # [workloads] feeds service endpoints here
+    while True:  # a subscriber that falls behind is closed: resubscribe and rebuild
+        events = node.adapter.subscribe()
+        async with events:
+            dns.set_catalog(builder.build(node.core.members(), endpoints))
+            async for _ in events:
+                dns.set_catalog(builder.build(node.core.members(), endpoints))
+
+
 async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
     """While this node is alone, keep trying the seeds it knows."""
     while True:
@@ -310,6 +343,8 @@ def _link_handlers(node: Node) -> dict[str, tls.Handler]:
         await api.serve_api_stream(stream, api_handlers, node.core.me)
 
     handlers: dict[str, tls.Handler] = {tls.ALPN_GOSSIP: gossip, tls.ALPN_RPC: rpc}
+    if node.replica is not None:
+        handlers[tls.ALPN_RAFT] = node.replica.serve_link
     if credentials.join_server is not None:
         serve_join = tls.join_handler(credentials.join_server,
                                       taken=trust.LiveNames(node.core))
@@ -328,6 +363,7 @@ def _link_handlers(node: Node) -> dict[str, tls.Handler]:
 
 async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                    cluster_label: str = "meshd", seed: int | None = None,
+                   replica_settings: ReplicaSettings | None = None,
                    wall_clock: WallClock = trust.utc_now,
                    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
     """Run one node until SIGTERM/SIGINT (graceful leave) or cancellation.
@@ -337,11 +373,13 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         token: the join token, needed only for the first start of a joining node.
         cluster_label: the cluster's name, used only when creating a cluster.
         seed: seeds the node's RNG (tests); random otherwise.
+        replica_settings: Raft timing and voter count (default: lan).
         wall_clock: the clock for certificate validity.
 
     Raises:
         StartupError: it cannot start; nothing is left running.
     """
+    replica_settings = replica_settings or ReplicaSettings(RaftConfig.lan())
     try:
         udp, tcp = await bind_gossip_sockets(config.bind)
     except OSError as exc:
@@ -350,7 +388,13 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
     if config.advertise.port == 0:
         config = dataclasses.replace(config, advertise=Addr(config.advertise.host, bound_port))
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
-    with udp:
+    try:
+        dns_sockets = await bind_dns_sockets(config.dns) if config.dns is not None else None
+    except BaseException:
+        udp.close()
+        await tcp.aclose()
+        raise
+    with udp, dns_sockets or contextlib.nullcontext():
         try:
             credentials = await trust.establish(config, token, wall_clock, cluster_label)
         except BaseException:
@@ -366,6 +410,8 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         adapter = GossipAdapter(core, UdpTransport(udp), credentials.gossip_dialer(),
                                 credentials.codec)
         node = Node(config, adapter, credentials)
+        node.replica = await Replica.open(config, core, credentials, replica_settings,
+                                          random.Random(rng.getrandbits(64)))
         node.tls_server = tls.TlsServer(credentials.server_ctx, _link_handlers(node),
                                         revoked=credentials.revoked, node=config.name)
         api_listener = await api.bind_unix_socket(config.socket_path)
@@ -375,6 +421,9 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
             async with trio.open_nursery() as nursery:
                 await nursery.start(adapter.run)
                 await nursery.start(node.tls_server.serve, [tcp])
+                await node.replica.start(nursery)
+                if config.dns is not None and dns_sockets is not None:
+                    await _start_dns(node, config.dns, dns_sockets, rng, nursery)
                 await nursery.start(api.serve_api, api_listener, node.handlers(), config.name)
                 if metrics_listener is not None:
                     await nursery.start(api.serve_metrics, metrics_listener,
@@ -393,6 +442,16 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 nursery.cancel_scope.cancel()
         finally:
             config.socket_path.unlink(missing_ok=True)
+            node.replica.close()
+
+
+async def _start_dns(node: Node, dns_config: DnsConfig, sockets: DnsSockets,
+                     rng: random.Random, nursery: trio.Nursery) -> None:
+    builder = CatalogBuilder(local_node=node.core.me)
+    node.dns = DnsServer(dns_config, builder.build(node.core.members(), []),
+                         random.Random(rng.getrandbits(64)))
+    node.dns_addr = await nursery.start(node.dns.serve, sockets)
+    nursery.start_soon(_feed_dns, node, builder, node.dns)
 
 
 async def _join(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
@@ -476,6 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"IP:PORT of the Prometheus endpoint (default: the bind IP if it "
                        f"is loopback, else 127.0.0.1, port {DEFAULT_METRICS_PORT}); 'off' "
                        "disables it")
+    start.add_argument("--dns-bind", default=None,
+                       help="HOST[:PORT] of the DNS server, or 'off' (default: the --bind "
+                       "host, port 53 if it may be bound, else 8600)")
+    start.add_argument("--dns-domain", default="mesh", help="DNS zone answered (default mesh)")
+    start.add_argument("--dns-upstream", default=None,
+                       help="HOST[:PORT] of a resolver for names outside the zone (default: "
+                       "refuse them)")
+    start.add_argument("--raft-voters", type=int, choices=[3, 5], default=3,
+                       help="Raft voters to keep (3 or 5; fewer while the cluster is smaller)")
     start.add_argument("--gossip-profile", choices=sorted(GOSSIP_PROFILES), default="lan",
                        help="gossip timing preset (default lan)")
     start.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"),
@@ -541,6 +609,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         data_dir=data_dir, name=name, bind=bind, advertise=advertise, join=join,
         labels=labels, cpu_millis=int(cpu * 1000), memory_bytes=memory, role=args.role,
         metrics_bind=metrics, gossip=GOSSIP_PROFILES[args.gossip_profile](),
+        dns=DnsConfig.from_flags(args.dns_bind, args.dns_domain, args.dns_upstream,
+                                 default_host=bind.host),
     )
 
 
@@ -554,8 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         token = JoinToken.parse(args.token) if args.token else None
+        raft_config, stable_s = RAFT_PROFILES[args.gossip_profile]
+        settings = ReplicaSettings(raft_config(), voters=args.raft_voters, stable_s=stable_s)
         trio.run(functools.partial(run_node, config, token=token,
-                                   cluster_label=args.cluster_name))
+                                   cluster_label=args.cluster_name,
+                                   replica_settings=settings))
     except (ConfigError, StartupError) as exc:
         print(f"meshd: error: {exc}", file=sys.stderr)
         return 1

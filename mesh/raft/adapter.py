@@ -617,6 +617,7 @@ class RaftAdapter:
         desired: int = 3,
         interval_s: float = 1.0,
         catch_up_entries: int = 250,
+        read_replicas: bool = False,
     ) -> None:
         """While leader, move the voters toward :func:`mesh.raft.voters.target_voters`,
         one :func:`~mesh.raft.voters.next_step` every ``interval_s``.
@@ -628,6 +629,7 @@ class RaftAdapter:
             interval_s: seconds between two looks.
             catch_up_entries: a learner at most this many entries behind the
                 leader's log (and recently active) is promoted.
+            read_replicas: keep every other live member as a learner.
 
         Raises:
             ConfigError: ``desired`` is not allowed.
@@ -652,6 +654,7 @@ class RaftAdapter:
                 desired=desired,
                 leader=self.me,
                 caught_up=caught_up,
+                read_replicas=read_replicas,
             )
             if step is None:
                 continue
@@ -968,7 +971,9 @@ class RaftAdapter:
         try:
             with trio.fail_after(self._cfg.dial_timeout_s):
                 stream = await self._dialer.open_stream(addr)
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError,
+                RemoteProtocolError) as exc:
+            # RemoteProtocolError: the link was refused (TLS: revoked, wrong CA...).
             self._send_failed(peer, frames, f"dial {addr} failed: {exc!r}")
             return None
         self._c["dials"] += 1

@@ -232,8 +232,13 @@ def next_step(
     desired: int = 3,
     leader: NodeId | None = None,
     caught_up: Collection[NodeId] = (),
+    read_replicas: bool = False,
 ) -> ConfChange | None:
     """The one membership change the leader should propose next, or ``None``.
+
+    With ``read_replicas``, every live member that is not a voter is kept as a
+    learner (a read replica that receives the log), added once the voters are
+    settled; learners that are no longer live members are removed.
 
     Args:
         members: the live members (from :func:`candidates`).
@@ -243,6 +248,7 @@ def next_step(
         leader: the leader (this node, when called on the leader).
         caught_up: learners whose log is close enough to the leader's to be
             promoted.
+        read_replicas: keep every other live member as a learner.
 
     Raises:
         ConfigError: ``desired`` is not allowed.
@@ -253,8 +259,9 @@ def next_step(
         members, voter_list, desired=desired, leader=leader, learners=learner_list
     )
     tset = set(target)
+    live = {c.node for c in members}
     for n in learner_list:
-        if n not in tset:
+        if n not in tset and not (read_replicas and n in live):
             return ConfChange(ConfChangeKind.REMOVE, n)
     for n in target:
         if n not in voter_list and n not in learner_list:
@@ -267,6 +274,10 @@ def next_step(
         return None  # wait for the replacements to catch up before removing anyone
     extra = [n for n in voter_list if n not in tset]
     if not extra:
+        if read_replicas:
+            for c in members:
+                if c.node not in voter_list and c.node not in learner_list:
+                    return ConfChange(ConfChangeKind.ADD_LEARNER, c.node)
         return None
     health = {c.node: c for c in members}
 

@@ -1,0 +1,280 @@
+"""The node's replica of the desired state: Raft storage, adapter, voters and API.
+
+Every node runs a :class:`~mesh.raft.adapter.RaftAdapter` over ``DIR/raft``. The node
+that created the cluster bootstraps a one-voter configuration; every other node
+starts empty and is added by the leader, first as a learner (a read replica that
+receives the log), then promoted while the group has fewer voters than wanted
+(``--raft-voters``, 3 by default). A dead voter is replaced the same way, one
+membership change at a time (:mod:`mesh.raft.voters`). Every other live member stays
+a learner: its local replica serves DNS, ``--stale`` reads and (later) its
+reconciler. (DESIGN's resumable watch stream from a voter would scale further than
+one learner per node; this is the interim.)
+
+Raft messages travel over ``mesh-raft/1`` on the gossip port, so a peer's identity
+comes from its certificate and the peer's address from membership. Writes reaching
+a node that is not the leader are forwarded to the leader over ``mesh-rpc/1``
+(once: a forwarded call that lands on a non-leader again fails with a message to
+retry). Reads are linearizable (ReadIndex) unless ``stale`` is asked for.
+
+Resource handling:
+    :meth:`Replica.open` opens the WAL (blocking, in a thread); :meth:`Replica.close`
+    closes it. The adapter's tasks run in the node's nursery.
+
+Error handling:
+    NotLeader without a reachable leader, dropped proposals and storage failures
+    become :class:`~mesh.node.api.ApiError` with what to do next.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from mesh import tls
+from mesh.errors import MeshError, NotLeader, ProposalDropped, RemoteProtocolError, StorageError
+from mesh.gossip.core import Membership
+from mesh.gossip.messages import Status
+from mesh.node import api
+from mesh.node.config import NodeConfig
+from mesh.node.metrics import Metric, gauge
+from mesh.node.trust import Trust
+from mesh.raft import voters
+from mesh.raft.adapter import RaftAdapter
+from mesh.raft.config import RaftConfig
+from mesh.raft.state import KvDelete, KvPut, MeshState, Result
+from mesh.raft.storage import FileStorage, bootstrap
+from mesh.types import Addr, NodeId
+
+LOGGER = logging.getLogger(__name__)
+
+FORWARD_TIMEOUT_S = 15.0
+"""Bound on a write forwarded to the leader."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """How this node takes part in Raft.
+
+    Attributes:
+        raft: Raft timing.
+        voters: wanted voters (3 or 5; fewer in smaller clusters).
+        stable_s: seconds a member must have been alive before it may become a
+            voter (autopilot's stabilization time).
+    """
+
+    raft: RaftConfig
+    voters: int = 3
+    stable_s: float = 10.0
+
+
+class Replica:
+    """The running Raft member of this node and its API."""
+
+    def __init__(self, raft: RaftAdapter, state: MeshState, storage: FileStorage,
+                 core: Membership, trust: Trust, settings: ReplicaSettings) -> None:
+        self.raft = raft
+        self.state = state
+        self._storage = storage
+        self._core = core
+        self._trust = trust
+        self._settings = settings
+
+    @classmethod
+    async def open(cls, config: NodeConfig, core: Membership, trust: Trust,
+                   settings: ReplicaSettings, rng: random.Random) -> Replica:
+        """Open ``DIR/raft`` (bootstrapping it on the node that created the cluster).
+
+        Raises:
+            StartupError-like StorageError: the WAL is corrupt (the message says how
+                to recover).
+        """
+        storage = await trio.to_thread.run_sync(FileStorage, config.data_dir / "raft")
+        if trust.created_cluster and storage.last_index() == 0:
+            await trio.to_thread.run_sync(bootstrap, storage, [config.name])
+            LOGGER.info("raft_bootstrapped node=%s voters=%s", config.name, config.name)
+        state = MeshState()
+
+        def peer_addr(node: NodeId) -> Addr | None:
+            view = core.member(node)
+            return view.addr if view is not None and view.status <= Status.SUSPECT else None
+
+        dialer = tls.TlsDialer(trust.client_ctx, tls.ALPN_RAFT, revoked=trust.revoked)
+        raft = RaftAdapter.create(settings.raft, config.name, storage, state, dialer,
+                                  peer_addr, rng=rng)
+        return cls(raft, state, storage, core, trust, settings)
+
+    def close(self) -> None:
+        """Close the WAL."""
+        self._storage.close()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Run the adapter and the voter management in ``nursery``."""
+        await nursery.start(self.raft.run)
+
+        def members() -> list[voters.Candidate]:
+            return voters.candidates(self._core.members(), trio.current_time(),
+                                     stable_s=self._settings.stable_s)
+
+        nursery.start_soon(functools.partial(self.raft.manage_voters, members,
+                                             desired=self._settings.voters,
+                                             read_replicas=True))
+
+    async def serve_link(self, stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
+        """The ``mesh-raft/1`` handler: the sender is who its certificate says."""
+        await self.raft.serve_stream(stream, peer=peer.node_id)
+
+    # --- API -------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, api.Handler]:
+        """The API methods of the replicated state."""
+        return {
+            "kv_put": self.kv_put,
+            "kv_get": self.kv_get,
+            "kv_del": self.kv_del,
+            "kv_ls": self.kv_ls,
+            "raft_status": self.raft_status,
+            "raft_transfer": self.raft_transfer,
+        }
+
+    async def _write(self, method: str, params: dict[str, Any], command: bytes
+                     ) -> dict[str, Any]:
+        try:
+            result = await self.raft.propose(command)
+        except NotLeader as exc:
+            hint = NodeId(exc.leader_hint) if exc.leader_hint else None
+            return await self._forward(method, params, hint)
+        except ProposalDropped as exc:
+            raise api.ApiError(f"the write was not committed ({exc}); retry it (it is "
+                               "applied once however often it is retried)") from None
+        except StorageError as exc:
+            raise api.ApiError(f"this node cannot write: {exc}") from None
+        assert isinstance(result, Result)
+        if not result.ok:
+            raise api.ApiError(result.message or result.code.value)
+        return result.as_dict()
+
+    async def _forward(self, method: str, params: dict[str, Any], leader: NodeId | None
+                       ) -> dict[str, Any]:
+        if params.get("forwarded"):
+            raise api.ApiError("the leader changed while the write was forwarded; retry it")
+        view = self._core.member(leader) if leader else None
+        if view is None or view.status > Status.SUSPECT:
+            raise api.ApiError("the cluster has no Raft leader right now (see `meshctl raft "
+                               "status`); retry in a few seconds")
+        try:
+            with trio.fail_after(FORWARD_TIMEOUT_S):
+                stream, _ = await tls.open_tls_stream(view.addr, self._trust.client_ctx,
+                                                      tls.ALPN_RPC, expect=view.node,
+                                                      revoked=self._trust.revoked)
+                async with stream:
+                    result: dict[str, Any] = await api.call_stream(
+                        stream, method, {**params, "forwarded": True})
+                    return result
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError,
+                RemoteProtocolError) as exc:
+            raise api.ApiError(f"cannot reach the leader {view.node} at {view.addr} ({exc}); "
+                               "retry") from None
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+
+    @staticmethod
+    def _key(params: dict[str, Any]) -> str:
+        key = params.get("key")
+        if not isinstance(key, str) or not key:
+            raise api.ApiError("name the key")
+        return key
+
+    @staticmethod
+    def _cas(params: dict[str, Any]) -> int | None:
+        cas = params.get("cas")
+        if cas is not None and (type(cas) is not int or cas < 0):
+            raise api.ApiError("--cas takes a modify index (an integer >= 0)")
+        return cas
+
+    @staticmethod
+    def _request_id(params: dict[str, Any]) -> bytes:
+        rid = params.get("request_id", b"")
+        if not isinstance(rid, bytes) or len(rid) > 64:
+            raise api.ApiError("request_id must be at most 64 bytes")
+        return rid
+
+    async def kv_put(self, params: dict[str, Any]) -> dict[str, Any]:
+        value = params.get("value")
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, bytes):
+            raise api.ApiError("give a value")
+        try:
+            command = KvPut(self._key(params), value, cas=self._cas(params),
+                            request_id=self._request_id(params)).encode()
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+        return await self._write("kv_put", params, command)
+
+    async def kv_del(self, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            command = KvDelete(self._key(params), cas=self._cas(params),
+                               request_id=self._request_id(params)).encode()
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+        return await self._write("kv_del", params, command)
+
+    async def _read_point(self, params: dict[str, Any]) -> None:
+        if params.get("stale"):
+            return
+        try:
+            await self.raft.read_index()
+        except (NotLeader, ProposalDropped) as exc:
+            raise api.ApiError(f"no linearizable read possible now ({exc}); retry, or read "
+                               "this node's replica with --stale") from None
+
+    async def kv_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        key = self._key(params)
+        await self._read_point(params)
+        entry = self.state.get(key)
+        if entry is None:
+            raise api.ApiError(f"key {key!r} not found")
+        return entry.as_dict()
+
+    async def kv_ls(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        prefix = params.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise api.ApiError("prefix must be text")
+        await self._read_point(params)
+        return [e.as_dict() for e in self.state.items(prefix, limit=10_000)]
+
+    async def raft_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.raft.status()
+
+    async def raft_transfer(self, params: dict[str, Any]) -> dict[str, Any]:
+        target = params.get("to")
+        if not self.raft.is_leader:
+            return await self._forward("raft_transfer", params, self.raft.leader)
+        if target is None:
+            others = [v for v in self.raft.status()["voters"] if v != self.raft.me]
+            if not others:
+                raise api.ApiError("there is no other voter to hand leadership to")
+            target = others[0]
+        try:
+            await self.raft.transfer_leadership(NodeId(str(target)))
+        except (NotLeader, ProposalDropped, MeshError) as exc:
+            raise api.ApiError(f"leadership transfer failed: {exc}") from None
+        return self.raft.status()
+
+    def metrics(self) -> list[Metric]:
+        """Raft metric families."""
+        st = self.raft.status()
+        r = "meshd_raft_"
+        return [
+            gauge(r + "term", "Current Raft term.", st["term"]),
+            gauge(r + "is_leader", "1 on the leader.", 1 if self.raft.is_leader else 0),
+            gauge(r + "commit_index", "Highest committed log index.", st["commit_index"]),
+            gauge(r + "applied_index", "Highest applied log index.", st["applied_index"]),
+            gauge(r + "voters", "Voters in the configuration.", len(st["voters"])),
+            gauge(r + "last_index", "Last log index.", st["last_index"]),
+        ]
