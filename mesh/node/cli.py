@@ -215,8 +215,9 @@ async def _run(args: argparse.Namespace) -> str:
         result = await client.call("node_rm", {"name": args.name})
         if args.json:
             return json.dumps(result, indent=2)
-        lines = [f"removed {result['name']}: revoked serials {', '.join(result['serials'])}",
-                 per_node_table(result["revoked"], lambda r: f"deny list: {r['revoked']}"),
+        lines = [f"removed {result['name']}: serials {', '.join(result['serials'])} are on "
+                 "the replicated deny list (log index "
+                 f"{', '.join(map(str, result['deny_indexes']))}); every node refuses them",
                  "gossip key rotated without it:",
                  per_node_table(result["key_rotation"]["remove"], _keys_detail)]
         return "\n".join(lines)

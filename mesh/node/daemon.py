@@ -202,9 +202,10 @@ class Node:
 
     def handlers(self) -> dict[str, api.Handler]:
         """The API methods this node serves (locally and over ``mesh-rpc/1``)."""
+        assert self.replica is not None, "open the replica before serving the API"
         return {"members": self.api_members, "info": self.api_info,
-                **trust.SecurityApi(self.trust, self.core).handlers(),
-                **(self.replica.handlers() if self.replica is not None else {})}
+                **trust.SecurityApi(self.trust, self.core, self.replica.deny).handlers(),
+                **self.replica.handlers()}
 
     def metrics(self) -> list[Metric]:
         """Every metric family of this node."""

@@ -46,7 +46,7 @@ from mesh.node.trust import Trust
 from mesh.raft import voters
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import KvDelete, KvPut, MeshState, Result
+from mesh.raft.state import DenyAdd, KvDelete, KvPut, MeshState, Result
 from mesh.raft.storage import FileStorage, bootstrap
 from mesh.types import Addr, NodeId
 
@@ -123,6 +123,36 @@ class Replica:
         nursery.start_soon(functools.partial(self.raft.manage_voters, members,
                                              desired=self._settings.voters,
                                              read_replicas=True))
+        nursery.start_soon(self._follow_deny_list)
+
+    async def _follow_deny_list(self) -> None:
+        """Apply the replicated deny list to this node's live TLS deny set, so every
+        link checks it, including on nodes that were down when it changed."""
+        while True:
+            serials = {int(e.serial, 16) for e in self.state.deny_list()}
+            new = await self._trust.revoked.add(serials)
+            if new:
+                LOGGER.warning("certificates_revoked node=%s count=%d source=raft",
+                               self.raft.me, new)
+            await self.raft.wait_changed()
+
+    async def deny(self, serials: list[str], node: NodeId, reason: str) -> list[int]:
+        """Commit serials to the replicated deny list; returns their log indexes."""
+        indexes = []
+        for serial in serials:
+            result = await self.deny_add({"serial": serial, "node": node, "reason": reason})
+            indexes.append(int(result["index"]))
+        return indexes
+
+    async def deny_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API: put one serial (hex) of ``node`` on the replicated deny list."""
+        try:
+            command = DenyAdd(str(params.get("serial", "")), NodeId(str(params.get("node", ""))),
+                              str(params.get("reason", "")),
+                              request_id=self._request_id(params)).encode()
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+        return await self._write("deny_add", params, command)
 
     async def serve_link(self, stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
         """The ``mesh-raft/1`` handler: the sender is who its certificate says."""
@@ -139,6 +169,7 @@ class Replica:
             "kv_ls": self.kv_ls,
             "raft_status": self.raft_status,
             "raft_transfer": self.raft_transfer,
+            "deny_add": self.deny_add,
         }
 
     async def _write(self, method: str, params: dict[str, Any], command: bytes

@@ -13,9 +13,9 @@ what to revoke), certificate renewal at a random point in 50-80% of the certific
 life, and cluster-wide operations fanned out to every live member over
 ``mesh-rpc/1`` (gossip key rotation, revocation).
 
-Until the replicated state ([raft]) holds the deny list, it lives in each node's
-``DIR/revoked.json``; a node that was down during a revocation learns it from the
-next fan-out or from an operator re-running ``meshctl node rm``.
+The deny list is held in the replicated state ([raft]); each node applies it to its
+live TLS deny set (persisted in ``DIR/revoked.json``, so it holds from the first
+link after a restart, before the replica has caught up).
 
 Resource handling:
     Files are written atomically (temp, fsync, rename) through ``trio.to_thread``;
@@ -34,7 +34,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -371,17 +371,24 @@ async def fan_out(trust: Trust, core: Membership, method: str, params: dict[str,
     return dict(sorted(results.items()))
 
 
+Deny = Callable[[list[str], NodeId, str], Awaitable[list[int]]]
+"""Commits serials (hex) of a node to the replicated deny list; returns log indexes."""
+
+
 class SecurityApi:
     """API methods for tokens, gossip keys and node removal.
 
-    ``keys_*`` and ``node_rm`` are cluster-wide: they fan out over ``mesh-rpc/1`` to
-    every alive member, which applies the ``*_local`` variant; the answer lists the
-    outcome per node, so a person sees exactly which node missed a change.
+    ``keys_*`` are cluster-wide: they fan out over ``mesh-rpc/1`` to every alive
+    member, which applies ``keys_local``; the answer lists the outcome per node, so a
+    person sees exactly which node missed a change. ``node_rm`` commits the node's
+    serials to the replicated deny list (every node applies it, also one that was
+    down) and then rotates the gossip key without the node.
     """
 
-    def __init__(self, trust: Trust, core: Membership) -> None:
+    def __init__(self, trust: Trust, core: Membership, deny: Deny) -> None:
         self._trust = trust
         self._core = core
+        self._deny = deny
 
     def handlers(self) -> dict[str, api.Handler]:
         """The methods, by name."""
@@ -394,7 +401,6 @@ class SecurityApi:
             "keys_remove": self.keys_remove,
             "keys_local": self.keys_local,
             "node_rm": self.node_rm,
-            "revoke_local": self.revoke_local,
         }
 
     def _join_server(self) -> JoinServer:
@@ -498,20 +504,6 @@ class SecurityApi:
 
     # --- node removal ------------------------------------------------------------
 
-    async def revoke_local(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Add serials (hex) to this node's deny list."""
-        raw = params.get("serials")
-        if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
-            raise api.ApiError("serials must be a list of hex strings")
-        try:
-            serials = [int(s, 16) for s in raw]
-        except ValueError:
-            raise api.ApiError("serials must be hex") from None
-        new = await self._trust.revoked.add(serials)
-        if new:
-            LOGGER.warning("certificates_revoked node=%s count=%d", self._core.me, new)
-        return {"revoked": len(self._trust.revoked)}
-
     async def node_rm(self, params: dict[str, Any]) -> dict[str, Any]:
         """Remove a node for good: revoke every certificate issued to it on every
         member, then rotate the gossip key without it, so it can neither open a
@@ -530,8 +522,11 @@ class SecurityApi:
             raise api.ApiError(f"no certificate was issued to {name!r} by this node; check "
                                "the name with `meshctl members`")
         hex_serials = [f"{s:x}" for s in serials]
-        revoked = await fan_out(self._trust, self._core, "revoke_local",
-                                {"serials": hex_serials}, self.revoke_local, exclude=[name])
+        try:
+            indexes = await self._deny(hex_serials, NodeId(name), "removed with meshctl node rm")
+        except api.ApiError as exc:
+            raise api.ApiError(f"revoking {name} was not committed ({exc}); nothing changed, "
+                               "retry") from None
         old = self._trust.keyring.primary
         fresh = encode_key(os.urandom(KEY_BYTES))
         steps = {}
@@ -539,4 +534,5 @@ class SecurityApi:
             steps[op] = await self._keys_everywhere(op, key, exclude=[name])
         LOGGER.warning("node_removed node=%s removed=%s serials=%s", self._core.me, name,
                        ",".join(hex_serials))
-        return {"name": name, "serials": hex_serials, "revoked": revoked, "key_rotation": steps}
+        return {"name": name, "serials": hex_serials, "deny_indexes": indexes,
+                "key_rotation": steps}
