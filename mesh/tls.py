@@ -868,25 +868,6 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 _ACCEPT_RETRY_S: Final = 0.100
 
 
-async def serve_tls(
-    listeners: Sequence[trio.abc.Listener[Any]],
-    ctx: ssl.SSLContext,
-    handlers: Mapping[str, Handler],
-    *,
-    revoked: Container[int] = frozenset(),
-    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
-    handler_nursery: trio.Nursery | None = None,
-    task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Shorthand for ``TlsServer(ctx, handlers, ...).serve(listeners)``; use the class
-    directly to read :meth:`TlsServer.statistics`."""
-    server = TlsServer(ctx, handlers, revoked=revoked, handshake_timeout_s=handshake_timeout_s)
-    await server.serve(listeners, handler_nursery=handler_nursery, task_status=task_status)
-
-
-# -- outgoing links ---------------------------------------------------------------------
-
-
 async def open_tls_stream(
     addr: Addr,
     ctx: ssl.SSLContext,

@@ -575,6 +575,6 @@ class Cluster:
 
 def loopback_ips(first: int, count: int) -> list[str]:
     """``127.0.0.<first>`` ... ``127.0.0.<first+count-1>``."""
-    assert 1 < first, first
+    assert first > 1, first
     assert first + count - 1 < 255, (first, count)
     return [f"127.0.0.{i}" for i in range(first, first + count)]

@@ -110,17 +110,6 @@ PeerAddr = Callable[[NodeId], Addr | None]
 """Where a peer's raft streams go (fed by membership); ``None``: unknown."""
 
 
-class TcpDialer:
-    """Plain TCP streams (until the TLS dialer of :mod:`mesh.tls` replaces it)."""
-
-    def __init__(self, local_host: str | None = None) -> None:
-        self._local_host = local_host
-
-    async def open_stream(self, to: Addr) -> trio.abc.Stream:
-        """Connect to ``to``."""
-        return await trio.open_tcp_stream(to.host, to.port, local_address=self._local_host)
-
-
 @dataclass(frozen=True, slots=True)
 class RaftAdapterStatistics:
     """What the adapter counted (the core's state is in ``core.status()``)."""
@@ -388,26 +377,6 @@ class RaftAdapter:
                 await trio.aclose_forcefully(stream)
             self._inbound.clear()
             self._signal_changed()
-
-    async def serve(
-        self,
-        listener: trio.abc.Listener[trio.abc.Stream],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Accept raft streams on ``listener`` until cancelled (plain TCP: the
-        peer is not authenticated; a TLS listener calls :meth:`serve_stream`
-        with the certificate's node id instead)."""
-        async with listener, trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and friends: back off, do not die
-                    LOGGER.warning("raft_accept_failed node=%s reason=%s", self.me, exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self.serve_stream, stream, None)
 
     async def serve_stream(self, stream: trio.abc.Stream, peer: NodeId | None = None) -> None:
         """Read length-prefixed raft frames from ``stream`` into the core until
@@ -1009,5 +978,4 @@ __all__: Sequence[str] = (
     "RaftAdapterStatistics",
     "StateMachine",
     "StreamDialer",
-    "TcpDialer",
 )
