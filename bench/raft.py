@@ -4,6 +4,9 @@
                                                 # write is acknowledged again
     python bench/raft.py replace --rounds 5     # SIGKILL a voter, time until a new
                                                 # voter is promoted in its place
+    python bench/raft.py throughput             # 3 voters, fsync on, 64 clients:
+                                                # committed kv_put/s via the leader and
+                                                # via a follower; then PySyncObj
 
 Each prints one line per round, then min/median/p99, and as its last line one JSON
 object. Writes are issued through a surviving node's local API every 10 ms (each a
@@ -12,16 +15,34 @@ failover median <= 1.0 s and p99 <= 2 s; voter replacement <= 10 s.
 
 Daemons run on 127.0.0.150-127.0.0.159, gossip port 17946 (``tests/daemons.py``),
 and are killed by PID on the way out.
+
+``throughput`` (issue 4: "3 voters, fsync on, 64 concurrent clients: committed
+writes/s; >= 10,000/s and ahead of PySyncObj measured in the same run"): 3 meshd
+nodes on 127.0.0.160-162; N client threads in this process, each with one persistent
+connection to a node's API socket and one ``kv_put`` (100-byte value, fresh
+request id) outstanding; a write counts when it is acknowledged. First through the
+leader, then through a follower (forwarded). Then, unless ``--no-pysyncobj``, the
+same load against a 3-process PySyncObj KV on 127.0.0.163-165 (``pip install
+pysyncobj``; not a project dependency), each process serving the same client
+protocol shape (one request, one answer, persistent unix socket) and applying
+``set`` through a ``@replicated`` method with ``sync=True``. ``--profile DIR`` runs
+``py-spy record`` (if installed) on the meshd leader during the leader phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +53,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from daemons import ApiUnavailable, Cluster, Daemon, loopback_ips, wait_for  # noqa: E402
 
+from mesh import wire  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
+from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response  # noqa: E402
 
 WRITE_POLL_S = 0.01
 
@@ -130,6 +153,296 @@ def replace(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 **summary("replace", times)}
 
 
+# --- throughput ----------------------------------------------------------------------
+
+VALUE = b"v" * 100
+KEYS_PER_CLIENT = 64
+PYSYNCOBJ_PORT = 17947
+
+
+class MeshConn:
+    """One persistent connection to a meshd API socket; one request at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+
+    def put(self, key: str) -> None:
+        self.sock.sendall(wire.frame(Request("kv_put", {
+            "key": key, "value": VALUE, "request_id": os.urandom(16)}).encode()))
+        while True:
+            payload = self.decoder.next_payload()
+            if isinstance(payload, bytes):
+                break
+            chunk = self.sock.recv(65_536)
+            if not chunk:
+                raise ApiUnavailable("connection closed")
+            self.decoder.receive_data(chunk)
+        response = Response.decode(payload)
+        if not response.ok:
+            raise MeshError(response.error)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LineConn:
+    """One persistent connection to a PySyncObj node (``bench/raft.py _pso-node``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def request(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\n")
+        answer = self.file.readline()
+        if not answer:
+            raise OSError("connection closed")
+        return answer.rstrip(b"\n")
+
+    def put(self, key: str) -> None:
+        answer = self.request(b"P " + key.encode() + b" " + VALUE)
+        if answer != b"OK":
+            raise MeshError(answer.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            out[name] = 0.0
+    return out
+
+
+def drive(connect: Any, label: str, clients: int, seconds: float,
+          pids: dict[str, int]) -> dict[str, Any]:
+    """``clients`` threads, each with its own connection and one put outstanding, for
+    ``seconds``; acknowledged puts per second, latency percentiles, CPU per process."""
+    conns = [connect() for _ in range(clients)]
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    last_error: list[str] = []
+    start_evt = threading.Event()
+    stop_at = [0.0]
+
+    def worker(c: int) -> None:
+        conn, mine = conns[c], lat[c]
+        i = 0
+        start_evt.wait()
+        end = stop_at[0]
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                return
+            try:
+                conn.put(f"bench/c{c}/{i % KEYS_PER_CLIENT}")
+            except (MeshError, OSError) as exc:
+                errors[c] += 1
+                last_error[:] = [str(exc)]
+                time.sleep(0.01)
+                continue
+            t1 = time.perf_counter()
+            if t1 <= end:
+                mine.append(t1 - t0)
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    cpu0 = cpu_seconds({**pids, "bench": os.getpid()})
+    t_start = time.perf_counter()
+    stop_at[0] = t_start + seconds
+    start_evt.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    cpu1 = cpu_seconds({**pids, "bench": os.getpid()})
+    for conn in conns:
+        conn.close()
+    all_lat = [x for xs in lat for x in xs]
+    result = {
+        "writes": len(all_lat),
+        "writes_per_s": round(len(all_lat) / seconds),
+        "p50_ms": round(percentile(all_lat, 0.50) * 1000, 2) if all_lat else None,
+        "p99_ms": round(percentile(all_lat, 0.99) * 1000, 2) if all_lat else None,
+        "errors": sum(errors),
+        "load_1m": round(os.getloadavg()[0], 2),
+        "cpu_pct": {k: round(100 * (cpu1[k] - cpu0[k]) / elapsed) for k in cpu1},
+    }
+    print(f"{label}: {result['writes_per_s']} writes/s ({result['writes']} in {seconds:g} s), "
+          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, errors {result['errors']}"
+          f"{' (' + last_error[0][:120] + ')' if last_error else ''}, "
+          f"load {result['load_1m']}, cpu% {result['cpu_pct']}", flush=True)
+    return result
+
+
+def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("py-spy not installed: no profile", flush=True)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([exe, "record", "-d", str(int(seconds)), "-p", str(pid), "-r", "100",
+                             "--format", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def meshd_throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    with Cluster(base / "mesh", profile="lan") as cluster:
+        for i, ip in enumerate(loopback_ips(160, 3)):
+            cluster.add(f"t{i}", ip)
+        cluster.start()
+        cluster.wait_formed(60)
+        st = wait_group(cluster, cluster["t0"], 3, timeout_s=90)
+        leader = cluster[st["leader"]]
+        follower = next(d for d in cluster if d is not leader)
+        write_until_acked(leader, 0)
+        pids = {("leader" if d is leader else d.name): d.pid for d in cluster}
+        print(f"meshd: voters {st['voters']}, leader {leader.name} (pid {leader.pid}), "
+              f"follower used {follower.name}", flush=True)
+        prof = None
+        if args.profile:
+            prof = start_profiler(leader.pid, Path(args.profile) / "meshd-leader.txt",
+                                  min(10, args.seconds))
+        via_leader = drive(lambda: MeshConn(leader.socket_path), "meshd via leader",
+                           args.clients, args.seconds, pids)
+        if prof is not None:
+            prof.wait()
+        via_follower = drive(lambda: MeshConn(follower.socket_path), "meshd via follower",
+                             args.clients, args.seconds, pids)
+        end = status(leader)
+        if end["leader"] != leader.name:
+            print(f"warning: leadership moved to {end['leader']} during the run", flush=True)
+        return {"via_leader": via_leader, "via_follower": via_follower,
+                "leader_changed": end["leader"] != leader.name}
+
+
+# PySyncObj side: one process per node, started as `bench/raft.py _pso-node`.
+
+def pso_node(args: argparse.Namespace) -> None:  # pragma: no cover - runs in a child
+    import socketserver
+
+    from pysyncobj import SyncObj, SyncObjConf, replicated  # type: ignore[import-not-found]
+
+    class KV(SyncObj):  # type: ignore[misc]
+        def __init__(self, me: str, others: list[str], conf: Any) -> None:
+            super().__init__(me, others, conf)
+            self.data: dict[str, bytes] = {}
+
+        @replicated  # type: ignore[misc]
+        def set(self, key: str, value: bytes) -> None:
+            self.data[key] = value
+
+    conf = SyncObjConf(bindAddress=args.me,  # default 0.0.0.0: one port for all three
+                       journalFile=str(Path(args.dir) / "journal"),
+                       fullDumpFile=str(Path(args.dir) / "dump"),
+                       appendEntriesUseBatch=not args.no_batch,
+                       dynamicMembershipChange=False, commandsWaitLeader=True)
+    kv = KV(args.me, args.peers.split(","), conf)
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                if line.startswith(b"P "):
+                    _, key, value = line.rstrip(b"\n").split(b" ", 2)
+                    try:
+                        kv.set(key.decode(), value, sync=True, timeout=10)
+                        self.wfile.write(b"OK\n")
+                    except Exception as exc:  # SyncObjException: no leader, timeout...
+                        self.wfile.write(f"ERR {exc!r}".encode() + b"\n")
+                elif line.startswith(b"S"):
+                    st = kv.getStatus()
+                    leader = st.get("leader")
+                    self.wfile.write(json.dumps({
+                        "leader": str(leader) if leader is not None else None,
+                        "self": str(st.get("self")), "ready": kv.isReady(),
+                    }).encode() + b"\n")
+                else:
+                    self.wfile.write(b"ERR bad request\n")
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+        request_queue_size = 128
+
+    sock = Path(args.dir) / "kv.sock"
+    with Server(str(sock), Handler) as server:
+        server.serve_forever()
+
+
+def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> dict[str, Any]:
+    """``batch``: PySyncObj's default ``appendEntriesUseBatch=True`` (entries go out on
+    the next ``appendEntriesPeriod`` tick, 100 ms) or False (an AppendEntries per
+    command, sent at once)."""
+    tag = "pysyncobj" + ("" if batch else " appendEntriesUseBatch=False")
+    addrs = [f"{ip}:{PYSYNCOBJ_PORT}" for ip in loopback_ips(163, 3)]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    dirs = {a: base / f"pso{int(batch)}" / f"p{i}" for i, a in enumerate(addrs)}
+    try:
+        for a, d in dirs.items():
+            d.mkdir(parents=True)
+            with open(d.with_suffix(".log"), "ab") as log:
+                procs[a] = subprocess.Popen(
+                    [sys.executable, __file__, "_pso-node", "--me", a, "--dir", str(d),
+                     "--peers", ",".join(x for x in addrs if x != a)]
+                    + ([] if batch else ["--no-batch"]),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+        def leader() -> str | None:
+            seen = set()
+            for a, d in dirs.items():
+                if procs[a].poll() is not None:
+                    raise SystemExit(f"pysyncobj node {a} exited; see {d}.log")
+                conn = LineConn(d / "kv.sock")
+                try:
+                    st = json.loads(conn.request(b"S"))
+                finally:
+                    conn.close()
+                if not st["ready"] or st["leader"] is None:
+                    return None
+                seen.add(st["leader"])
+            return seen.pop() if len(seen) == 1 else None
+
+        lead = wait_for(leader, 60, "a PySyncObj leader")
+        fol = next(a for a in addrs if a != lead)
+        LineConn(dirs[lead] / "kv.sock").put("bench/warmup")
+        pids = {("leader" if a == lead else a): p.pid for a, p in procs.items()}
+        print(f"{tag} (pysyncobj {importlib.metadata.version('pysyncobj')}): leader {lead}, follower used {fol}", flush=True)
+        via_leader = drive(lambda: LineConn(dirs[lead] / "kv.sock"), f"{tag} via leader",
+                           args.clients, args.seconds, pids)
+        via_follower = drive(lambda: LineConn(dirs[fol] / "kv.sock"), f"{tag} via follower",
+                             args.clients, args.seconds, pids)
+        return {"via_leader": via_leader, "via_follower": via_follower}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"bench": "raft_throughput", "voters": 3, "fsync": True,
+                              "clients": args.clients, "seconds": args.seconds,
+                              "cpus": os.cpu_count()}
+    if not args.no_meshd:
+        result["meshd"] = meshd_throughput(args, base)
+    if not args.no_pysyncobj:
+        result["pysyncobj"] = pysyncobj_throughput(args, base, batch=True)
+        result["pysyncobj_nobatch"] = pysyncobj_throughput(args, base, batch=False)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,9 +453,24 @@ def main() -> None:
     r = sub.add_parser("replace")
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--nodes", type=int, default=4)
+    t = sub.add_parser("throughput")
+    t.add_argument("--clients", type=int, default=64)
+    t.add_argument("--seconds", type=float, default=20)
+    t.add_argument("--no-pysyncobj", action="store_true")
+    t.add_argument("--no-meshd", action="store_true")
+    t.add_argument("--profile", metavar="DIR", help="py-spy the meshd leader (raw stacks)")
+    n = sub.add_parser("_pso-node")  # one PySyncObj node (internal, for throughput)
+    n.add_argument("--me", required=True)
+    n.add_argument("--peers", required=True)
+    n.add_argument("--dir", required=True)
+    n.add_argument("--no-batch", action="store_true")
     args = parser.parse_args()
+    if args.command == "_pso-node":
+        pso_node(args)
+        return
+    commands = {"failover": failover, "replace": replace, "throughput": throughput}
     with tempfile.TemporaryDirectory(prefix="raftb", dir="/tmp") as tmp:
-        result = (failover if args.command == "failover" else replace)(args, Path(tmp))
+        result = commands[args.command](args, Path(tmp))
     print(f"load average: {os.getloadavg()[0]:.2f}")
     print(json.dumps(result))
 
