@@ -443,7 +443,7 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 nursery.cancel_scope.cancel()
         finally:
             config.socket_path.unlink(missing_ok=True)
-            node.replica.close()
+            await node.replica.aclose()
 
 
 async def _start_dns(node: Node, dns_config: DnsConfig, sockets: DnsSockets,
