@@ -32,6 +32,7 @@ protocol shape (one request, one answer, persistent unix socket) and applying
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +102,19 @@ def write_until_acked(d: Daemon, round_no: int, timeout_s: float = 30) -> float:
     raise SystemExit(f"round {round_no}: no write acknowledged within {timeout_s}s")
 
 
-def failover(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def formed_cluster(base: Path, nodes: int) -> Iterator[Cluster]:
+    """``nodes`` daemons (lan profile) on 127.0.0.150+, formed; killed on the way out."""
     with Cluster(base, profile="lan") as cluster:
-        for i, ip in enumerate(loopback_ips(150, args.nodes)):
+        for i, ip in enumerate(loopback_ips(150, nodes)):
             cluster.add(f"n{i}", ip)
         cluster.start()
         cluster.wait_formed(60)
+        yield cluster
+
+
+def failover(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    with formed_cluster(base, args.nodes) as cluster:
         times = []
         for r in range(args.rounds):
             observer = cluster["n1"] if cluster["n1"].running() else cluster["n0"]
@@ -125,11 +134,7 @@ def failover(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 
 def replace(args: argparse.Namespace, base: Path) -> dict[str, Any]:
-    with Cluster(base, profile="lan") as cluster:
-        for i, ip in enumerate(loopback_ips(150, args.nodes)):
-            cluster.add(f"n{i}", ip)
-        cluster.start()
-        cluster.wait_formed(60)
+    with formed_cluster(base, args.nodes) as cluster:
         times = []
         for r in range(args.rounds):
             st = wait_group(cluster, next(d for d in cluster if d.running()), 3)
