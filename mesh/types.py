@@ -13,6 +13,9 @@ NodeId = NewType("NodeId", str)
 ServiceId = NewType("ServiceId", str)
 """A service's unique name within the cluster."""
 
+AllocId = NewType("AllocId", str)
+"""An allocation's unique id: one replica of a service placed on one node."""
+
 
 class Addr(NamedTuple):
     """A host (IPv4/IPv6 literal or name) and a port."""

@@ -18,6 +18,7 @@ ALLOWED = {
     "tls.py",
     "node/agent.py",
     "node/driver.py",
+    "node/probes.py",
     "node/api.py",
     "node/daemon.py",
     "node/trust.py",

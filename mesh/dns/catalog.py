@@ -34,14 +34,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NewType
 
 from mesh.gossip.core import MemberView
 from mesh.gossip.messages import Status
-from mesh.types import NodeId, ServiceId
-
-AllocId = NewType("AllocId", str)
-"""An allocation's unique id (one replica of a service placed on one node)."""
+from mesh.types import AllocId, NodeId, ServiceId
 
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 

@@ -6,10 +6,10 @@ harness build the same shapes.
 
 from __future__ import annotations
 
-from mesh.dns.catalog import AllocId, Catalog, Endpoint, build_catalog
+from mesh.dns.catalog import Catalog, Endpoint, build_catalog
 from mesh.gossip.core import MemberView
 from mesh.gossip.messages import Meta, Status
-from mesh.types import Addr, NodeId, ServiceId
+from mesh.types import Addr, AllocId, NodeId, ServiceId
 
 
 def member(name: str, ip: str, status: Status = Status.ALIVE) -> MemberView:
