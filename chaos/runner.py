@@ -1,0 +1,579 @@
+"""One chaos run: start the cluster, inject the schedule, watch, heal, check, report.
+
+Theory of operation
+===================
+
+Three kinds of task share one trio nursery:
+
+* the **observer** polls every responsive node's ``members`` and ``raft status``
+  every :data:`POLL_INTERVAL_S`, records them as observations, checks "one leader
+  per term" on each, and notices daemon exits (a crash unless the harness caused it);
+* the **KV clients** (:mod:`chaos.workload`) run through every fault;
+* the **fault loop** runs the schedule in order. For each fault it resolves the
+  target (the leader is only known now), injects it, holds it, heals it, and then
+  waits up to ``heal_timeout_s`` for membership to converge and a leader to be
+  agreed (the time this takes is the fault's *time to heal*; not converging is a
+  violation). For faults that take a node away it computes the *time to detect*
+  from the observations and checks that the survivors' DNS stopped answering for it.
+
+After the schedule, everything is healed (processes thawed and restarted, rules
+flushed, disks freed), the final convergence, DNS and (if declared) service checks
+run, the clients stop, every key is read once more, and the whole history goes to
+the linearizability checker. Times are on the run clock: seconds since start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from chaos import invariants as inv
+from chaos.nodes import NodeProc, query_a
+from chaos.report import FaultRecord, InvariantResult, build_report
+from chaos.scenario import (
+    DETECTED_FAULTS,
+    NETWORK_FAULTS,
+    Fault,
+    FaultKind,
+    Scenario,
+    node_names,
+)
+from chaos.topology import NodeRules, Topology, fill_disk, oneway_rules, partition_rules
+from chaos.workload import KvWorkload
+from mesh.errors import MeshError
+from mesh.testing.linearizability import check_kv
+
+LOGGER = logging.getLogger(__name__)
+
+POLL_INTERVAL_S: Final = 0.25
+"""Pause between two polls of every node (the resolution of detect/heal times)."""
+
+START_TIMEOUT_S: Final = 40.0
+"""How long a node may take to answer its API after being spawned."""
+
+FORM_TIMEOUT_S: Final = 60.0
+"""How long the new cluster may take to converge with a full set of voters."""
+
+DNS_ATTEMPTS: Final = 3
+"""Queries sent before a DNS server counts as not answering (UDP may be lost)."""
+
+FILLER: Final = "chaos-filler"
+"""The file that fills a node's data dir for ``disk_full``."""
+
+
+class HarnessError(MeshError):
+    """The harness could not do its job (a node would not start...): not a verdict
+    on meshd, so the run ends without one."""
+
+
+class Interrupted(MeshError):
+    """SIGTERM or SIGHUP arrived: clean up and stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What ``python -m chaos run`` was asked for."""
+
+    scenario: Scenario
+    schedule: tuple[Fault, ...]
+    nodes: int
+    duration_s: float
+    seed: int
+
+
+class Runner:
+    """State of one run; :meth:`run` drives it and returns the report.
+
+    Args:
+        opts: the scenario, schedule and sizes.
+        topo: the network and directories (created by the caller, who tears it down).
+    """
+
+    def __init__(self, opts: RunOptions, topo: Topology) -> None:
+        self.opts = opts
+        self.topo = topo
+        names = node_names(opts.nodes)
+        self.nodes = {n: NodeProc(topo, n, opts.scenario.gossip_profile) for n in names}
+        self.t0 = 0.0
+        self.token: str | None = None
+        self.member_obs: list[inv.MemberObs] = []
+        self.raft_obs: list[inv.RaftObs] = []
+        self.leaders = inv.LeaderTracker()
+        self.violations: list[inv.Violation] = []
+        self.exits: list[inv.ProcessExit] = []
+        self.records: list[FaultRecord] = []
+        self.member_counts: list[tuple[float, int]] = []
+        self._exits_seen: dict[str, int] = {}
+        self.checks = {"membership_converges": 0, "dns_live_nodes_only": 0, "no_crash": 0,
+                       "services_converge": 0, "dns_ready_endpoints_only": 0}
+        self.rng = random.Random(opts.seed)
+        self.workload = KvWorkload(opts.scenario.workload, list(self.nodes.values()),
+                                   random.Random(self.rng.getrandbits(64)), self.now)
+
+    def now(self) -> float:
+        """Seconds since the run started."""
+        return trio.current_time() - self.t0
+
+    def log(self, event: str, **fields: object) -> None:
+        """A progress line on stderr (structured, like meshd's)."""
+        LOGGER.info("%s t=%.2f %s", event, self.now(),
+                    " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    # --- observing ----------------------------------------------------------------
+
+    async def _poll_node(self, node: NodeProc) -> None:
+        with contextlib.suppress(MeshError, OSError, trio.TooSlowError,
+                                 trio.BrokenResourceError):
+            members = await node.call("members", timeout_s=1.0)
+            t = self.now()
+            self.member_obs.append(inv.MemberObs(t, node.name, {
+                m["name"]: m["status"] for m in members}))
+            st = await node.call("raft_status", timeout_s=1.0)
+            obs = inv.RaftObs(self.now(), node.name, int(st["term"]), st.get("leader"),
+                              tuple(st.get("voters", ())))
+            self.raft_obs.append(obs)
+            violation = self.leaders.observe(obs)
+            if violation is not None:
+                self._violate(violation)
+
+    def _violate(self, v: inv.Violation) -> None:
+        self.violations.append(v)
+        LOGGER.error("violation t=%.2f invariant=%s %s", v.t, v.invariant, v.message)
+
+    def _check_exits(self) -> None:
+        for node in self.nodes.values():
+            status = node.exit_status()
+            if status is None or node.proc is None or \
+                    self._exits_seen.get(node.name) == node.proc.pid:
+                continue
+            self._exits_seen[node.name] = node.proc.pid
+            self.checks["no_crash"] += 1
+            exit_ = inv.ProcessExit(self.now(), node.name, status, node.expected_exit,
+                                    "" if node.expected_exit else node.log_tail())
+            self.exits.append(exit_)
+            for v in inv.crash_violations([exit_]):
+                self._violate(v)
+
+    async def observe(self) -> None:
+        """The observer task (runs until cancelled)."""
+        last_count = -1
+        while True:
+            self._check_exits()
+            async with trio.open_nursery() as nursery:
+                for node in self.nodes.values():
+                    if node.responsive():
+                        nursery.start_soon(self._poll_node, node)
+            latest: dict[str, inv.MemberObs] = {}
+            for o in self.member_obs[-4 * len(self.nodes):]:
+                latest[o.observer] = o
+            counts = [len(o.alive()) for n, o in latest.items() if self.nodes[n].responsive()]
+            if counts and min(counts) != last_count:
+                last_count = min(counts)
+                self.member_counts.append((self.now(), last_count))
+            await trio.sleep(POLL_INTERVAL_S)
+
+    def live(self) -> list[str]:
+        """Nodes whose process runs and is not frozen."""
+        return [n for n, node in self.nodes.items() if node.responsive()]
+
+    async def current_raft(self) -> dict[str, Any] | None:
+        """``raft status`` from the first responsive node that answers with a leader."""
+        for node in self.nodes.values():
+            if not node.responsive():
+                continue
+            with contextlib.suppress(MeshError, OSError, trio.TooSlowError,
+                                     trio.BrokenResourceError):
+                st: dict[str, Any] = await node.call("raft_status", timeout_s=1.0)
+                if st.get("leader"):
+                    return st
+        return None
+
+    async def wait_healed(self, since: float, what: str) -> float | None:
+        """Wait until membership converged and a leader is agreed (observations after
+        ``since``); returns the seconds it took, or ``None`` (a violation) on timeout."""
+        self.checks["membership_converges"] += 1
+        deadline = self.now() + self.opts.scenario.heal_timeout_s
+        while self.now() < deadline:
+            t = inv.first_healed(self.member_obs, self.raft_obs, since, self.live())
+            if t is not None:
+                return t - since
+            await trio.sleep(POLL_INTERVAL_S)
+        self._violate(inv.Violation(
+            self.now(), "membership_converges",
+            f"{what}: not converged {self.opts.scenario.heal_timeout_s:g}s after healing; "
+            f"last views: {self._describe_views()}"))
+        return None
+
+    def _describe_views(self) -> str:
+        members: dict[str, inv.MemberObs] = {}
+        rafts: dict[str, inv.RaftObs] = {}
+        for o in self.member_obs:
+            members[o.observer] = o
+        for r in self.raft_obs:
+            rafts[r.observer] = r
+        parts = []
+        for n in self.live():
+            alive = sorted(members[n].alive()) if n in members else "?"
+            lead = f"{rafts[n].leader}@{rafts[n].term}" if n in rafts else "?"
+            parts.append(f"{n}: alive={alive} leader={lead}")
+        return "; ".join(parts)
+
+    # --- DNS ----------------------------------------------------------------------
+
+    async def check_dns(self, servers: Sequence[str], gone: Sequence[str]) -> None:
+        """Ask each server for every node name: live ones must answer with their
+        address, ``gone`` ones with nothing."""
+        expected = {n: self.nodes[n].ip for n in self.live() if n not in gone}
+        for server in servers:
+            node = self.nodes[server]
+            answers: dict[str, tuple[str, ...]] = {}
+            for name in sorted(set(expected) | set(gone)):
+                got = None
+                for _ in range(DNS_ATTEMPTS):
+                    got = await query_a(node.ip, f"{name}.node.mesh")
+                    if got is not None:
+                        break
+                self.checks["dns_live_nodes_only"] += 1
+                if got is None:
+                    self._violate(inv.Violation(self.now(), "dns_live_nodes_only",
+                                                f"{server}'s DNS server did not answer "
+                                                f"{name}.node.mesh ({DNS_ATTEMPTS} tries, "
+                                                "1s each)"))
+                    break
+                answers[name] = got
+            else:
+                for v in inv.dns_node_violations(self.now(), server, answers, expected, gone):
+                    self._violate(v)
+
+    # --- faults -------------------------------------------------------------------
+
+    async def start_node(self, name: str) -> bool:
+        """(Re)start a node and wait for its API; a failure is a violation."""
+        self._check_exits()  # before the old process is forgotten
+        node = self.nodes[name]
+        join = [] if name == "n1" and self.token is None else \
+            [self.nodes[n].addr for n in self.nodes if n != name]
+        node.spawn(join, self.token)
+        try:
+            await node.wait_ready(START_TIMEOUT_S)
+        except MeshError as exc:
+            node.expected_exit = True  # reported here, not again as a crash
+            node.kill()
+            self._violate(inv.Violation(self.now(), "no_crash", f"restart failed: {exc}"))
+            return False
+        return True
+
+    async def _resolve(self, fault: Fault) -> list[str]:
+        """The nodes a fault hits now; empty if its target does not exist now."""
+        live = self.live()
+        if fault.kind is FaultKind.PARTITION:
+            return list(fault.minority)
+        if fault.target == "all":
+            return live
+        if fault.target in self.nodes:
+            return [fault.target] if fault.target in live else []
+        st = await self.current_raft()
+        if st is None:
+            return []
+        leader, voters = st["leader"], list(st["voters"])
+        if fault.target == "leader":
+            return [leader] if leader in live else []
+        if fault.target in ("follower", "voters"):
+            followers = [v for v in voters if v != leader and v in live]
+            return [self.rng.choice(followers)] if followers else []
+        learners = [n for n in live if n not in voters]
+        return [self.rng.choice(learners)] if learners else []
+
+    async def run_fault(self, index: int, fault: Fault) -> None:
+        """Inject, hold, heal and measure one fault."""
+        kind = fault.kind
+        if kind in NETWORK_FAULTS and self.topo.mode != "netns":
+            self.records.append(FaultRecord(index, fault, (), None, None,
+                                            "network faults need namespace mode"))
+            return
+        if kind is FaultKind.DISK_FULL and not self.topo.tmpfs:
+            self.records.append(FaultRecord(index, fault, (), None, None,
+                                            "data dirs are not tmpfs mounts (mount refused)"))
+            return
+        targets = await self._resolve(fault)
+        if not targets:
+            self.records.append(FaultRecord(index, fault, (), None, None,
+                                            f"no node matches target {fault.target!r} now"))
+            return
+        injected = self.now()
+        self.log("fault_injected", index=index, kind=kind.value, targets=",".join(targets))
+        victims = await self._inject(fault, targets)
+        healed = self.now()
+        self.log("fault_healed", index=index, kind=kind.value)
+        detect = None
+        if kind in DETECTED_FAULTS and victims:
+            gone = {v for v, _ in victims}
+            observers = [n for n in self.live() if n not in gone]
+            times = [inv.time_to_detect(self.member_obs, t, v, observers) for v, t in victims]
+            detect = None if None in times else max(t for t in times if t is not None)
+        heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
+        self.records.append(FaultRecord(index, fault, tuple(targets) if kind is not
+                                        FaultKind.VOTERS_KILL else tuple(v for v, _ in victims),
+                                        injected, healed, "", detect, heal))
+        self.log("fault_done", index=index, detect_s=detect, heal_s=heal)
+        await trio.sleep(fault.gap_s)
+
+    async def _hold_and_check_gone(self, fault: Fault, victims: Sequence[tuple[str, float]]
+                                   ) -> None:
+        """Hold the fault; once every survivor saw the victims dead, check their DNS."""
+        deadline = self.now() + fault.duration_s
+        names = {v for v, _ in victims}
+        survivors = [n for n in self.live() if n not in names]
+        checked = not victims
+        while self.now() < deadline:
+            if not checked and all(inv.time_to_detect(self.member_obs, t, v, survivors)
+                                   is not None for v, t in victims):
+                await self.check_dns(survivors, sorted(names))
+                checked = True
+            await trio.sleep(POLL_INTERVAL_S)
+
+    async def _inject(self, fault: Fault, targets: list[str]) -> list[tuple[str, float]]:
+        """Do the fault and heal it; returns ``(victim, when)`` for faults that take
+        nodes away."""
+        kind, p = fault.kind, fault.params
+        if kind in (FaultKind.KILL, FaultKind.LEADER_KILL):
+            victim = targets[0]
+            self.nodes[victim].kill()
+            victims = [(victim, self.now())]
+            await self._hold_and_check_gone(fault, victims)
+            await self.start_node(victim)
+            return victims
+        if kind is FaultKind.VOTERS_KILL:
+            first = targets[0]
+            self.nodes[first].kill()
+            victims = [(first, self.now())]
+            await trio.sleep(p["second_after_s"])
+            st = await self.current_raft()
+            others = [v for v in (st["voters"] if st else []) if v != first
+                      and self.nodes[v].responsive()]
+            if others:
+                second = st["leader"] if st and st["leader"] in others else others[0]
+                self.nodes[second].kill()
+                victims.append((second, self.now()))
+            await self._hold_and_check_gone(fault, victims)
+            for v, _ in victims:
+                await self.start_node(v)
+            return victims
+        if kind is FaultKind.FREEZE:
+            self.nodes[targets[0]].freeze()
+            victims = [(targets[0], self.now())]
+            await self._hold_and_check_gone(fault, victims)
+            self.nodes[targets[0]].thaw()
+            return victims
+        if kind is FaultKind.STARVE:
+            node = self.nodes[targets[0]]
+            stop_s = p["period_s"] * p["stopped_fraction"]
+            end = self.now() + fault.duration_s
+            try:
+                while self.now() < end and node.running():
+                    node.freeze()
+                    await trio.sleep(stop_s)
+                    node.thaw()
+                    await trio.sleep(p["period_s"] - stop_s)
+            finally:
+                node.thaw()
+            return []
+        if kind is FaultKind.STALE_REJOIN:
+            return await self._stale_rejoin(fault, targets[0])
+        if kind is FaultKind.DISK_FULL:
+            filler = self.nodes[targets[0]].data_dir / FILLER
+            written = await trio.to_thread.run_sync(fill_disk, filler)
+            self.log("disk_filled", node=targets[0], bytes=written)
+            try:
+                await trio.sleep(fault.duration_s)
+            finally:
+                filler.unlink(missing_ok=True)
+            return []
+        rules = self._network_rules(fault, targets)
+        await trio.to_thread.run_sync(self.topo.set_rules, rules)
+        try:
+            victims = [(targets[0], self.now())] if kind is FaultKind.ISOLATE else []
+            await self._hold_and_check_gone(fault, victims)
+        finally:
+            await trio.to_thread.run_sync(self.topo.heal_network)
+        return victims
+
+    def _network_rules(self, fault: Fault, targets: list[str]) -> dict[str, NodeRules]:
+        ips = {n: self.nodes[n].ip for n in self.nodes}
+        if fault.kind is FaultKind.PARTITION:
+            minority = set(fault.minority)
+            return partition_rules([sorted(minority), sorted(set(ips) - minority)], ips)
+        if fault.kind is FaultKind.ISOLATE:
+            return partition_rules([[targets[0]], sorted(set(ips) - {targets[0]})], ips)
+        if fault.kind is FaultKind.ONEWAY:
+            return oneway_rules(targets[0], ips)
+        assert fault.kind is FaultKind.LOSS
+        return {n: NodeRules(loss=fault.params["probability"]) for n in targets}
+
+    async def _stale_rejoin(self, fault: Fault, name: str) -> list[tuple[str, float]]:
+        node = self.nodes[name]
+        old = self.topo.run_dir / f"{name}.old"
+        node.kill()
+        await trio.to_thread.run_sync(
+            lambda: shutil.copytree(node.data_dir, old,
+                                    ignore=shutil.ignore_patterns("meshd.sock", FILLER)))
+        await self.start_node(name)
+        await trio.sleep(fault.duration_s)
+        node.kill()
+
+        def restore() -> None:
+            for child in node.data_dir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            shutil.copytree(old, node.data_dir, dirs_exist_ok=True)
+            shutil.rmtree(old)
+
+        await trio.to_thread.run_sync(restore)
+        await self.start_node(name)
+        return []
+
+    # --- the run ------------------------------------------------------------------
+
+    async def form(self) -> None:
+        """Start every node and wait for a converged cluster with its voters."""
+        names = list(self.nodes)
+        first = self.nodes[names[0]]
+        first.spawn([], None)
+        await first.wait_ready(START_TIMEOUT_S)
+        self.token = (first.data_dir / "join-token").read_text().strip()
+        for n in names[1:]:
+            self.nodes[n].spawn([first.addr], self.token)
+        for n in names[1:]:
+            await self.nodes[n].wait_ready(START_TIMEOUT_S)
+        want_voters = min(3, len(names))
+        with trio.move_on_after(FORM_TIMEOUT_S):
+            while True:
+                st = await self.current_raft()
+                if st is not None and len(st["voters"]) >= want_voters and \
+                        inv.first_healed(self.member_obs, self.raft_obs, self.now() - 1.0,
+                                         names) is not None:
+                    return
+                await trio.sleep(POLL_INTERVAL_S)
+        raise HarnessError(f"the cluster did not form with {want_voters} voters within "
+                           f"{FORM_TIMEOUT_S:g}s: {self._describe_views()}")
+
+    async def heal_all(self) -> None:
+        """Undo everything: thaw, flush rules, free disks, restart what is down."""
+        for node in self.nodes.values():
+            node.thaw()
+            (node.data_dir / FILLER).unlink(missing_ok=True)
+        await trio.to_thread.run_sync(self.topo.heal_network)
+        for name, node in self.nodes.items():
+            if not node.running():
+                await self.start_node(name)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as received:
+            async for signum in received:
+                raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    async def run(self) -> dict[str, Any]:
+        """The whole run; returns the report (see :func:`chaos.report.build_report`)."""
+        self.t0 = trio.current_time()
+        sc = self.opts.scenario
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._signals)
+            outer.start_soon(self.observe)
+            await self.form()
+            self.log("cluster_formed", nodes=len(self.nodes), mode=self.topo.mode)
+            async with trio.open_nursery() as clients:
+                for i in range(sc.workload.clients):
+                    clients.start_soon(self.workload.run_client, i)
+                await trio.sleep(sc.settle_s)
+                for i, fault in enumerate(self.opts.schedule):
+                    await self.run_fault(i, fault)
+                await self.heal_all()
+                final_since = self.now()
+                final_heal = await self.wait_healed(final_since, "final heal")
+                await self.check_dns(self.live(), [])
+                services_detail = await self.check_services()
+                clients.cancel_scope.cancel()
+            unread = await self.workload.final_reads()
+            self._check_exits()
+            outer.cancel_scope.cancel()
+        return self._report(final_heal, unread, services_detail)
+
+    async def check_services(self) -> str:
+        """Service invariants, once workloads exist (``meshctl ls/ps --json``)."""
+        if not self.opts.scenario.services:
+            return "the scenario declares no services"
+        return ("declared services are not deployed yet: meshctl run/ls/ps are not in "
+                "this meshd")
+
+    def _report(self, final_heal: float | None, unread: list[str],
+                services_detail: str) -> dict[str, Any]:
+        ops = self.workload.history.operations()
+        result = check_kv(ops)
+        if not result.ok:
+            self._violate(inv.Violation(self.now(), "kv_linearizable", result.describe()))
+        for key in unread:
+            self._violate(inv.Violation(self.now(), "kv_linearizable",
+                                        f"key {key} could not be read after healing"))
+        by_name: dict[str, list[inv.Violation]] = {}
+        for v in self.violations:
+            by_name.setdefault(v.invariant, []).append(v)
+
+        def verdict(name: str, checks: int, detail: str, skipped: str = "") -> InvariantResult:
+            if skipped:
+                return InvariantResult(name, "skipped", 0, skipped)
+            n = len(by_name.get(name, []))
+            return InvariantResult(name, "violated" if n else "ok", checks,
+                                   f"{n} violation(s); {detail}" if n else detail)
+
+        stats = self.workload.stats
+        invariants = [
+            verdict("one_leader_per_term", len(self.raft_obs),
+                    f"{len(self.leaders.terms())} terms with a known leader"),
+            verdict("membership_converges", self.checks["membership_converges"],
+                    f"after every fault and at the end (final heal "
+                    f"{'-' if final_heal is None else f'{final_heal:.2f}s'})"),
+            verdict("no_crash", self.checks["no_crash"],
+                    f"{len(self.exits)} exits, "
+                    f"{sum(1 for e in self.exits if not e.by_harness)} not by the harness"),
+            verdict("dns_live_nodes_only", self.checks["dns_live_nodes_only"],
+                    "<node>.node.mesh on survivors after each detected fault, on all at the end"),
+            verdict("kv_linearizable", len(ops), result.describe().split("\n")[0]),
+            verdict("services_converge", 0, "", skipped=services_detail),
+            verdict("dns_ready_endpoints_only", 0, "", skipped=services_detail),
+        ]
+        meta = {
+            "scenario": self.opts.scenario.name, "seed": self.opts.seed,
+            "nodes": self.opts.nodes, "node_names": list(self.nodes),
+            "duration_s": self.opts.duration_s, "mode": self.topo.mode,
+            "gossip_profile": self.opts.scenario.gossip_profile,
+            "ips": {n: node.ip for n, node in self.nodes.items()},
+            "elapsed_s": round(self.now(), 3),
+            "schedule": [f.to_json() for f in self.opts.schedule],
+            "exits": [{"t": round(e.t, 3), "node": e.node, "status": e.status,
+                       "by_harness": e.by_harness} for e in self.exits],
+        }
+        kv = {"ops": stats.ops, "ok": stats.ok, "failed": stats.failed,
+              "unknown": stats.unknown, "acked_writes": stats.acked_writes,
+              "keys": len(stats.keys), "verdict": result.describe().split("\n")[0],
+              "unread_keys": unread}
+        return build_report(meta, self.records, invariants, self.violations, kv,
+                            self.leaders.changes, self.member_counts)
+
+
+def copy_logs(topo: Topology, dest: Path) -> None:
+    """Copy every node's log into ``dest`` (before the run dir is removed)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in topo.run_dir.glob("*.log"):
+        shutil.copy(log, dest / log.name)
+
