@@ -13,7 +13,9 @@ Invariants:
   a follower names the leader it heard from in that term.
 * **membership converges**: once faults heal, every live node sees exactly the
   live nodes alive, within a bound.
-* **leader agreed**: once healed, every live node names the same leader, which is live.
+* **leader agreed**: once healed, every live node names the same leader, which is
+  live, and no node reports a Raft storage error (a disk that filled up and was
+  freed must be written to again).
 * **no crash**: every daemon exit not caused by the harness is a violation.
 * **DNS answers only live nodes**: ``<node>.node.mesh`` answers with the node's
   address when it is live and with no address once the asking node saw it dead.
@@ -66,6 +68,8 @@ class RaftObs:
     term: int
     leader: str | None
     voters: tuple[str, ...] = ()
+    storage_error: str | None = None
+    """Set while the node cannot write its Raft log (a full disk)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +140,11 @@ def membership_converged(views: Mapping[str, MemberObs], live: Iterable[str]) ->
 
 
 def leader_agreed(views: Mapping[str, RaftObs], live: Iterable[str]) -> str | None:
-    """The leader every live node names, if they all name the same live one."""
+    """The leader every live node names, if they all name the same live one and none
+    of them is failing to write its log."""
     want = frozenset(live)
+    if any(n in views and views[n].storage_error for n in want):
+        return None
     leaders = {views[n].leader if n in views else None for n in want}
     if len(leaders) != 1:
         return None

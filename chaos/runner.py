@@ -25,10 +25,12 @@ the linearizability checker. Times are on the run clock: seconds since start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import shutil
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +141,7 @@ class Runner:
                 m["name"]: m["status"] for m in members}))
             st = await node.call("raft_status", timeout_s=1.0)
             obs = inv.RaftObs(self.now(), node.name, int(st["term"]), st.get("leader"),
-                              tuple(st.get("voters", ())))
+                              tuple(st.get("voters", ())), st.get("storage_error"))
             self.raft_obs.append(obs)
             violation = self.leaders.observe(obs)
             if violation is not None:
@@ -492,6 +494,7 @@ class Runner:
             outer.start_soon(self.observe)
             await self.form()
             self.log("cluster_formed", nodes=len(self.nodes), mode=self.topo.mode)
+            await self.deploy_services()
             async with trio.open_nursery() as clients:
                 for i in range(sc.workload.clients):
                     clients.start_soon(self.workload.run_client, i)
@@ -509,12 +512,66 @@ class Runner:
             outer.cancel_scope.cancel()
         return self._report(final_heal, unread, services_detail)
 
+    async def meshctl(self, node: NodeProc, *args: str) -> str:
+        """Run ``meshctl --socket <node's socket> ARGS``; returns its stdout.
+
+        Raises:
+            MeshError: it failed (its stderr).
+        """
+        proc = await trio.run_process(
+            [sys.executable, "-m", "mesh.node.cli", "--socket", str(node.socket_path), *args],
+            capture_stdout=True, capture_stderr=True, check=False)
+        if proc.returncode != 0:
+            raise MeshError(f"meshctl {' '.join(args)} on {node.name} failed: "
+                            f"{proc.stderr.decode(errors='replace').strip()}")
+        return proc.stdout.decode()
+
+    async def deploy_services(self) -> None:
+        """``meshctl run`` every declared service (a failure is a violation)."""
+        for svc in self.opts.scenario.services:
+            node = self.nodes[self.live()[0]]
+            try:
+                await self.meshctl(node, "run", *svc.run_args)
+            except MeshError as exc:
+                self._violate(inv.Violation(self.now(), "services_converge",
+                                            f"could not deploy {svc.name}: {exc}"))
+
     async def check_services(self) -> str:
-        """Service invariants, once workloads exist (``meshctl ls/ps --json``)."""
-        if not self.opts.scenario.services:
+        """After the final heal: every declared service converges within its bound
+        (``meshctl ls/ps --json``), and every live node's DNS answers its healthy
+        endpoints only. Returns why the checks were skipped (empty if they ran)."""
+        declared = self.opts.scenario.services
+        if not declared:
             return "the scenario declares no services"
-        return ("declared services are not deployed yet: meshctl run/ls/ps are not in "
-                "this meshd")
+        deadline = self.now() + max(s.converge_s for s in declared)
+        found: list[inv.Violation] = []
+        allocs: list[dict[str, Any]] = []
+        while True:
+            live = self.live()
+            node = self.nodes[live[0]]
+            self.checks["services_converge"] += 1
+            try:
+                services = json.loads(await self.meshctl(node, "ls", "--json"))
+                allocs = json.loads(await self.meshctl(node, "ps", "--json"))
+            except (MeshError, ValueError) as exc:
+                found = [inv.Violation(self.now(), "services_converge", str(exc))]
+            else:
+                found = inv.service_violations(self.now(), services, allocs, live,
+                                               [s.name for s in declared])
+            if not found or self.now() >= deadline:
+                break
+            await trio.sleep(1.0)
+        for v in found:
+            self._violate(v)
+        ips = {n: self.nodes[n].ip for n in self.live()}
+        for server in self.live():
+            for svc in declared:
+                self.checks["dns_ready_endpoints_only"] += 1
+                got = await query_a(self.nodes[server].ip, f"{svc.name}.service.mesh")
+                for v in inv.service_dns_violations(self.now(), server, svc.name, got or (),
+                                                    allocs, ips):
+                    self._violate(v)
+        return ""
 
     def _report(self, final_heal: float | None, unread: list[str],
                 services_detail: str) -> dict[str, Any]:
@@ -549,8 +606,11 @@ class Runner:
             verdict("dns_live_nodes_only", self.checks["dns_live_nodes_only"],
                     "<node>.node.mesh on survivors after each detected fault, on all at the end"),
             verdict("kv_linearizable", len(ops), result.describe().split("\n")[0]),
-            verdict("services_converge", 0, "", skipped=services_detail),
-            verdict("dns_ready_endpoints_only", 0, "", skipped=services_detail),
+            verdict("services_converge", self.checks["services_converge"],
+                    "desired replicas, healthy, on live nodes (meshctl ls/ps)",
+                    skipped=services_detail),
+            verdict("dns_ready_endpoints_only", self.checks["dns_ready_endpoints_only"],
+                    "<service>.service.mesh on every live node", skipped=services_detail),
         ]
         meta = {
             "scenario": self.opts.scenario.name, "seed": self.opts.seed,
