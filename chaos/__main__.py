@@ -111,9 +111,30 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+_EXPECTED = (KeyboardInterrupt, Interrupted, HarnessError, MeshError, OSError)
+"""Ways a run ends without a report; anything else is a bug and shows its traceback."""
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of a nursery's exception group if every leaf is expected."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if leaves and all(isinstance(e, _EXPECTED) for e in leaves) else group
+
+
 def _run(args: argparse.Namespace) -> int:
     _, opts = _schedule(args)
     _print_schedule(opts)
+    # Ctrl-C must clean up even when started from a shell that ignores SIGINT (`&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -125,7 +146,13 @@ def _run(args: argparse.Namespace) -> int:
                                       f" (subnet {topo.subnet}, run dir {topo.run_dir})"))
         sys.stdout.flush()
         runner = Runner(opts, topo)
-        report = trio.run(runner.run)
+        try:
+            report = trio.run(runner.run)
+        except BaseExceptionGroup as group:
+            leaf = _unwrap(group)
+            if leaf is group:
+                raise
+            raise leaf from None
     except (KeyboardInterrupt, Interrupted):
         print("interrupted: cleaning up", file=sys.stderr)
         return 130

@@ -545,7 +545,7 @@ class Runner:
             return "the scenario declares no services"
         deadline = self.now() + max(s.converge_s for s in declared)
         found: list[inv.Violation] = []
-        allocs: list[dict[str, Any]] = []
+        allocs: list[dict[str, Any]] | None = None
         while True:
             live = self.live()
             node = self.nodes[live[0]]
@@ -554,6 +554,7 @@ class Runner:
                 services = json.loads(await self.meshctl(node, "ls", "--json"))
                 allocs = json.loads(await self.meshctl(node, "ps", "--json"))
             except (MeshError, ValueError) as exc:
+                allocs = None
                 found = [inv.Violation(self.now(), "services_converge", str(exc))]
             else:
                 found = inv.service_violations(self.now(), services, allocs, live,
@@ -563,6 +564,8 @@ class Runner:
             await trio.sleep(1.0)
         for v in found:
             self._violate(v)
+        if allocs is None:
+            return ""  # nothing to compare DNS with; the violation above says why
         ips = {n: self.nodes[n].ip for n in self.live()}
         for server in self.live():
             for svc in declared:

@@ -382,6 +382,8 @@ def cleanup_leftovers(force: bool = False) -> list[str]:
     removed: list[str] = []
     active: set[str] = set()
     for run_dir in sorted(RUN_ROOT.glob(f"{PREFIX}-*")):
+        if not run_dir.is_dir() or not re.fullmatch(rf"{PREFIX}-[0-9a-f]{{4}}", run_dir.name):
+            continue
         state_path = run_dir / "state.json"
         try:
             state: dict[str, Any] = json.loads(state_path.read_text())
