@@ -42,9 +42,18 @@ LOOPBACK_GOSSIP_PORT: Final = 27946
 _PR_SET_PDEATHSIG: Final = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """``preexec_fn``: SIGKILL this child when the thread that forked it ends."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn_helper(topo: Topology, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a helper program in node ``name``'s namespace, stdout and stderr piped
+    (from the trio thread, for the parent-death signal: see the module doc)."""
+    return subprocess.Popen(topo.wrap(name, argv), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=die_with_parent)
 
 
 class Unreachable(MeshError):
@@ -115,7 +124,7 @@ class NodeProc:
             self.proc = subprocess.Popen(self.topo.wrap(self.name, cmd),
                                          stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         self.topo.remember_pid(self.proc.pid, self.name)
         self.frozen = False
         self.expected_exit = False

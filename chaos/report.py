@@ -46,6 +46,7 @@ class FaultRecord:
         skipped: why it was not injected (empty if it was).
         detect_s: killing faults: time until every survivor saw the victim dead.
         heal_s: time from the heal until membership converged and a leader was agreed.
+        notes: what the fault did, as measured (bytes written, packets held...).
     """
 
     index: int
@@ -56,6 +57,7 @@ class FaultRecord:
     skipped: str = ""
     detect_s: float | None = None
     heal_s: float | None = None
+    notes: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -64,7 +66,7 @@ class FaultRecord:
         return {"index": self.index, **self.fault.to_json(), "targets": list(self.targets),
                 "injected_t": r(self.injected_t), "healed_t": r(self.healed_t),
                 "skipped": self.skipped, "detect_s": r(self.detect_s),
-                "heal_s": r(self.heal_s)}
+                "heal_s": r(self.heal_s), "notes": self.notes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,8 @@ def summary(report: Mapping[str, Any]) -> str:
             continue
         lines.append(f"  #{f['index']:<2} {f['kind']:<12} {','.join(f['targets']):<10} "
                      f"t={_fmt(f['injected_t'])}..{_fmt(f['healed_t'])}  "
-                     f"detect {_fmt(f['detect_s'])}  heal {_fmt(f['heal_s'])}")
+                     f"detect {_fmt(f['detect_s'])}  heal {_fmt(f['heal_s'])}"
+                     + (f"  ({f['notes']})" if f.get("notes") else ""))
     lines.append("")
     lines.append("invariants:")
     for i in report["invariants"]:

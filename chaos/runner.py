@@ -30,6 +30,7 @@ import logging
 import random
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,17 +40,26 @@ from typing import Any, Final
 import trio
 
 from chaos import invariants as inv
-from chaos.nodes import NodeProc, query_a
+from chaos.nodes import NodeProc, query_a, spawn_helper
 from chaos.report import FaultRecord, InvariantResult, build_report
 from chaos.scenario import (
     DETECTED_FAULTS,
     NETWORK_FAULTS,
+    QUEUE_FAULTS,
     Fault,
     FaultKind,
     Scenario,
     node_names,
 )
-from chaos.topology import NodeRules, Topology, fill_disk, oneway_rules, partition_rules
+from chaos.topology import (
+    NETEM_MARK,
+    NETEM_QUEUE,
+    NodeRules,
+    Topology,
+    fill_disk,
+    oneway_rules,
+    partition_rules,
+)
 from chaos.workload import KvWorkload
 from mesh.errors import MeshError
 from mesh.testing.linearizability import check_kv
@@ -67,6 +77,9 @@ FORM_TIMEOUT_S: Final = 60.0
 
 DNS_ATTEMPTS: Final = 3
 """Queries sent before a DNS server counts as not answering (UDP may be lost)."""
+
+NETEM_START_TIMEOUT_S: Final = 10.0
+"""How long :mod:`chaos.netem` may take to bind its queue."""
 
 FILLER: Final = "chaos-filler"
 """The file that fills a node's data dir for ``disk_full``."""
@@ -115,6 +128,8 @@ class Runner:
         self.records: list[FaultRecord] = []
         self.member_counts: list[tuple[float, int]] = []
         self._exits_seen: dict[str, int] = {}
+        self._notes: list[str] = []
+        """What the fault being run did, as measured (for its record)."""
         self.checks = {"membership_converges": 0, "dns_live_nodes_only": 0, "no_crash": 0,
                        "services_converge": 0, "dns_ready_endpoints_only": 0}
         self.rng = random.Random(opts.seed)
@@ -312,6 +327,7 @@ class Runner:
                                             f"no node matches target {fault.target!r} now"))
             return
         injected = self.now()
+        self._notes = []
         self.log("fault_injected", index=index, kind=kind.value, targets=",".join(targets))
         victims = await self._inject(fault, targets)
         healed = self.now()
@@ -325,7 +341,8 @@ class Runner:
         heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
         self.records.append(FaultRecord(index, fault, tuple(targets) if kind is not
                                         FaultKind.VOTERS_KILL else tuple(v for v, _ in victims),
-                                        injected, healed, "", detect, heal))
+                                        injected, healed, "", detect, heal,
+                                        "; ".join(self._notes)))
         self.log("fault_done", index=index, detect_s=detect, heal_s=heal)
         await trio.sleep(fault.gap_s)
 
@@ -395,19 +412,56 @@ class Runner:
             filler = self.nodes[targets[0]].data_dir / FILLER
             written = await trio.to_thread.run_sync(fill_disk, filler)
             self.log("disk_filled", node=targets[0], bytes=written)
+            self._notes.append(f"wrote {written >> 20} MiB until the disk was full")
             try:
                 await trio.sleep(fault.duration_s)
             finally:
                 filler.unlink(missing_ok=True)
             return []
         rules = self._network_rules(fault, targets)
-        await trio.to_thread.run_sync(self.topo.set_rules, rules)
+        helpers = await self._start_netem(fault, targets) if kind in QUEUE_FAULTS else []
         try:
+            await trio.to_thread.run_sync(self.topo.set_rules, rules)
             victims = [(targets[0], self.now())] if kind is FaultKind.ISOLATE else []
             await self._hold_and_check_gone(fault, victims)
         finally:
+            drops = await trio.to_thread.run_sync(self.topo.dropped_packets)
+            if kind not in QUEUE_FAULTS:
+                self._notes.append(f"{sum(drops.values())} packets dropped")
             await trio.to_thread.run_sync(self.topo.heal_network)
+            stats = await trio.to_thread.run_sync(_stop_helpers, helpers)
+            self._notes += [f"{n}: {line}" for n, line in zip(targets, stats, strict=False)]
         return victims
+
+    async def _start_netem(self, fault: Fault, targets: Sequence[str]
+                           ) -> list[subprocess.Popen[bytes]]:
+        """Start :mod:`chaos.netem` in each target's namespace; wait until each has
+        bound its queue."""
+        p = fault.params
+        helpers: list[subprocess.Popen[bytes]] = []
+        try:
+            for name in targets:
+                argv = [sys.executable, "-m", "chaos.netem", "--queue", str(NETEM_QUEUE),
+                        "--mark", hex(NETEM_MARK), "--delay-ms", f"{p.get('delay_ms', 0):g}",
+                        "--jitter-ms", f"{p.get('jitter_ms', 0):g}",
+                        "--duplicate", f"{p.get('probability', 0):g}",
+                        "--seed", str(self.rng.getrandbits(32))]
+                proc = spawn_helper(self.topo, name, argv)
+                helpers.append(proc)
+                assert proc.stdout is not None
+                with trio.move_on_after(NETEM_START_TIMEOUT_S):
+                    line = await trio.to_thread.run_sync(proc.stdout.readline,
+                                                         abandon_on_cancel=True)
+                    if line.strip() == b"ready":
+                        continue
+                proc.kill()
+                _, err = proc.communicate()
+                raise HarnessError(f"chaos.netem did not start in {name}'s namespace: "
+                                   f"{err.decode(errors='replace').strip() or 'no answer'}")
+        except BaseException:
+            _stop_helpers(helpers)
+            raise
+        return helpers
 
     def _network_rules(self, fault: Fault, targets: list[str]) -> dict[str, NodeRules]:
         ips = {n: self.nodes[n].ip for n in self.nodes}
@@ -418,6 +472,8 @@ class Runner:
             return partition_rules([[targets[0]], sorted(set(ips) - {targets[0]})], ips)
         if fault.kind is FaultKind.ONEWAY:
             return oneway_rules(targets[0], ips)
+        if fault.kind in QUEUE_FAULTS:
+            return {n: NodeRules(queue=True) for n in targets}
         assert fault.kind is FaultKind.LOSS
         return {n: NodeRules(loss=fault.params["probability"]) for n in targets}
 
@@ -632,6 +688,24 @@ class Runner:
               "unread_keys": unread}
         return build_report(meta, self.records, invariants, self.violations, kv,
                             self.leaders.changes, self.member_counts)
+
+
+def _stop_helpers(helpers: Sequence[subprocess.Popen[bytes]]) -> list[str]:
+    """SIGTERM each netem helper (it releases what it holds), SIGKILL if it lingers;
+    returns the last line each printed (its packet counts)."""
+    for proc in helpers:
+        if proc.poll() is None:
+            proc.terminate()
+    lines = []
+    for proc in helpers:
+        try:
+            out, _ = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        last = out.decode(errors="replace").strip().splitlines()[-1:]
+        lines.append(last[0] if last else "no counts (killed)")
+    return lines
 
 
 def copy_logs(topo: Topology, dest: Path) -> None:

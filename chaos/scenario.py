@@ -58,10 +58,21 @@ class FaultKind(enum.Enum):
     """Drop a fraction (``probability``) of the packets every targeted node receives."""
     DISK_FULL = "disk_full"
     """Fill the file system holding one node's data dir; free it after ``duration_s``."""
+    DELAY = "delay"
+    """Hold every cluster packet a node sends ``delay_ms`` plus up to ``jitter_ms``
+    (NFQUEUE and :mod:`chaos.netem`: the kernel has no netem)."""
+    REORDER = "reorder"
+    """Delay a node's outgoing packets by a random 0..``jitter_ms`` each, so that
+    later packets overtake earlier ones."""
+    DUPLICATE = "duplicate"
+    """Send a copy of a fraction (``probability``) of a node's outgoing packets."""
 
+
+QUEUE_FAULTS: Final = frozenset({FaultKind.DELAY, FaultKind.REORDER, FaultKind.DUPLICATE})
+"""Faults done in user space on packets sent to an NFQUEUE."""
 
 NETWORK_FAULTS: Final = frozenset(
-    {FaultKind.PARTITION, FaultKind.ISOLATE, FaultKind.ONEWAY, FaultKind.LOSS})
+    {FaultKind.PARTITION, FaultKind.ISOLATE, FaultKind.ONEWAY, FaultKind.LOSS}) | QUEUE_FAULTS
 """Faults that need a network namespace per node (skipped in loopback mode)."""
 
 KILLING_FAULTS: Final = frozenset({FaultKind.KILL, FaultKind.LEADER_KILL, FaultKind.VOTERS_KILL})
@@ -69,13 +80,6 @@ KILLING_FAULTS: Final = frozenset({FaultKind.KILL, FaultKind.LEADER_KILL, FaultK
 
 DETECTED_FAULTS: Final = KILLING_FAULTS | {FaultKind.FREEZE, FaultKind.ISOLATE}
 """Faults after which the others must see the victims dead (time to detect)."""
-
-NOT_IMPLEMENTED: Final = {
-    "delay": "packet delay needs NFQUEUE and a userspace program (the kernel has no netem)",
-    "duplicate": "packet duplication needs NFQUEUE and a userspace program",
-    "reorder": "packet reordering needs NFQUEUE and a userspace program",
-}
-"""Fault names a scenario may mention that the harness cannot inject yet, and why."""
 
 ROLE_TARGETS: Final = frozenset({"leader", "follower", "learner"})
 """Targets resolved at run time from ``raft status``: the leader, a voter that
@@ -85,7 +89,8 @@ DEFAULT_DURATION_S: Final = {
     FaultKind.KILL: 4.0, FaultKind.FREEZE: 4.0, FaultKind.STARVE: 6.0,
     FaultKind.LEADER_KILL: 4.0, FaultKind.VOTERS_KILL: 4.0, FaultKind.STALE_REJOIN: 5.0,
     FaultKind.PARTITION: 5.0, FaultKind.ISOLATE: 4.0, FaultKind.ONEWAY: 4.0,
-    FaultKind.LOSS: 5.0, FaultKind.DISK_FULL: 4.0,
+    FaultKind.LOSS: 5.0, FaultKind.DISK_FULL: 4.0, FaultKind.DELAY: 5.0,
+    FaultKind.REORDER: 5.0, FaultKind.DUPLICATE: 5.0,
 }
 """How long a fault is held when the scenario does not say, in seconds."""
 
@@ -97,6 +102,9 @@ _PARAMS: Final[Mapping[FaultKind, Mapping[str, float]]] = {
     FaultKind.STARVE: {"stopped_fraction": 0.8, "period_s": 0.25},
     FaultKind.LOSS: {"probability": 0.2},
     FaultKind.VOTERS_KILL: {"second_after_s": 3.0},
+    FaultKind.DELAY: {"delay_ms": 50.0, "jitter_ms": 10.0},
+    FaultKind.REORDER: {"delay_ms": 0.0, "jitter_ms": 40.0},
+    FaultKind.DUPLICATE: {"probability": 0.2},
 }
 """Per-kind parameters and their defaults."""
 
@@ -254,11 +262,8 @@ def parse_kind(name: object, where: str) -> FaultKind:
     """A fault kind by its name.
 
     Raises:
-        ScenarioError: unknown, or known but not implemented (the message says why).
+        ScenarioError: unknown.
     """
-    if isinstance(name, str) and name in NOT_IMPLEMENTED:
-        raise ScenarioError(f"{where}: fault {name!r} is not implemented yet: "
-                            f"{NOT_IMPLEMENTED[name]}")
     try:
         return FaultKind(name)
     except ValueError:
@@ -276,7 +281,7 @@ def _parse_fault(raw: object, where: str) -> Fault:
     if not isinstance(target, str) or not target:
         raise ScenarioError(f"{where}: target must be a node name, 'random' or a role")
     params = {k: _number(raw, k, v, where) for k, v in defaults.items()}
-    if kind is FaultKind.LOSS and not 0 < params["probability"] < 1:
+    if kind in (FaultKind.LOSS, FaultKind.DUPLICATE) and not 0 < params["probability"] < 1:
         raise ScenarioError(f"{where}: probability must be between 0 and 1")
     if kind is FaultKind.STARVE and not 0 < params["stopped_fraction"] < 1:
         raise ScenarioError(f"{where}: stopped_fraction must be between 0 and 1")

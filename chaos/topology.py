@@ -52,7 +52,12 @@ RUN_ROOT: Final = Path("/tmp")
 TMPFS_SIZE: Final = "64m"
 """Size of each node's data-dir tmpfs."""
 
-CHAINS: Final = ("CHAOS_IN", "CHAOS_OUT")
+NETEM_QUEUE: Final = 7
+"""The NFQUEUE number a node's outgoing packets go to for delay/reorder/duplicate
+(queues are per namespace, so every node uses the same number)."""
+
+NETEM_MARK: Final = 0xC4A0
+"""The mark :mod:`chaos.netem` puts on duplicates so that they skip the queue."""
 
 
 def _run(argv: Sequence[str], *, check: bool = True, stdin: str | None = None
@@ -71,11 +76,13 @@ class NodeRules:
         drop_from: addresses whose packets this node does not receive.
         drop_to: addresses this node's packets do not reach.
         loss: probability of dropping any packet it receives from the cluster.
+        queue: send its outgoing cluster packets to :data:`NETEM_QUEUE`.
     """
 
     drop_from: frozenset[str] = frozenset()
     drop_to: frozenset[str] = frozenset()
     loss: float = 0.0
+    queue: bool = False
 
 
 def iptables_restore_text(rules: NodeRules, subnet: str, exempt: str | None = None) -> str:
@@ -93,8 +100,22 @@ def iptables_restore_text(rules: NodeRules, subnet: str, exempt: str | None = No
     if rules.loss > 0:
         lines.append(f"-A CHAOS_IN -s {subnet} -m statistic --mode random "
                      f"--probability {rules.loss:.4f} -j DROP")
+    if rules.queue:
+        lines += [f"-A CHAOS_OUT -m mark --mark {NETEM_MARK:#x} -j RETURN",
+                  f"-A CHAOS_OUT -d {subnet} -j NFQUEUE --queue-num {NETEM_QUEUE} "
+                  "--queue-bypass"]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def count_drops(listing: str) -> int:
+    """Sum the packet counters of the DROP rules in ``iptables -L CHAIN -v -x -n``."""
+    total = 0
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "DROP" and fields[0].isdigit():
+            total += int(fields[0])
+    return total
 
 
 def partition_rules(sides: Sequence[Iterable[str]], ips: Mapping[str, str]
@@ -172,6 +193,18 @@ class Topology:
             _run(["ip", "netns", "exec", ns, "iptables-restore", "-w", "-n"],
                  stdin=iptables_restore_text(want, self.subnet, self.host_ip))
             self._rules[name] = want
+
+    def dropped_packets(self) -> dict[str, int]:
+        """Packets each node's chaos rules dropped so far (the proof a fault bit)."""
+        out = {}
+        for name, ns in sorted(self.namespaces.items()):
+            total = 0
+            for chain in ("CHAOS_IN", "CHAOS_OUT"):
+                listing = _run(["ip", "netns", "exec", ns, "iptables", "-w", "-L", chain,
+                                "-v", "-x", "-n"], check=False).stdout
+                total += count_drops(listing)
+            out[name] = total
+        return out
 
     def heal_network(self) -> None:
         """Remove every network fault."""

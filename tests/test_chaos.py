@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from chaos import invariants as inv
+from chaos import nfq
 from chaos.png import Canvas
 from chaos.report import FaultRecord, InvariantResult, build_report, summary, timeline_png
 from chaos.scenario import (
@@ -35,6 +36,7 @@ from chaos.scenario import (
 )
 from chaos.topology import (
     NodeRules,
+    count_drops,
     iptables_restore_text,
     oneway_rules,
     partition_rules,
@@ -113,7 +115,7 @@ def test_defaults_fill_in() -> None:
 @pytest.mark.parametrize(("raw", "message"), [
     ({"faults": [{"kind": "kill"}]}, "give the scenario a name"),
     ({"name": "t", "faults": [{"kind": "explode"}]}, "unknown fault kind 'explode'"),
-    ({"name": "t", "faults": [{"kind": "delay"}]}, "not implemented yet"),
+    ({"name": "t", "faults": [{"kind": "duplicate", "probability": 0}]}, "between 0 and 1"),
     ({"name": "t", "faults": [{"kind": "loss", "probability": 1.5}]}, "between 0 and 1"),
     ({"name": "t", "faults": [{"kind": "kill", "colour": "red"}]}, "unknown field(s) colour"),
     ({"name": "t", "faults": [{"kind": "kill", "duration_s": -1}]}, "duration_s must be >= 0"),
@@ -315,6 +317,96 @@ def test_iptables_text() -> None:
     assert "-A CHAOS_OUT -d 10.0.0.3/32 -j DROP" in lines
     healed = iptables_restore_text(NodeRules(), "10.0.0.0/24")
     assert "DROP" not in healed
+
+
+def test_count_drops_reads_iptables_counters() -> None:
+    listing = """Chain CHAOS_IN (1 references)
+    pkts      bytes target     prot opt in     out     source               destination
+      12     1040 RETURN     0    --  *      *       10.0.0.1             0.0.0.0/0
+     250    31000 DROP       0    --  *      *       10.0.0.2             0.0.0.0/0
+       3      120 DROP       0    --  *      *       10.0.0.0/24          0.0.0.0/0   statistic mode random probability 0.2
+"""
+    assert count_drops(listing) == 253
+    assert count_drops("") == 0
+
+
+def test_queue_rules_let_marked_duplicates_pass() -> None:
+    lines = iptables_restore_text(NodeRules(queue=True), "10.0.0.0/24").splitlines()
+    mark = lines.index("-A CHAOS_OUT -m mark --mark 0xc4a0 -j RETURN")
+    queue = lines.index("-A CHAOS_OUT -d 10.0.0.0/24 -j NFQUEUE --queue-num 7 --queue-bypass")
+    assert mark < queue
+
+
+# --- nfnetlink_queue messages ---------------------------------------------------------
+
+
+def _nlmsg(kind: int, body: bytes, flags: int = 0) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, 0, 0) + body
+
+
+def _nlattr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def test_bind_and_verdict_messages() -> None:
+    msg = nfq.bind_queue(7, seq=5)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) == 16 + 4 + 8
+    assert kind == 0x0302  # subsystem queue, config
+    assert flags == nfq.NLM_F_REQUEST | nfq.NLM_F_ACK
+    assert seq == 5
+    assert struct.unpack_from("!BBH", msg, 16) == (0, 0, 7)
+    assert struct.unpack_from("=HH", msg, 20) == (8, nfq.NFQA_CFG_CMD)
+    assert struct.unpack_from("!BxH", msg, 24) == (nfq.NFQNL_CFG_CMD_BIND, 2)
+    v = nfq.verdict(7, 0x01020304)
+    assert struct.unpack_from("=HH", v, 20) == (12, nfq.NFQA_VERDICT_HDR)
+    assert struct.unpack_from("!II", v, 24) == (nfq.NF_ACCEPT, 0x01020304)
+    params = nfq.copy_packets(7)
+    assert struct.unpack_from("!IB", params, 24) == (0xFFFF, nfq.NFQNL_COPY_PACKET)
+
+
+def test_parse_packets_acks_and_errors() -> None:
+    body = struct.pack("!BBH", 2, 0, 7) + _nlattr(nfq.NFQA_PACKET_HDR,
+                                                  struct.pack("!IHB", 42, 0x0800, 3))
+    body += _nlattr(nfq.NFQA_PAYLOAD, b"\x45abc")
+    two = _nlmsg(0x0300, body) + _nlmsg(0x0300, body.replace(struct.pack("!I", 42),
+                                                             struct.pack("!I", 43)))
+    assert nfq.parse(two) == [nfq.QueuedPacket(42, b"\x45abc"), nfq.QueuedPacket(43, b"\x45abc")]
+    assert nfq.parse(_nlmsg(nfq.NLMSG_ERROR, struct.pack("=i", 0) + b"\0" * 16)) == []
+    with pytest.raises(nfq.NetlinkError):
+        nfq.parse(_nlmsg(nfq.NLMSG_ERROR, struct.pack("=i", -1) + b"\0" * 16))
+    assert nfq.parse(b"\x01\x02") == []  # truncated: nothing
+
+
+def _checksum_ok(packet: bytes) -> bool:
+    ihl = (packet[0] & 0x0F) * 4
+    segment = packet[ihl:]
+    data = packet[12:20] + struct.pack("!BBH", 0, packet[9], len(segment)) + segment
+    data += b"\0" * (len(data) % 2)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += data[i] << 8 | data[i + 1]
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+@pytest.mark.parametrize(("proto", "header"), [
+    (17, struct.pack("!HHHH", 4000, 7946, 8 + 5, 0x1234)),  # UDP, wrong checksum
+    (6, struct.pack("!HHIIBBHHH", 4000, 7946, 1, 2, 5 << 4, 0x18, 512, 0xBEEF, 0)),  # TCP
+])
+def test_l4_checksum_is_recomputed(proto: int, header: bytes) -> None:
+    payload = header + b"hello"
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0,
+                     bytes([10, 213, 0, 10]), bytes([10, 213, 0, 11]))
+    packet = ip + payload
+    assert not _checksum_ok(packet)
+    fixed = nfq.with_l4_checksum(packet)
+    assert len(fixed) == len(packet)
+    assert fixed[:20] == ip
+    assert _checksum_ok(fixed)
+    assert nfq.with_l4_checksum(b"\x60" + b"\0" * 39) == b"\x60" + b"\0" * 39  # IPv6: as is
 
 
 # --- report and PNG -------------------------------------------------------------------
