@@ -19,12 +19,14 @@ from chaos.scenario import Fault
 
 REPORT_VERSION: Final = 1
 
-_KIND_COLORS: Final[dict[str, Color]] = {
+KIND_COLORS: Final[dict[str, Color]] = {
     "kill": (214, 39, 40), "leader_kill": (140, 20, 20), "voters_kill": (255, 120, 90),
     "freeze": (31, 119, 180), "starve": (120, 170, 230), "stale_rejoin": (148, 103, 189),
     "partition": (255, 127, 14), "isolate": (200, 150, 20), "oneway": (240, 200, 60),
-    "loss": (44, 160, 44), "disk_full": (140, 86, 75),
+    "loss": (44, 160, 44), "disk_full": (140, 86, 75), "delay": (23, 190, 207),
+    "reorder": (188, 189, 34), "duplicate": (227, 119, 194),
 }
+"""The colour of each fault kind in the timeline (and its legend)."""
 _NODE_COLORS: Final[list[Color]] = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -170,7 +172,7 @@ def timeline_png(report: Mapping[str, Any], width: int = 1200) -> bytes:
     names: list[str] = list(report["node_names"])
     row_h, left, top = 18, 70, 28
     plot_h = 90
-    legend_rows = 1 + (8 * sum(len(k) + 4 for k in _KIND_COLORS)) // (width - 16)
+    legend_rows = 1 + (8 * sum(len(k) + 4 for k in KIND_COLORS)) // (width - 16)
     height = top + row_h * (len(names) + 1) + 20 + plot_h + 26 + 18 * legend_rows
     c = Canvas(width, height)
     end = max(1.0, float(report["elapsed_s"]))
@@ -194,7 +196,7 @@ def timeline_png(report: Mapping[str, Any], width: int = 1200) -> bytes:
     for f in report["faults"]:
         if f["injected_t"] is None:
             continue
-        color = _KIND_COLORS.get(f["kind"], _INK)
+        color = KIND_COLORS.get(f["kind"], _INK)
         t1 = f["healed_t"] if f["healed_t"] is not None else end
         for target in f["targets"]:
             if target in names:
@@ -228,7 +230,7 @@ def timeline_png(report: Mapping[str, Any], width: int = 1200) -> bytes:
     for v in report["violations"]:
         c.vline(x_of(v["t"]), top, bottom, (255, 0, 0))
     x, y = 8, bottom + 22
-    for kind, color in _KIND_COLORS.items():
+    for kind, color in KIND_COLORS.items():
         label = kind.replace("_", " ")
         if x + 16 + 8 * len(label) > width:
             x, y = 8, y + 18

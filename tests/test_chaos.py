@@ -24,7 +24,14 @@ import yaml
 from chaos import invariants as inv
 from chaos import nfq
 from chaos.png import Canvas
-from chaos.report import FaultRecord, InvariantResult, build_report, summary, timeline_png
+from chaos.report import (
+    KIND_COLORS,
+    FaultRecord,
+    InvariantResult,
+    build_report,
+    summary,
+    timeline_png,
+)
 from chaos.scenario import (
     Fault,
     FaultKind,
@@ -484,6 +491,10 @@ def test_summary_names_everything_a_person_needs() -> None:
     assert "VIOLATIONS (1):" in text
     assert "t=7.00s no_crash: n3 exited with status 1" in text
     assert "time_to_detect_s: n=1" in text
+
+
+def test_every_fault_kind_has_a_legend_colour() -> None:
+    assert set(KIND_COLORS) == {k.value for k in FaultKind}
 
 
 def test_timeline_png_is_a_valid_image_with_fault_colours() -> None:
