@@ -31,11 +31,11 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
-from chaos.nodes import NodeProc, Unreachable
+from chaos.nodes import Unreachable
 from chaos.scenario import Workload
 from mesh.errors import MeshError
 from mesh.testing.linearizability import CasInput, ClientId, History, OpKind
@@ -45,6 +45,22 @@ _CAS_FAILED: Final = re.compile(r"cas \d+ expects|is at mod_index \d+, not \d+")
 "no": the state machine refused it)."""
 
 _NOT_FOUND: Final = re.compile(r"key '.*' not found")
+
+
+class ApiNode(Protocol):
+    """What a client needs of a node (:class:`chaos.nodes.NodeProc` in a run)."""
+
+    name: str
+
+    def responsive(self) -> bool:
+        """Running and not frozen."""
+        ...
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout_s: float = 2.0) -> Any:
+        """One API call; raises :class:`~chaos.nodes.Unreachable` if it was not sent,
+        ``MeshError`` for an error answer, ``trio.TooSlowError`` on timeout."""
+        ...
 
 
 def is_cas_failure(message: str) -> bool:
@@ -74,7 +90,7 @@ class KvWorkload:
         now: the run clock.
     """
 
-    def __init__(self, spec: Workload, nodes: Sequence[NodeProc], rng: random.Random,
+    def __init__(self, spec: Workload, nodes: Sequence[ApiNode], rng: random.Random,
                  now: Callable[[], float]) -> None:
         self.spec = spec
         self.nodes = list(nodes)
@@ -83,7 +99,7 @@ class KvWorkload:
         self.history = History()
         self.stats = WorkloadStats()
 
-    def _node_for(self, client: int) -> NodeProc | None:
+    def _node_for(self, client: int) -> ApiNode | None:
         n = len(self.nodes)
         for k in range(n):
             node = self.nodes[(client + k) % n]
@@ -91,10 +107,10 @@ class KvWorkload:
                 return node
         return None
 
-    async def _call(self, node: NodeProc, method: str, params: dict[str, Any]) -> Any:
+    async def _call(self, node: ApiNode, method: str, params: dict[str, Any]) -> Any:
         return await node.call(method, params, timeout_s=self.spec.op_timeout_s)
 
-    async def _get(self, client: ClientId, node: NodeProc, key: str
+    async def _get(self, client: ClientId, node: ApiNode, key: str
                    ) -> tuple[bool, str | None, int]:
         """A linearizable read; returns (answered, value, mod_index)."""
         h = self.history.invoke(client, OpKind.GET, key, None, self.now())
@@ -119,7 +135,7 @@ class KvWorkload:
         self.stats.ok += 1
         return True, text, int(entry["mod_index"])
 
-    async def _write(self, client: ClientId, node: NodeProc, kind: OpKind, key: str,
+    async def _write(self, client: ClientId, node: ApiNode, kind: OpKind, key: str,
                      op_input: str | CasInput | None, method: str,
                      params: dict[str, Any]) -> None:
         h = self.history.invoke(client, kind, key, op_input, self.now())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 import yaml
 
 from chaos import invariants as inv
@@ -36,6 +38,7 @@ from chaos.scenario import (
     Fault,
     FaultKind,
     ScenarioError,
+    Workload,
     build_schedule,
     node_names,
     parse_scenario,
@@ -48,9 +51,11 @@ from chaos.topology import (
     oneway_rules,
     partition_rules,
 )
-from chaos.workload import is_cas_failure
+from chaos.workload import KvWorkload, is_cas_failure
+from mesh.errors import MeshError
 from mesh.raft.messages import Entry
-from mesh.raft.state import KvPut, MeshState
+from mesh.raft.state import KvDelete, KvPut, MeshState
+from mesh.testing.linearizability import Outcome, check_kv
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "chaos" / "scenarios"
@@ -293,6 +298,84 @@ def test_cas_failure_messages_match_what_meshd_says() -> None:
     assert is_cas_failure(put(4, 99))  # wrong index
     assert put(5, 2) == ""  # right index
     assert not is_cas_failure("the cluster has no Raft leader right now")
+
+
+class FakeKvNode:
+    """A node backed by meshd's real state machine, answering after a short pause.
+
+    ``lose_every``: acknowledge every Nth put without applying it (a lost write).
+    """
+
+    def __init__(self, name: str, state: MeshState, log: list[int], lose_every: int = 0) -> None:
+        self.name = name
+        self.state = state
+        self.log = log  # shared last index, as one Raft log would be
+        self.lose_every = lose_every
+        self.puts = 0
+
+    def responsive(self) -> bool:
+        return True
+
+    def _apply(self, command: KvPut | KvDelete) -> dict[str, Any]:
+        self.log[0] += 1
+        result = self.state.apply(Entry(1, self.log[0], command.encode()))
+        assert result is not None
+        if not result.ok:
+            raise MeshError(result.message)
+        return result.as_dict()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout_s: float = 2.0) -> Any:
+        assert params is not None
+        await trio.sleep(0.01)
+        key = params["key"]
+        if method == "kv_get":
+            entry = self.state.get(key)
+            if entry is None:
+                raise MeshError(f"key {key!r} not found")
+            return entry.as_dict()
+        if method == "kv_del":
+            return self._apply(KvDelete(key, cas=params.get("cas")))
+        assert method == "kv_put"
+        self.puts += 1
+        if self.lose_every and self.puts % self.lose_every == 0:
+            return {"index": self.log[0]}  # acknowledged, never applied
+        return self._apply(KvPut(key, params["value"].encode(), cas=params.get("cas")))
+
+
+async def _run_workload(nodes: list[FakeKvNode]) -> KvWorkload:
+    wl = KvWorkload(Workload(clients=3, keys=2, key_epoch_s=5.0, pause_s=0.01), nodes,
+                    random.Random(5), trio.current_time)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(wl.run_client, i)
+        await trio.sleep(12.0)
+        nursery.cancel_scope.cancel()
+    assert await wl.final_reads() == []
+    return wl
+
+
+async def test_workload_history_of_a_correct_store_is_linearizable(
+        autojump_clock: trio.testing.MockClock) -> None:
+    state, log = MeshState(), [0]
+    wl = await _run_workload([FakeKvNode(f"n{i}", state, log) for i in range(3)])
+    ops = wl.history.operations()
+    assert len(ops) > 500
+    assert {op.kind.value for op in ops} == {"get", "put", "cas", "delete"}
+    assert any(op.output is False for op in ops if op.kind.value == "cas")  # refused CASes
+    assert any(op.output is True for op in ops if op.kind.value == "cas")
+    assert wl.stats.unknown == 0
+    assert check_kv(ops).outcome is Outcome.OK
+
+
+async def test_workload_catches_an_acknowledged_write_that_was_lost(
+        autojump_clock: trio.testing.MockClock) -> None:
+    state, log = MeshState(), [0]
+    nodes = [FakeKvNode("n0", state, log), FakeKvNode("n1", state, log, lose_every=7)]
+    wl = await _run_workload(nodes)
+    result = check_kv(wl.history.operations())
+    assert result.outcome is Outcome.FAILED
+    assert result.culprit is not None
 
 
 # --- network rules --------------------------------------------------------------------
