@@ -49,6 +49,9 @@ class FaultRecord:
         detect_s: killing faults: time until every survivor saw the victim dead.
         heal_s: time from the heal until membership converged and a leader was agreed.
         notes: what the fault did, as measured (bytes written, packets held...).
+        recover_s: faults that take nodes away: time from the (last) victim's loss
+            until the others converged without it and agreed on a leader, while the
+            fault was still held.
     """
 
     index: int
@@ -60,6 +63,7 @@ class FaultRecord:
     detect_s: float | None = None
     heal_s: float | None = None
     notes: str = ""
+    recover_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -68,7 +72,8 @@ class FaultRecord:
         return {"index": self.index, **self.fault.to_json(), "targets": list(self.targets),
                 "injected_t": r(self.injected_t), "healed_t": r(self.healed_t),
                 "skipped": self.skipped, "detect_s": r(self.detect_s),
-                "heal_s": r(self.heal_s), "notes": self.notes}
+                "heal_s": r(self.heal_s), "recover_s": r(self.recover_s),
+                "notes": self.notes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,8 @@ def build_report(meta: Mapping[str, Any], faults: Sequence[FaultRecord],
         "violations": [v.to_json() for v in sorted(violations, key=lambda v: v.t)],
         "kv": dict(kv),
         "time_to_detect_s": distribution(f.detect_s for f in faults if f.detect_s is not None),
+        "time_to_recover_s": distribution(
+            f.recover_s for f in faults if f.recover_s is not None),
         "time_to_heal_s": distribution(f.heal_s for f in faults if f.heal_s is not None),
         "time_to_heal_after_kill_s": distribution(
             f.heal_s for f in faults if f.heal_s is not None
@@ -141,7 +148,8 @@ def summary(report: Mapping[str, Any]) -> str:
             continue
         lines.append(f"  #{f['index']:<2} {f['kind']:<12} {','.join(f['targets']):<10} "
                      f"t={_fmt(f['injected_t'])}..{_fmt(f['healed_t'])}  "
-                     f"detect {_fmt(f['detect_s'])}  heal {_fmt(f['heal_s'])}"
+                     f"detect {_fmt(f['detect_s'])}  recover {_fmt(f.get('recover_s'))}  "
+                     f"heal {_fmt(f['heal_s'])}"
                      + (f"  ({f['notes']})" if f.get("notes") else ""))
     lines.append("")
     lines.append("invariants:")
@@ -153,7 +161,8 @@ def summary(report: Mapping[str, Any]) -> str:
     lines.append(f"kv workload: {kv.get('ops', 0)} ops ({kv.get('ok', 0)} ok, "
                  f"{kv.get('failed', 0)} failed, {kv.get('unknown', 0)} unknown) on "
                  f"{kv.get('keys', 0)} keys: {kv.get('verdict', '-')}")
-    for name in ("time_to_detect_s", "time_to_heal_s", "time_to_heal_after_kill_s"):
+    for name in ("time_to_detect_s", "time_to_recover_s", "time_to_heal_s",
+                 "time_to_heal_after_kill_s"):
         d = report[name]
         lines.append(f"{name}: n={d['count']} min={_fmt(d['min'])} median={_fmt(d['median'])}"
                      f" p90={_fmt(d['p90'])} max={_fmt(d['max'])}")

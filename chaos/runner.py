@@ -332,18 +332,23 @@ class Runner:
         victims = await self._inject(fault, targets)
         healed = self.now()
         self.log("fault_healed", index=index, kind=kind.value)
-        detect = None
+        detect = recover = None
         if kind in DETECTED_FAULTS and victims:
             gone = {v for v, _ in victims}
             observers = [n for n in self.live() if n not in gone]
             times = [inv.time_to_detect(self.member_obs, t, v, observers) for v, t in victims]
             detect = None if None in times else max(t for t in times if t is not None)
+            last = max(t for _, t in victims)
+            done = inv.first_healed([o for o in self.member_obs if o.t <= healed],
+                                    [o for o in self.raft_obs if o.t <= healed], last,
+                                    observers)
+            recover = None if done is None else done - last
         heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
         self.records.append(FaultRecord(index, fault, tuple(targets) if kind is not
                                         FaultKind.VOTERS_KILL else tuple(v for v, _ in victims),
                                         injected, healed, "", detect, heal,
-                                        "; ".join(self._notes)))
-        self.log("fault_done", index=index, detect_s=detect, heal_s=heal)
+                                        "; ".join(self._notes), recover))
+        self.log("fault_done", index=index, detect_s=detect, recover_s=recover, heal_s=heal)
         await trio.sleep(fault.gap_s)
 
     async def _hold_and_check_gone(self, fault: Fault, victims: Sequence[tuple[str, float]]

@@ -542,7 +542,7 @@ def test_canvas_text_draws_ink_and_clips() -> None:
 def _report() -> dict[str, Any]:
     kill = Fault(FaultKind.KILL, "n2", 3, 1)
     loss = Fault(FaultKind.LOSS, "all", 3, 1, {"probability": 0.2})
-    records = [FaultRecord(0, kill, ("n2",), 5.0, 8.0, "", 1.2, 0.8),
+    records = [FaultRecord(0, kill, ("n2",), 5.0, 8.0, "", 1.2, 0.8, "", 2.1),
                FaultRecord(1, loss, (), None, None, "network faults need namespace mode")]
     invariants = [InvariantResult("one_leader_per_term", "ok", 40, "3 terms"),
                   InvariantResult("services_converge", "skipped", 0, "no services")]
@@ -564,6 +564,7 @@ def test_report_records_verdict_faults_and_distributions() -> None:
     assert r["faults"][1]["skipped"] == "network faults need namespace mode"
     assert r["time_to_detect_s"]["count"] == 1
     assert r["time_to_heal_after_kill_s"]["median"] == 0.8
+    assert r["time_to_recover_s"]["max"] == 2.1
     assert json.loads(json.dumps(r)) == r
 
 
@@ -574,6 +575,7 @@ def test_summary_names_everything_a_person_needs() -> None:
     assert "VIOLATIONS (1):" in text
     assert "t=7.00s no_crash: n3 exited with status 1" in text
     assert "time_to_detect_s: n=1" in text
+    assert "detect 1.20s  recover 2.10s  heal 0.80s" in text
 
 
 def test_every_fault_kind_has_a_legend_colour() -> None:
