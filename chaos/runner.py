@@ -24,6 +24,7 @@ the linearizability checker. Times are on the run clock: seconds since start.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -154,8 +155,7 @@ class Runner:
         with contextlib.suppress(MeshError, OSError, trio.TooSlowError,
                                  trio.BrokenResourceError):
             members = await node.call("members", timeout_s=1.0)
-            t = self.now()
-            self.member_obs.append(inv.MemberObs(t, node.name, {
+            self.member_obs.append(inv.MemberObs(self.now(), node.name, {
                 m["name"]: m["status"] for m in members}))
             st = await node.call("raft_status", timeout_s=1.0)
             obs = inv.RaftObs(self.now(), node.name, int(st["term"]), st.get("leader"),
@@ -201,6 +201,15 @@ class Runner:
                 self.member_counts.append((self.now(), last_count))
             await trio.sleep(POLL_INTERVAL_S)
 
+    def members_since(self, t: float) -> list[inv.MemberObs]:
+        """Member observations from ``t`` on (a slice: long runs hold many). Each is
+        stamped when it is appended, so the list is in time order."""
+        return self.member_obs[bisect.bisect_left(self.member_obs, t, key=lambda o: o.t):]
+
+    def rafts_since(self, t: float) -> list[inv.RaftObs]:
+        """Raft observations from ``t`` on."""
+        return self.raft_obs[bisect.bisect_left(self.raft_obs, t, key=lambda o: o.t):]
+
     def live(self) -> list[str]:
         """Nodes whose process runs and is not frozen."""
         return [n for n, node in self.nodes.items() if node.responsive()]
@@ -223,7 +232,8 @@ class Runner:
         self.checks["membership_converges"] += 1
         deadline = self.now() + self.opts.scenario.heal_timeout_s
         while self.now() < deadline:
-            t = inv.first_healed(self.member_obs, self.raft_obs, since, self.live())
+            t = inv.first_healed(self.members_since(since), self.rafts_since(since), since,
+                                 self.live())
             if t is not None:
                 return t - since
             await trio.sleep(POLL_INTERVAL_S)
@@ -354,12 +364,13 @@ class Runner:
         if kind in DETECTED_FAULTS and victims:
             gone = {v for v, _ in victims}
             observers = [n for n in self.live() if n not in gone]
-            times = [inv.time_to_detect(self.member_obs, t, v, observers) for v, t in victims]
+            first, last = min(t for _, t in victims), max(t for _, t in victims)
+            members = self.members_since(first)
+            times = [inv.time_to_detect(members, t, v, observers) for v, t in victims]
             detect = None if None in times else max(t for t in times if t is not None)
-            last = max(t for _, t in victims)
-            done = inv.first_healed([o for o in self.member_obs if o.t <= healed],
-                                    [o for o in self.raft_obs if o.t <= healed], last,
-                                    observers)
+            done = inv.first_healed([o for o in members if o.t <= healed],
+                                    [o for o in self.rafts_since(last) if o.t <= healed],
+                                    last, observers)
             recover = None if done is None else done - last
         heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
         self.records.append(FaultRecord(index, fault, tuple(targets) if kind is not
@@ -377,7 +388,7 @@ class Runner:
         survivors = [n for n in self.live() if n not in names]
         checked = not victims
         while self.now() < deadline:
-            if not checked and all(inv.time_to_detect(self.member_obs, t, v, survivors)
+            if not checked and all(inv.time_to_detect(self.members_since(t), t, v, survivors)
                                    is not None for v, t in victims):
                 await self.check_dns(survivors, sorted(names))
                 checked = True
@@ -541,9 +552,10 @@ class Runner:
         with trio.move_on_after(FORM_TIMEOUT_S):
             while True:
                 st = await self.current_raft()
-                if st is not None and len(st["voters"]) >= want_voters and \
-                        inv.first_healed(self.member_obs, self.raft_obs, self.now() - 1.0,
-                                         names) is not None:
+                recent = self.now() - 1.0
+                if st is not None and len(st["voters"]) >= want_voters and inv.first_healed(
+                        self.members_since(recent), self.rafts_since(recent), recent,
+                        names) is not None:
                     return
                 await trio.sleep(POLL_INTERVAL_S)
         raise HarnessError(f"the cluster did not form with {want_voters} voters within "
