@@ -447,10 +447,15 @@ class Runner:
             written = await trio.to_thread.run_sync(fill_disk, filler)
             self.log("disk_filled", node=targets[0], bytes=written)
             self._notes.append(f"wrote {written >> 20} MiB until the disk was full")
+            since = self.now()
             try:
                 await trio.sleep(fault.duration_s)
             finally:
                 filler.unlink(missing_ok=True)
+            bit = any(o.storage_error for o in self.rafts_since(since)
+                      if o.observer == targets[0])
+            self._notes.append("the node reported a Raft storage error" if bit else
+                               "no storage error reported (nothing needed new space)")
             return []
         rules = self._network_rules(fault, targets)
         helpers = await self._start_netem(fault, targets) if kind in QUEUE_FAULTS else []
