@@ -115,7 +115,7 @@ class NodeProc:
         cmd = [sys.executable, "-m", "mesh.node.daemon", "start",
                "--data-dir", str(self.data_dir), "--bind", self.addr, "--name", self.name,
                "--gossip-profile", self.profile, "--dns-bind", f"{self.ip}:{DNS_PORT}",
-               "--metrics-bind", "off"]
+               "--metrics-bind", "off", "--driver", "process"]
         if join:
             cmd += ["--join", ",".join(join)]
             if token and not (self.data_dir / "tls" / "node.crt").exists():

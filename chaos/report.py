@@ -32,6 +32,8 @@ _NODE_COLORS: Final[list[Color]] = [
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 ]
 _GRID: Final[Color] = (225, 225, 225)
+_ALIVE: Final[Color] = (31, 119, 180)
+_REPLICAS: Final[Color] = (217, 95, 2)
 _INK: Final[Color] = (40, 40, 40)
 
 
@@ -96,7 +98,8 @@ class InvariantResult:
 def build_report(meta: Mapping[str, Any], faults: Sequence[FaultRecord],
                  invariants: Sequence[InvariantResult], violations: Sequence[Violation],
                  kv: Mapping[str, Any], leader_changes: Sequence[tuple[float, int, str]],
-                 member_counts: Sequence[tuple[float, int]]) -> dict[str, Any]:
+                 member_counts: Sequence[tuple[float, int]],
+                 replica_counts: Sequence[tuple[float, int]] = ()) -> dict[str, Any]:
     """Assemble the JSON record of a run.
 
     Args:
@@ -107,6 +110,7 @@ def build_report(meta: Mapping[str, Any], faults: Sequence[FaultRecord],
         kv: the KV workload's counts and verdict.
         leader_changes: ``(t, term, leader)`` as first observed.
         member_counts: ``(t, n)``: the fewest members any live node saw alive.
+        replica_counts: ``(t, n)``: healthy replicas of the declared services.
     """
     ok = not violations and all(i.status != "violated" for i in invariants)
     return {
@@ -127,7 +131,8 @@ def build_report(meta: Mapping[str, Any], faults: Sequence[FaultRecord],
             and f.fault.kind.value in ("kill", "leader_kill", "voters_kill")),
         "timeline": {"leader_changes": [[round(t, 3), term, leader]
                                         for t, term, leader in leader_changes],
-                     "member_counts": [[round(t, 3), n] for t, n in member_counts]},
+                     "member_counts": [[round(t, 3), n] for t, n in member_counts],
+                     "replica_counts": [[round(t, 3), n] for t, n in replica_counts]},
     }
 
 
@@ -176,8 +181,8 @@ def summary(report: Mapping[str, Any]) -> str:
 
 def timeline_png(report: Mapping[str, Any], width: int = 1200) -> bytes:
     """The run as a picture: one row of fault bars per node, the leader over time
-    (a colour per node, a tick per new term) and the fewest members any live node
-    saw alive."""
+    (a colour per node, a tick per new term), the fewest members any live node
+    saw alive and, with services, their healthy replicas."""
     names: list[str] = list(report["node_names"])
     row_h, left, top = 18, 70, 28
     plot_h = 90
@@ -222,20 +227,25 @@ def timeline_png(report: Mapping[str, Any], width: int = 1200) -> bytes:
         c.rect(x_of(t), y_lead + 4, x_of(t_next), y_lead + row_h - 4, color)
         c.vline(x_of(t), y_lead, y_lead + row_h, _INK)
     y0 = top + row_h * (len(names) + 1) + 20
-    c.text(8, y0 + plot_h // 2 - 5, "ALIVE", _INK)
+    replicas = report["timeline"].get("replica_counts", [])
+    top_n = max([len(names), *(n for _, n in replicas)])
+    c.text(8, y0 + plot_h // 2 - 5, "ALIVE", _ALIVE)
+    if replicas:
+        c.text(8, y0 + plot_h // 2 + 9, "REPLICAS", _REPLICAS)
     c.text(left - 12, y0 + plot_h - 10, "0", _INK)
-    c.text(left - 8 * len(str(len(names))) - 4, y0, str(len(names)), _INK)
+    c.text(left - 8 * len(str(top_n)) - 4, y0, str(top_n), _INK)
     c.hline(left, width - 20, y0 + plot_h, _INK)
-    counts = report["timeline"]["member_counts"]
 
     def y_of(n: int) -> int:
-        return y0 + plot_h - int(plot_h * n / max(1, len(names)))
+        return y0 + plot_h - int(plot_h * n / max(1, top_n))
 
-    for k, (t, n) in enumerate(counts):
-        t_next = counts[k + 1][0] if k + 1 < len(counts) else end
-        c.hline(x_of(t), x_of(t_next), y_of(n), (31, 119, 180))
-        if k + 1 < len(counts):
-            c.vline(x_of(t_next), y_of(n), y_of(counts[k + 1][1]), (31, 119, 180))
+    for series, color in ((report["timeline"]["member_counts"], _ALIVE),
+                          (replicas, _REPLICAS)):
+        for k, (t, n) in enumerate(series):
+            t_next = series[k + 1][0] if k + 1 < len(series) else end
+            c.hline(x_of(t), x_of(t_next), y_of(n), color)
+            if k + 1 < len(series):
+                c.vline(x_of(t_next), y_of(n), y_of(series[k + 1][1]), color)
     for v in report["violations"]:
         c.vline(x_of(v["t"]), top, bottom, (255, 0, 0))
     x, y = 8, bottom + 22

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import logging
 import random
 import shutil
@@ -131,6 +130,7 @@ class Runner:
         self.exits: list[inv.ProcessExit] = []
         self.records: list[FaultRecord] = []
         self.member_counts: list[tuple[float, int]] = []
+        self.replica_counts: list[tuple[float, int]] = []
         self._exits_seen: dict[str, int] = {}
         self._notes: list[str] = []
         """What the fault being run did, as measured (for its record)."""
@@ -199,7 +199,24 @@ class Runner:
             if counts and min(counts) != last_count:
                 last_count = min(counts)
                 self.member_counts.append((self.now(), last_count))
+            if self.opts.scenario.services:
+                await self._count_replicas()
             await trio.sleep(POLL_INTERVAL_S)
+
+    async def _count_replicas(self) -> None:
+        """Record the declared services' healthy replicas when the count changes
+        (from one node's replica, ``stale``: a poll must not wait for a leader)."""
+        live = self.live()
+        if not live:
+            return
+        names = {s.name for s in self.opts.scenario.services}
+        with contextlib.suppress(MeshError, OSError, trio.TooSlowError,
+                                 trio.BrokenResourceError):
+            rows = await self.nodes[live[0]].call("service_ls", {"stale": True},
+                                                  timeout_s=1.0)
+            n = sum(int(r["healthy"]) for r in rows if r["name"] in names)
+            if not self.replica_counts or self.replica_counts[-1][1] != n:
+                self.replica_counts.append((self.now(), n))
 
     def members_since(self, t: float) -> list[inv.MemberObs]:
         """Member observations from ``t`` on (a slice: long runs hold many). Each is
@@ -373,6 +390,10 @@ class Runner:
                                     last, observers)
             recover = None if done is None else done - last
         heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
+        if self.opts.scenario.services:
+            took = await self.wait_services(f"fault #{index} {kind.value}")
+            self._notes.append("services did not converge" if took is None else
+                               f"services converged {took:.2f}s after membership")
         self.records.append(FaultRecord(index, fault, tuple(targets) if kind is not
                                         FaultKind.VOTERS_KILL else tuple(v for v, _ in victims),
                                         injected, healed, "", detect, heal,
@@ -601,7 +622,11 @@ class Runner:
                 final_since = self.now()
                 final_heal = await self.wait_healed(final_since, "final heal")
                 await self.check_dns(self.live(), [])
-                services_detail = await self.check_services()
+                services_detail = "the scenario declares no services"
+                if self.opts.scenario.services:
+                    services_detail = ""
+                    await self.wait_services("final heal")
+                    await self.check_service_dns()
                 clients.cancel_scope.cancel()
             unread = await self.workload.final_reads()
             self._check_exits()
@@ -623,54 +648,73 @@ class Runner:
         return proc.stdout.decode()
 
     async def deploy_services(self) -> None:
-        """``meshctl run`` every declared service (a failure is a violation)."""
+        """``meshctl run`` every declared service and wait for it to converge (a
+        failure is a violation)."""
         for svc in self.opts.scenario.services:
             node = self.nodes[self.live()[0]]
             try:
-                await self.meshctl(node, "run", *svc.run_args)
+                await self.meshctl(node, "run", "--timeout", f"{svc.converge_s:g}",
+                                   *svc.run_args)
             except MeshError as exc:
                 self._violate(inv.Violation(self.now(), "services_converge",
                                             f"could not deploy {svc.name}: {exc}"))
 
-    async def check_services(self) -> str:
-        """After the final heal: every declared service converges within its bound
-        (``meshctl ls/ps --json``), and every live node's DNS answers its healthy
-        endpoints only. Returns why the checks were skipped (empty if they ran)."""
+    async def _service_views(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``meshctl ls --json`` and ``meshctl ps --json`` (the same objects, through
+        the API socket of the first responsive node: no process start per poll)."""
+        node = self.nodes[self.live()[0]]
+        services = await node.call("service_ls", {}, timeout_s=5.0)
+        allocs = await node.call("service_ps", {}, timeout_s=5.0)
+        return services, [a for a in allocs if a.get("desired", "run") == "run"]
+
+    async def wait_services(self, what: str) -> float | None:
+        """Wait until every declared service has converged on the live nodes (within
+        the longest ``converge_s``); returns how long it took, or ``None`` and
+        records the violations still seen at the deadline."""
         declared = self.opts.scenario.services
-        if not declared:
-            return "the scenario declares no services"
-        deadline = self.now() + max(s.converge_s for s in declared)
-        found: list[inv.Violation] = []
-        allocs: list[dict[str, Any]] | None = None
+        start = self.now()
+        deadline = start + max(s.converge_s for s in declared)
         while True:
-            live = self.live()
-            node = self.nodes[live[0]]
             self.checks["services_converge"] += 1
             try:
-                services = json.loads(await self.meshctl(node, "ls", "--json"))
-                allocs = json.loads(await self.meshctl(node, "ps", "--json"))
-            except (MeshError, ValueError) as exc:
-                allocs = None
-                found = [inv.Violation(self.now(), "services_converge", str(exc))]
+                services, allocs = await self._service_views()
+            except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                found = [inv.Violation(self.now(), "services_converge",
+                                       f"{what}: cannot read services: {exc}")]
             else:
-                found = inv.service_violations(self.now(), services, allocs, live,
+                found = inv.service_violations(self.now(), services, allocs, self.live(),
                                                [s.name for s in declared])
-            if not found or self.now() >= deadline:
-                break
-            await trio.sleep(1.0)
-        for v in found:
-            self._violate(v)
-        if allocs is None:
-            return ""  # nothing to compare DNS with; the violation above says why
+            if not found:
+                return self.now() - start
+            if self.now() >= deadline:
+                for v in found:
+                    self._violate(inv.Violation(v.t, v.invariant, f"{what}: {v.message}"))
+                return None
+            await trio.sleep(POLL_INTERVAL_S * 2)
+
+    async def check_service_dns(self) -> None:
+        """Every live node's DNS answers each service with its healthy endpoints only
+        (with the same grace as node names)."""
         ips = {n: self.nodes[n].ip for n in self.live()}
         for server in self.live():
-            for svc in declared:
-                self.checks["dns_ready_endpoints_only"] += 1
-                got = await query_a(self.nodes[server].ip, f"{svc.name}.service.mesh")
-                for v in inv.service_dns_violations(self.now(), server, svc.name, got or (),
-                                                    allocs, ips):
+            for svc in self.opts.scenario.services:
+                found: list[inv.Violation] = []
+                for attempt in range(2):
+                    if attempt:
+                        await trio.sleep(DNS_GRACE_S)
+                    self.checks["dns_ready_endpoints_only"] += 1
+                    try:
+                        _, allocs = await self._service_views()
+                    except (MeshError, OSError, trio.TooSlowError,
+                            trio.BrokenResourceError):
+                        continue  # wait_services reported it
+                    got = await query_a(self.nodes[server].ip, f"{svc.name}.service.mesh")
+                    found = inv.service_dns_violations(self.now(), server, svc.name,
+                                                       got or (), allocs, ips)
+                    if not found:
+                        break
+                for v in found:
                     self._violate(v)
-        return ""
 
     def _report(self, final_heal: float | None, unread: list[str],
                 services_detail: str) -> dict[str, Any]:
@@ -706,7 +750,8 @@ class Runner:
                     "<node>.node.mesh on survivors after each detected fault, on all at the end"),
             verdict("kv_linearizable", len(ops), result.describe().split("\n")[0]),
             verdict("services_converge", self.checks["services_converge"],
-                    "desired replicas, healthy, on live nodes (meshctl ls/ps)",
+                    "desired replicas, healthy, on live nodes, after every fault and at "
+                    "the end (meshctl ls/ps)",
                     skipped=services_detail),
             verdict("dns_ready_endpoints_only", self.checks["dns_ready_endpoints_only"],
                     "<service>.service.mesh on every live node", skipped=services_detail),
@@ -727,7 +772,7 @@ class Runner:
               "keys": len(stats.keys), "verdict": result.describe().split("\n")[0],
               "unread_keys": unread}
         return build_report(meta, self.records, invariants, self.violations, kv,
-                            self.leaders.changes, self.member_counts)
+                            self.leaders.changes, self.member_counts, self.replica_counts)
 
 
 def _stop_helpers(helpers: Sequence[subprocess.Popen[bytes]]) -> list[str]:

@@ -552,7 +552,8 @@ def _report() -> dict[str, Any]:
     return build_report(meta, records, invariants, violations,
                         {"ops": 10, "ok": 8, "failed": 1, "unknown": 1, "keys": 2,
                          "verdict": "linearizable"},
-                        [(1.0, 1, "n1"), (6.0, 2, "n3")], [(1.0, 3), (6.0, 2), (9.0, 3)])
+                        [(1.0, 1, "n1"), (6.0, 2, "n3")], [(1.0, 3), (6.0, 2), (9.0, 3)],
+                        [(2.0, 3), (6.5, 2)])
 
 
 def test_report_records_verdict_faults_and_distributions() -> None:
@@ -587,6 +588,7 @@ def test_timeline_png_is_a_valid_image_with_fault_colours() -> None:
     assert width == 600
     assert height > 100
     assert b"\xd6\x27\x28" in raw  # the kill fault's red bar
+    assert b"\xd9\x5f\x02" in raw  # the healthy replicas line
 
 
 # --- a real run -----------------------------------------------------------------------
