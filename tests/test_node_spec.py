@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -297,7 +299,7 @@ def test_global_mode() -> None:
         ({"name": "web", "image": "x", "command": ["echo", None]},
          "service web: command[1]: expected text"),
         ({"name": "web", "image": "x", "stop_grace": "2h"},
-         "service web: stop_grace_s: 2h0m is longer than the limit 1h0m"),
+         "service web: stop_grace_s: 2h is longer than the limit 1h"),
         ({"name": "web", "image": "x", "stop_after_disconnect": 0},
          "service web: stop_after_disconnect_s: 0.0 must be more than 0 seconds"),
         ({"name": "web", "image": "x", "labels": {"": "x"}}, "service web: labels key: a label key is empty"),
@@ -704,3 +706,14 @@ def test_scaling_and_policies_do_not_need_a_restart() -> None:
     for change in ({"image": "nginx:2"}, {"env": (("A", "2"),)}, {"command": ("x",)},
                    {"ports": (PortSpec("p80", 80, 8081),)}, {"memory_limit_bytes": 1 << 30}):
         assert needs_restart(old, dataclasses.replace(old, **change)), change
+
+
+def test_the_annotated_example_in_the_user_guide_is_valid() -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "specs.md").read_text()
+    match = re.search(r"```yaml\n(.*?)```", guide, re.DOTALL)
+    assert match is not None
+    [web] = load_specs(match[1], source="docs/specs.md")
+    assert web.name == "web"
+    assert web.health == HealthSpec("http", path="/healthz", port="admin", interval_s=5.0,
+                                    start_period_s=10.0)
+    assert web.stop_after_disconnect_s == 30.0

@@ -41,10 +41,17 @@ import yaml
 
 from mesh import wire
 from mesh.errors import ConfigError, RemoteProtocolError
-from mesh.placement import MAX_REPLICAS, Mode, Resources, ServiceSpec, parse_constraint
+from mesh.placement import (
+    MAX_REPLICAS,
+    Mode,
+    Resources,
+    ServiceSpec,
+    format_cpu,
+    format_memory,
+    parse_constraint,
+)
 from mesh.placement import parse_cpu as _parse_cpu
 from mesh.placement import parse_memory as _parse_memory
-from mesh.placement.model import format_cpu, format_memory
 from mesh.types import ServiceId
 
 # -- limits ------------------------------------------------------------------------
@@ -257,7 +264,9 @@ def _fmt_seconds(seconds: float) -> str:
         return f"{seconds * 1000:g}ms"
     if seconds >= 60 and seconds % 60 == 0:
         minutes = int(seconds // 60)
-        return f"{minutes // 60}h{minutes % 60}m" if minutes >= 60 else f"{minutes}m"
+        if minutes < 60:
+            return f"{minutes}m"
+        return f"{minutes // 60}h{minutes % 60}m" if minutes % 60 else f"{minutes // 60}h"
     return f"{seconds:g}s"
 
 
