@@ -239,8 +239,8 @@ class Agent:
         result = await probes.probe(
             action.check, host=self._host, ports=ports,
             exec_fn=functools.partial(self._driver.exec, action.alloc))
-        self._rec.probed(action.alloc, result.ok, result.detail, trio.current_time(),
-                         self._wall())
+        self._rec.probed(action.alloc, action.run, result.ok, result.detail,
+                         trio.current_time(), self._wall())
         self._flush()
 
     async def _send_reports(self) -> None:

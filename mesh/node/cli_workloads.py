@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from mesh.errors import ConfigError, MeshError
-from mesh.node.compose import from_compose
+from mesh.node.compose import STACK_LABEL, from_compose
 from mesh.node.spec import WorkloadSpec, load_specs, parse_spec
 
 Call = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
@@ -37,7 +37,7 @@ NODE_COMMANDS = frozenset({"drain", "activate", "label"})
 POLL_S = 0.25
 """How often a waiting command asks for progress."""
 
-STACK_LABEL = "com.docker.stack.namespace"
+
 
 
 def add_commands(sub: Any, node_sub: Any) -> None:
@@ -110,7 +110,8 @@ def add_commands(sub: Any, node_sub: Any) -> None:
     update = sub.add_parser("update", help="change a service (a rolling update)")
     update.add_argument("name")
     update.add_argument("--image", default=None)
-    update.add_argument("--command", default=None, help="new command (shell words)")
+    update.add_argument("--command", dest="new_command", default=None,
+                        help="new command (shell words)")
     update.add_argument("--replicas", type=int, default=None)
     update.add_argument("-e", "--env-add", action="append", default=[], help="K=V")
     update.add_argument("--env-rm", action="append", default=[], help="K")
@@ -238,9 +239,11 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 
 
 async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
-                         gone: bool = False) -> list[dict[str, Any]]:
+                         gone: bool = False, generations: dict[str, int] | None = None
+                         ) -> list[dict[str, Any]]:
     """Wait until every named service has converged (or, with ``gone``, has no
-    allocation left); show progress on stderr.
+    allocation left); show progress on stderr. ``generations``: the generation each
+    service must converge at (a rollback to another one is a failure).
 
     Raises:
         MeshError: it did not converge in time; the message carries the cluster's
@@ -272,8 +275,11 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
                             f"{r['healthy']} healthy" if tty else
                             f"{r['name']}: {r['updated']}/{r['desired']} up to date, "
                             f"{r['running']} running, {r['healthy']} healthy")
-                    if r["rollout"] in ("paused", "rolled_back"):
-                        raise MeshError(f"{r['name']}: update {r['rollout']}: "
+                    want = (generations or {}).get(r["name"])
+                    if r["rollout"] == "paused" or (
+                            want is not None and r["generation"] != want):
+                        state = r["rollout"] or f"replaced by generation {r['generation']}"
+                        raise MeshError(f"{r['name']}: update {state}: "
                                         f"{r['rollout_message']}")
                     if last.get(r["name"]) != line:
                         last[r["name"]] = line
@@ -403,7 +409,8 @@ async def _finish(call: Call, results: list[dict[str, Any]], args: argparse.Name
             lines.append(f"{r['name']} unchanged (version {r['version']})")
     rows: list[dict[str, Any]] = []
     if not args.detach:
-        rows = await wait_converged(call, [r["name"] for r in results], args.timeout)
+        rows = await wait_converged(call, [r["name"] for r in results], args.timeout,
+                                    generations={r["name"]: r["generation"] for r in results})
         lines.extend(f"{r['name']}: {r['healthy']}/{r['desired']} healthy" for r in rows)
     if args.json:
         return json.dumps({"results": results, "services": rows}, indent=2)
@@ -415,8 +422,8 @@ async def _update(call: Call, args: argparse.Namespace) -> str:
     doc = dict(current)
     if args.image is not None:
         doc["image"] = args.image
-    if args.command is not None:
-        doc["command"] = shlex.split(args.command)
+    if args.new_command is not None:
+        doc["command"] = shlex.split(args.new_command)
     if args.replicas is not None:
         doc["replicas"] = args.replicas
     env = dict(doc.get("env", {}))

@@ -99,6 +99,9 @@ class Probe:
     alloc: AllocId
     check: HealthSpec
     ports: Mapping[str, int]
+    run: int
+    """Which run of the workload it probes: a result that arrives after the workload
+    restarted is ignored (it says nothing about the new run)."""
 
 
 Action: TypeAlias = Start | Stop | Remove | Probe
@@ -122,6 +125,8 @@ class _Local:
     generation: int = 0
     seen_exit: str = ""
     """The ref of the exited workload already counted (an exit counts once)."""
+    run: int = 0
+    """Counts the runs this node took over (started or adopted)."""
 
 
 @dataclass(slots=True)
@@ -202,8 +207,8 @@ class Reconciler:
                 self._removing.discard(aid)
 
         for alloc in stops:
-            w = actual.get(alloc.id)
-            if w is None or w.state != "running":
+            gone = actual.get(alloc.id)
+            if gone is None or gone.state != "running":
                 self._report(alloc.id, "stopped", "none", (), "stopped", 0, wall)
         for aid, why in fenced.items():
             local = self._local.get(aid)
@@ -247,6 +252,7 @@ class Reconciler:
             if local.phase in ("idle", "starting", "backoff"):
                 # started by us, or adopted after a meshd restart
                 local.phase = "running"
+                local.run += 1
                 local.started_at = now
                 local.ports = tuple(sorted(w.ports.items()))
                 local.health = HealthTracker(spec.health, now) if spec.health else None
@@ -265,7 +271,8 @@ class Reconciler:
                     local.probing = True
                     tracker.probe_started(now)
                     assert spec.health is not None  # a tracker exists only with a check
-                    actions.append(Probe(alloc.id, spec.health, dict(local.ports)))
+                    actions.append(Probe(alloc.id, spec.health, dict(local.ports),
+                                         local.run))
             self._report_local(alloc.id, local, wall)
             return actions
 
@@ -358,10 +365,11 @@ class Reconciler:
         """A remove finished (or failed: the next step retries)."""
         self._removing.discard(alloc)
 
-    def probed(self, alloc: AllocId, ok: bool, detail: str, now: float, wall: float) -> None:
-        """A health probe of ``alloc`` finished."""
+    def probed(self, alloc: AllocId, run: int, ok: bool, detail: str, now: float,
+               wall: float) -> None:
+        """A health probe of run ``run`` of ``alloc`` finished."""
         local = self._local.get(alloc)
-        if local is None or local.health is None:
+        if local is None or local.health is None or local.run != run or not local.probing:
             return
         local.probing = False
         changed = local.health.record(ok, now, detail)

@@ -65,6 +65,9 @@ LOGGER = logging.getLogger(__name__)
 FORWARD_TIMEOUT_S = 15.0
 """Bound on a write forwarded to the leader."""
 
+READ_LEADER_WAIT_S = 5.0
+"""How long a linearizable read waits for a leader to be known (an election)."""
+
 FORWARD_POOL_SIZE = 16
 """Idle mutual-TLS links to the leader kept for forwarded writes; a handshake per
 write would cost more than the write (about 2 ms of CPU on each side)."""
@@ -335,8 +338,17 @@ class Replica:
         return await self._write("kv_del", params, command)
 
     async def read_point(self, params: dict[str, Any]) -> None:
+        """Wait until a linearizable read may be served here (ReadIndex), unless
+        ``params["stale"]``.
+
+        Raises:
+            ApiError: no leader within a few seconds, or the round failed.
+        """
         if params.get("stale"):
             return
+        if self.raft.leader is None:  # e.g. just joined, or an election is under way
+            with trio.move_on_after(READ_LEADER_WAIT_S):
+                await self.raft.wait_leader()
         try:
             await self.raft.read_index()
         except (NotLeader, ProposalDropped) as exc:

@@ -120,10 +120,11 @@ class ServiceApi:
                 if ResultCode.CAS_FAILED.value in str(exc) or "read it again" in str(exc):
                     continue
                 raise
-            new = self._replica.state.service(spec.name)
+            # the CAS held, so the new record follows from the old one (this node's
+            # replica may not have applied the write yet when it was forwarded)
             return {"name": spec.name, "created": old is None, "changed": True,
-                    "version": new.version if new else 0,
-                    "generation": new.generation if new else 0,
+                    "version": rec.version + 1 if rec else 1,
+                    "generation": (rec.generation + int(bump)) if rec else 1,
                     "restart": bump,
                     "diff": spec_diff(old, spec) if old is not None else []}
         raise api.ApiError(f"service {spec.name} kept changing under this write; retry")
