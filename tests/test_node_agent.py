@@ -253,11 +253,6 @@ async def test_restart_policy_never_leaves_a_crashed_workload_failed(
         assert len(driver.started) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Agent._desired hands allocations with desired='stop' to the reconciler without "
-    "their spec, and Reconciler.step stops them with a fixed 10 s grace "
-    "(grace = wants[aid][1].stop_grace_s if aid in wants else 10.0), so a service's "
-    "stop_grace_s is ignored when it is scaled down, updated or removed"))
 async def test_a_stopped_allocation_gets_its_services_stop_grace(
         autojump_clock: trio.testing.MockClock) -> None:
     replica, driver = setup(service(stop_grace_s=30.0))

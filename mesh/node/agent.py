@@ -146,22 +146,25 @@ class Agent:
             self._kick()
 
     def _desired(self) -> tuple[dict[AllocId, tuple[AllocRecord, WorkloadSpec]],
-                                list[AllocRecord]]:
+                                list[AllocRecord], dict[AllocId, float]]:
         state = self._replica.state
         views = decode_services(state, self._cache)
         wants: dict[AllocId, tuple[AllocRecord, WorkloadSpec]] = {}
         stops: list[AllocRecord] = []
+        grace: dict[AllocId, float] = {}
         for alloc in state.allocs(node=self._me):
+            view = views.get(alloc.service)
+            spec = spec_for(view, alloc.generation) if view is not None else None
+            if spec is not None:
+                grace[alloc.id] = spec.stop_grace_s
             if alloc.desired != "run":
                 stops.append(alloc)
                 continue
-            view = views.get(alloc.service)
-            spec = spec_for(view, alloc.generation) if view is not None else None
             if spec is None:
                 stops.append(alloc)  # its service or generation is gone: a plan will stop it
                 continue
             wants[alloc.id] = (alloc, spec)
-        return wants, stops
+        return wants, stops, grace
 
     async def _step(self, nursery: trio.Nursery) -> None:
         try:
@@ -171,12 +174,12 @@ class Agent:
                          "reconciled until the driver answers", self._me, exc)
             return
         self.workloads = {w.alloc: w for w in listed}
-        wants, stops = self._desired()
+        wants, stops, grace = self._desired()
         self._specs = {aid: spec for aid, (_, spec) in wants.items()}
         now = trio.current_time()
         disconnected = 0.0 if self._lost_leader_at is None else now - self._lost_leader_at
         actions = self._rec.step(wants, stops, self.workloads, now, self._wall(),
-                                 disconnected_s=disconnected)
+                                 disconnected_s=disconnected, stop_grace=grace)
         for action in actions:
             nursery.start_soon(self._act, action)
         self._flush()

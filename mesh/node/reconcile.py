@@ -67,6 +67,9 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
+DEFAULT_STOP_GRACE_S = 10.0
+"""Grace of a workload stopped whose spec is unknown (no allocation at all)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Start:
@@ -113,8 +116,7 @@ class _Local:
 
     backoff: RestartBackoff
     phase: str = "idle"
-    """idle, starting, running, stopping (for a restart), backoff, failed, complete,
-    fenced."""
+    """idle, starting, running, stopping (for a restart), backoff, failed, complete."""
     health: HealthTracker | None = None
     probing: bool = False
     restart_at: float | None = None
@@ -127,6 +129,8 @@ class _Local:
     """The ref of the exited workload already counted (an exit counts once)."""
     run: int = 0
     """Counts the runs this node took over (started or adopted)."""
+    stop_pending: bool = False
+    """A liveness stop is in flight."""
 
 
 @dataclass(slots=True)
@@ -161,7 +165,8 @@ class Reconciler:
 
     def step(self, wants: Mapping[AllocId, tuple[AllocRecord, WorkloadSpec]],
              stops: Iterable[AllocRecord], actual: Mapping[AllocId, Workload],
-             now: float, wall: float, *, disconnected_s: float = 0.0) -> list[Action]:
+             now: float, wall: float, *, disconnected_s: float = 0.0,
+             stop_grace: Mapping[AllocId, float] | None = None) -> list[Action]:
         """One pass: the actions to take now (see the module docstring).
 
         Args:
@@ -172,6 +177,8 @@ class Reconciler:
             wall: wall-clock seconds (reported ``since``).
             disconnected_s: how long this node has been out of touch with the
                 Raft leader (0 when in touch).
+            stop_grace: the ``stop_grace_s`` of stopping allocations whose spec is
+                known (others get :data:`DEFAULT_STOP_GRACE_S`).
         """
         actions: list[Action] = []
         fenced: dict[AllocId, str] = {}
@@ -192,7 +199,8 @@ class Reconciler:
                 if aid not in self._stopping:
                     self._stopping.add(aid)
                     reason = fenced.get(aid) or "no longer allocated to this node"
-                    grace = wants[aid][1].stop_grace_s if aid in wants else 10.0
+                    grace = wants[aid][1].stop_grace_s if aid in wants else \
+                        (stop_grace or {}).get(aid, DEFAULT_STOP_GRACE_S)
                     LOGGER.info("workload_stopping node=%s alloc=%s reason=%s",
                                 self._node, aid, reason)
                     actions.append(Stop(aid, grace, reason))
@@ -212,8 +220,13 @@ class Reconciler:
                 self._report(alloc.id, "stopped", "none", (), "stopped", 0, wall)
         for aid, why in fenced.items():
             local = self._local.get(aid)
-            if local is not None:
-                local.phase = "fenced"
+            if local is not None and local.phase in ("running", "stopping", "backoff"):
+                # stopped by rule 2 as unwanted; starts afresh once back in touch
+                local.phase = "idle"
+                local.health = None
+                local.probing = False
+            if local is not None and local.phase in ("failed", "complete"):
+                continue  # nothing runs; what it reported stays true
             if aid not in actual or actual[aid].state != "running":
                 self._report(aid, "stopped", "none", (), why, 0, wall)
 
@@ -244,8 +257,6 @@ class Reconciler:
         if local is None:
             local = self._local[alloc.id] = _Local(RestartBackoff(spec.restart, self._rng),
                                                    since=wall, generation=alloc.generation)
-        if local.phase == "fenced":
-            local.phase = "idle"
         actions: list[Action] = []
 
         if w is not None and w.state == "running":
@@ -258,6 +269,10 @@ class Reconciler:
                 local.health = HealthTracker(spec.health, now) if spec.health else None
                 local.message = ""
                 local.since = wall
+            if local.phase == "stopping" and not local.stop_pending:
+                # a liveness stop: sent again until the workload is gone
+                local.stop_pending = True
+                actions.append(Stop(alloc.id, spec.stop_grace_s, local.message))
             if local.phase == "running":
                 tracker = local.health
                 if tracker is not None and tracker.wants_restart:
@@ -265,6 +280,7 @@ class Reconciler:
                     local.message = f"unhealthy: {tracker.last_detail}"
                     LOGGER.warning("workload_unhealthy node=%s alloc=%s detail=%s",
                                    self._node, alloc.id, tracker.last_detail)
+                    local.stop_pending = True
                     actions.append(Stop(alloc.id, spec.stop_grace_s, local.message))
                 elif tracker is not None and not local.probing \
                         and tracker.next_probe_at() <= now:
@@ -288,10 +304,9 @@ class Reconciler:
             return actions
 
         # not running at all
-        if local.phase == "running":  # vanished without an exit we saw
-            self._count_exit(alloc, spec, local, None, "disappeared", now, wall)
-        if local.phase == "stopping":
-            return actions  # the restart stop is in flight
+        if local.phase in ("running", "stopping"):  # vanished without an exit we saw
+            self._count_exit(alloc, spec, local, None, "disappeared", now, wall,
+                             unhealthy=local.phase == "stopping")
         if local.phase == "backoff" and local.restart_at is not None and now < local.restart_at:
             self._report_local(alloc.id, local, wall)
             return actions
@@ -315,6 +330,7 @@ class Reconciler:
         ran = max(0.0, now - local.started_at)
         local.health = None
         local.probing = False
+        local.stop_pending = False
         local.since = wall
         if spec.kind == "job" and exit_code == 0 and not unhealthy:
             local.phase = "complete"
@@ -327,7 +343,10 @@ class Reconciler:
         restart_at = local.backoff.record_exit(now, ran, exit_code, unhealthy=unhealthy)
         if restart_at is None:
             local.phase = "failed" if (local.backoff.gave_up or exit_code != 0) else "complete"
-            local.message = local.backoff.reason or what
+            reason = local.backoff.reason
+            # the backoff only knows the exit status: keep the driver's words too
+            local.message = reason if reason and what in reason else \
+                "; ".join(x for x in (what, reason) if x)
             LOGGER.warning("workload_not_restarted node=%s alloc=%s reason=%s",
                            self._node, alloc.id, local.message)
             return
@@ -345,6 +364,7 @@ class Reconciler:
         if local is None or local.phase != "starting":
             return
         local.phase = "idle"  # the next step sees it running and takes it over
+        local.started_at = now  # an exit before that step ran from here
         local.ports = tuple(sorted(workload.ports.items()))
 
     def start_failed(self, alloc: AllocRecord, spec: WorkloadSpec, message: str, now: float,
@@ -358,8 +378,12 @@ class Reconciler:
         self._report_local(alloc.id, local, wall)
 
     def stopped(self, alloc: AllocId, now: float) -> None:
-        """A stop finished (the workload is exited or gone)."""
+        """A stop finished, or failed (the next step sends it again if the workload
+        still runs)."""
         self._stopping.discard(alloc)
+        local = self._local.get(alloc)
+        if local is not None:
+            local.stop_pending = False
 
     def removed(self, alloc: AllocId) -> None:
         """A remove finished (or failed: the next step retries)."""
@@ -393,7 +417,7 @@ class Reconciler:
     def _report_local(self, aid: AllocId, local: _Local, wall: float) -> None:
         state = {"idle": "starting", "starting": "starting", "running": "running",
                  "stopping": "running", "backoff": "exited", "failed": "failed",
-                 "complete": "complete", "fenced": "stopped"}[local.phase]
+                 "complete": "complete"}[local.phase]
         health = "none"
         if state == "running" and local.health is not None:
             health = local.health.health.value
