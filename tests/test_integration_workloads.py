@@ -116,6 +116,13 @@ def test_run_dns_scale_drain_and_heal_after_sigkill(four: Cluster) -> None:
     for d in survivors:
         four.wait_until(lambda d=d: victim.ip not in dns_addrs(d, "web.service.mesh"), 10,
                         f"{d.name} to stop answering with the dead node")
+    out = meshctl(survivors[0], "events", "--json")
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    seen = {(e["kind"], e["subject"], e["action"]) for e in events}
+    assert ("member", victim.name, "dead") in seen
+    assert ("service", "web", "created") in seen
+    assert sum(e["kind"] == "alloc" and e["action"] == "placed" for e in events) >= 6
 
     # drain: the node's replicas move away, and it takes work again when activated
     drained = survivors[0]

@@ -29,7 +29,8 @@ Call = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 """How a command reaches meshd: ``(method, params)`` to the result."""
 
 WORKLOAD_COMMANDS = frozenset({"run", "apply", "stack", "ls", "ps", "inspect", "scale",
-                               "update", "rollback", "rm", "logs", "nodes", "explain"})
+                               "update", "rollback", "rm", "logs", "nodes", "explain",
+                               "events"})
 """Top-level commands handled here (plus ``node drain|activate|label``)."""
 
 NODE_COMMANDS = frozenset({"drain", "activate", "label"})
@@ -127,6 +128,12 @@ def add_commands(sub: Any, node_sub: Any) -> None:
     logs = sub.add_parser("logs", help="output of a service's or an allocation's workloads")
     logs.add_argument("target", help="service name or allocation id")
     logs.add_argument("--tail", type=int, default=100, help="lines per allocation")
+
+    events = sub.add_parser("events", help="membership, leader, placement, start/stop/"
+                            "restart/health events seen by this node")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new ones")
+    events.add_argument("--since", type=int, default=0, help="after this sequence number")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
 
     drain = node_sub.add_parser("drain", help="move work off a node; place nothing new")
     drain.add_argument("name")
@@ -378,6 +385,8 @@ async def run_command(call: Call, args: argparse.Namespace) -> str:
             await wait_converged(call, args.names, args.timeout, gone=True)
         return json.dumps({"removed": args.names}) if args.json else \
             "\n".join(f"removed {n}" for n in args.names)
+    if cmd == "events":
+        return await _events(call, args)
     if cmd == "logs":
         parts = await call("service_logs", {"target": args.target, "tail": args.tail})
         out = []
@@ -389,6 +398,30 @@ async def run_command(call: Call, args: argparse.Namespace) -> str:
             out.append(text if not p["error"] else f"{p['alloc']}: error: {p['error']}\n")
         return "".join(out).rstrip("\n")
     raise AssertionError(cmd)
+
+
+def event_line(e: dict[str, Any], as_json: bool) -> str:
+    """One event, for people or (``--json``) tools."""
+    if as_json:
+        return json.dumps(e)
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{int(e['time'] % 1 * 1000):03d}"
+    return f"{stamp}  {e['kind']:<7} {e['subject']:<16} {e['action']:<12} {e['detail']}".rstrip()
+
+
+async def _events(call: Call, args: argparse.Namespace) -> str:
+    since = args.since
+    result = await call("events", {"since": since})
+    lines = [event_line(e, args.json) for e in result["events"]]
+    if not args.follow:
+        return "\n".join(lines)
+    for line in lines:
+        print(line, flush=True)
+    since = result["last"]
+    while True:
+        result = await call("events", {"since": since, "wait_s": 25})
+        for e in result["events"]:
+            print(event_line(e, args.json), flush=True)
+        since = result["last"]
 
 
 async def _apply(call: Call, specs: list[WorkloadSpec], args: argparse.Namespace) -> str:

@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from mesh.gossip.adapter import (
     bind_gossip_sockets,
     describe_bind_error,
 )
-from mesh.gossip.core import Membership, MemberView
+from mesh.gossip.core import MemberChanged, Membership, MemberView
 from mesh.gossip.messages import Meta, Status
 from mesh.node import api, trust
 from mesh.node.agent import Agent, Planner
@@ -60,6 +60,7 @@ from mesh.node.config import (
     parse_label,
 )
 from mesh.node.driver import Driver, open_driver
+from mesh.node.events import EventLog
 from mesh.node.metrics import Metric, counter, gauge, render
 from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
@@ -167,6 +168,7 @@ class Node:
         self.dns_addr: Addr | None = None
         self.driver: Driver | None = None
         self.services: ServiceApi | None = None
+        self.events: EventFeed | None = None
 
     @property
     def core(self) -> Membership:
@@ -213,7 +215,8 @@ class Node:
         return {"members": self.api_members, "info": self.api_info,
                 **trust.SecurityApi(self.trust, self.core, self.replica.deny).handlers(),
                 **self.replica.handlers(),
-                **(self.services.handlers() if self.services is not None else {})}
+                **(self.services.handlers() if self.services is not None else {}),
+                **({"events": self.events.api_events} if self.events is not None else {})}
 
     async def local_logs(self, alloc: AllocId, tail: int) -> bytes:
         """The last ``tail`` lines of a workload's output on this node."""
@@ -370,6 +373,76 @@ async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None
                 members, service_endpoints(replica.state, members, cache)))
 
 
+class EventFeed:
+    """Feeds this node's :class:`EventLog` from membership, Raft and the replicated
+    state, and serves it (``meshctl events [-f]``)."""
+
+    MAX_WAIT_S = 30.0
+    """The longest an ``events`` call waits for a new event."""
+
+    def __init__(self, node: Node, wall: Callable[[], float]) -> None:
+        self.log = EventLog()
+        self._node = node
+        self._wall = wall
+        self._new = trio.Event()
+
+    def _added(self) -> None:
+        self._new.set()
+        self._new = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Follow membership and the replica until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_members)
+            nursery.start_soon(self._follow_raft)
+            task_status.started()
+
+    async def _follow_members(self) -> None:
+        while True:
+            events = self._node.adapter.subscribe()
+            async with events:
+                async for ev in events:
+                    if isinstance(ev, MemberChanged) and ev.previous != ev.member.status:
+                        self.log.member(self._wall(), ev.member.node, ev.member.status.label,
+                                        str(ev.member.addr))
+                        self._added()
+
+    async def _follow_raft(self) -> None:
+        assert self._node.replica is not None
+        raft, state = self._node.replica.raft, self._node.replica.state
+        self.log.seed([*state.services(), *state.allocs()])
+        seen, leader = state.applied_index, raft.leader
+        while True:
+            await raft.wait_changed()
+            if raft.leader != leader:
+                leader = raft.leader
+                self.log.leader(self._wall(), leader, int(raft.status()["term"]))
+                self._added()
+            if state.applied_index == seen:
+                continue
+            try:
+                self.log.changes(self._wall(), state.changes_since(seen))
+            except MeshError:  # compacted: start over from the state as it is
+                self.log.seed([*state.services(), *state.allocs()])
+            seen = state.applied_index
+            self._added()
+
+    async def api_events(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Events after ``since``; waits up to ``wait_s`` for one if there is none."""
+        since, wait_s = params.get("since", 0), params.get("wait_s", 0)
+        if type(since) is not int or not isinstance(wait_s, (int, float)):
+            raise api.ApiError("events takes since (an integer) and wait_s (seconds)")
+        if since > self.log.last_seq:
+            since = 0  # this node restarted since: its sequence started over
+        if not self.log.since(since, 1) and wait_s > 0:
+            with trio.move_on_after(min(float(wait_s), self.MAX_WAIT_S)):
+                while not self.log.since(since, 1):
+                    await self._new.wait()
+        events = self.log.since(since)
+        return {"events": [e.as_dict() for e in events], "last": self.log.last_seq}
+
+
 async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
     """While this node is alone, keep trying the seeds it knows."""
     while True:
@@ -477,6 +550,7 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         node.replica = await Replica.open(config, core, credentials, replica_settings,
                                           random.Random(rng.getrandbits(64)))
         node.services = ServiceApi(node.replica, core, node.local_logs)
+        node.events = EventFeed(node, lambda: wall_clock().timestamp())
         node.tls_server = tls.TlsServer(credentials.server_ctx, _link_handlers(node),
                                         revoked=credentials.revoked, node=config.name)
         api_listener = await api.bind_unix_socket(config.socket_path)
@@ -487,6 +561,7 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await nursery.start(adapter.run)
                 await nursery.start(node.tls_server.serve, [tcp])
                 await node.replica.start(nursery)
+                await nursery.start(node.events.run)
                 await nursery.start(driver.serve)
                 agent = Agent(node.replica, driver, config.advertise.host,
                               lambda: wall_clock().timestamp(),
