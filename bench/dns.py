@@ -22,8 +22,27 @@ Usage::
     python bench/dns.py --seconds 2 --modes cached
     python bench/dns.py --dnsperf        # also run dnsperf against the server, if installed
 
-Prints a table and, last, one JSON line with every figure. Never passes or fails on
-a time.
+Freshness, on real ``meshd`` processes (``tests/daemons.py``) with the process driver,
+each node's DNS server on its own address (``--dns-bind IP:0``), 127.0.7.10 and up
+(``--first-ip``), gossip profile lan; the service ``web`` runs a Python HTTP server
+per replica with an HTTP health check. Every DNS server is asked directly (UDP,
+dnslib) every 20 ms::
+
+    python bench/dns.py freshness --nodes 5 --rounds 20
+    python bench/dns.py appear --nodes 5 --rounds 20
+
+``freshness``: ``web`` is global (one replica per node). Each round SIGKILLs a random
+node's meshd and then its workloads, and measures when each survivor stops answering
+``web.service.mesh`` A with the dead node's address, next to when it logged
+``member_dead`` for it; then restarts the node and waits for its new replica to be in
+every node's answers. ``appear``: ``web`` has one replica per node; each round scales
+it up by one and measures, from the new replica's ``workload_health ...
+health=healthy`` log line, when each node's SRV answer holds it; then scales back.
+Every daemon and every workload is killed by PID on the way out (``--keep`` keeps
+the data dirs and logs).
+
+Each prints figures and, last, one JSON line with every figure and the load average
+during the run. Never passes or fails on a time.
 """
 
 from __future__ import annotations
@@ -872,7 +891,7 @@ def cmd_qps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Options of the default (``qps``) benchmark, and the subcommands."""
+    """Options of the default benchmark (queries/s), and the subcommands."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
     parser.add_argument("--window", type=int, default=64,
@@ -884,9 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also measure dnsmasq serving the same records with dnsperf "
                              "(Debian packages dnsmasq-base, dnsperf)")
     parser.set_defaults(func=cmd_qps)
-    sub = parser.add_subparsers(dest="command")
-    qps = sub.add_parser("qps", help="queries/s and latency of one server core (default)")
-    qps.set_defaults(func=cmd_qps)
+    sub = parser.add_subparsers(dest="command", help="without one: queries/s and latency "
+                                "of one server core, with the options above")
     for name, func, what in (
             ("freshness", cmd_freshness, "SIGKILL a node -> every live node's DNS drops it"),
             ("appear", cmd_appear, "replica healthy -> every node's DNS answers with it")):
