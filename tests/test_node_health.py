@@ -260,3 +260,30 @@ def test_backoff_bounded_and_monotonic(
         if previous is not None and ran_s < window_s:
             assert at >= previous  # no reset in between: never shorter
         previous = at
+
+
+def test_a_starting_workload_is_probed_fast_but_fails_no_sooner() -> None:
+    tracker = HealthTracker(HealthSpec(kind="http", interval_s=2.0, retries=3), started_at=0.0)
+    times = []
+    now = 0.0
+    while tracker.health is Health.STARTING:
+        now = tracker.next_probe_at()
+        times.append(now)
+        tracker.probe_started(now)
+        tracker.record(False, now + 0.01)
+    # probes every 0.25 s while starting, but only one failure per 2 s interval counts:
+    # unhealthy at the third counted failure, at 4.0 s, as with plain 2 s probing
+    assert times[:3] == [0.0, 0.25, 0.5]
+    assert now == pytest.approx(4.0)
+    assert tracker.failures == 3
+
+
+def test_a_fast_start_probe_success_makes_it_healthy_at_once() -> None:
+    tracker = HealthTracker(HealthSpec(kind="http", interval_s=2.0), started_at=0.0)
+    for ok in (False, False, True):
+        now = tracker.next_probe_at()
+        tracker.probe_started(now)
+        tracker.record(ok, now)
+    assert tracker.health is Health.HEALTHY
+    assert now == pytest.approx(0.5)
+    assert tracker.next_probe_at() == pytest.approx(2.5)  # then the normal interval

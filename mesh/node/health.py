@@ -99,6 +99,14 @@ class Health(enum.Enum):
     """``retries`` probes in a row failed (outside the start period)."""
 
 
+START_INTERVAL_S: Final = 0.25
+"""Until its first success, a workload is probed this often (or every
+``interval_s`` if shorter): a replica enters DNS a quarter second after it can
+serve, not one interval later (Docker's ``start_interval``). Failures still count
+towards ``retries`` at most once per ``interval_s``, so a slow starter is not
+declared unhealthy sooner than with the plain interval."""
+
+
 class HealthTracker:
     """The health-check state of one running workload (one start of an allocation).
 
@@ -121,6 +129,8 @@ class HealthTracker:
         self._failures = 0
         self._checks = 0
         self._last_detail = ""
+        self._last_counted: float | None = None
+        """When the last failure that counted towards ``retries`` was probed."""
 
     def next_probe_at(self) -> float:
         """When the agent should launch the next probe.
@@ -169,15 +179,22 @@ class HealthTracker:
         self._probe_started_at = None
         self._checks += 1
         self._last_detail = detail
-        self._next_probe_at = max(now, started + self._spec.interval_s)
         before = self._health
+        interval = self._spec.interval_s
+        if before is Health.STARTING and not ok:
+            interval = min(interval, START_INTERVAL_S)
+        self._next_probe_at = max(now, started + interval)
         if ok:
             self._failures = 0
             self._health = Health.HEALTHY
         elif before is Health.STARTING and started < self._started_at + self._spec.start_period_s:
             pass  # Docker: a failure in the start period does not count towards retries
+        elif before is Health.STARTING and self._last_counted is not None \
+                and started < self._last_counted + self._spec.interval_s:
+            pass  # a fast start probe: only one failure per interval counts
         else:
             self._failures += 1
+            self._last_counted = started
             if self._failures >= self._spec.retries:
                 self._health = Health.UNHEALTHY
         return self._health if self._health is not before else None
