@@ -583,6 +583,12 @@ def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
 class ProcessDriver:
     """Runs each workload's command as a local process group; see the module docstring.
 
+    The argv is ``entrypoint + command`` (``image`` is ignored), resolved on the
+    workload's ``PATH``; it runs in meshd's working directory (``posix_spawn`` cannot
+    change it), so give absolute paths. CPU and memory limits are not enforced (a
+    warning says so). When the main process exits, the rest of its process group is
+    killed, as a container's processes end with its main process.
+
     Args:
         state_dir: where ``<alloc>/workload.json`` and ``<alloc>/output.log`` live;
             created if missing. One directory per node's meshd.
@@ -628,8 +634,10 @@ class ProcessDriver:
                     ) -> None:
         """Adopt what a previous meshd started, then reap children, watch adopted
         processes and rotate logs until cancelled (workloads keep running)."""
-        await trio.to_thread.run_sync(self._load)
-        await trio.to_thread.run_sync(self._prune_log_dirs)
+        # A few small files, once. Pruning deletes a few directories at most; on the
+        # trio thread it cannot race a start() that reuses one.
+        self._load()
+        self._prune_log_dirs()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -639,7 +647,7 @@ class ProcessDriver:
                 task_status.started()
                 while True:
                     self._refresh_adopted()
-                    await trio.to_thread.run_sync(self._rotate_logs)
+                    await trio.to_thread.run_sync(self._rotate_logs, sorted(self._records))
                     await trio.sleep(self._poll_interval_s)
             finally:
                 self._nursery = None
@@ -716,9 +724,10 @@ class ProcessDriver:
         code = _collect_exit_status(rec.pid)
         self._finish(rec, code, exit_message(code))
 
-    def _rotate_logs(self) -> None:
-        for rec in list(self._records.values()):
-            path = self._state_dir / rec.alloc / OUTPUT_LOG
+    def _rotate_logs(self, allocs: Sequence[AllocId]) -> None:
+        """Runs in a thread: copy-and-truncate every log over the limit."""
+        for alloc in allocs:
+            path = self._state_dir / alloc / OUTPUT_LOG
             try:
                 size = path.stat().st_size
                 if size <= self._log_max_bytes:
@@ -729,11 +738,13 @@ class ProcessDriver:
                 os.truncate(path, 0)
             except OSError as exc:
                 LOGGER.warning("log_rotation_failed node=%s alloc=%s reason=%s",
-                               self._node, rec.alloc, exc)
+                               self._node, alloc, exc)
                 continue
-            LOGGER.debug("log_rotated node=%s alloc=%s bytes=%s", self._node, rec.alloc, size)
+            LOGGER.debug("log_rotated node=%s alloc=%s bytes=%s", self._node, alloc, size)
 
     def _prune_log_dirs(self) -> None:
+        """Delete all but the newest ``retained_log_dirs`` directories that belong to
+        no workload (known ones and those with a state file stay)."""
         try:
             dirs = [d for d in self._state_dir.iterdir()
                     if d.is_dir() and d.name not in self._records
@@ -887,15 +898,12 @@ class ProcessDriver:
                               "stop it before removing it")
         del self._records[alloc]
         directory = self._state_dir / alloc
-
-        def forget() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                (directory / STATE_FILE).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(directory)
-            self._prune_log_dirs()
-
-        await trio.to_thread.run_sync(forget)
+        with contextlib.suppress(FileNotFoundError):
+            (directory / STATE_FILE).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(directory)  # pruning keeps the most recently removed
+        self._prune_log_dirs()
+        await trio.lowlevel.checkpoint()
         LOGGER.info("workload_removed node=%s alloc=%s", self._node, alloc)
 
     async def list(self) -> list[Workload]:
@@ -1267,11 +1275,15 @@ class DockerDriver:
         """
         filters = {"label": [f"{LABEL_PREFIX}managed=true", f"{LABEL_PREFIX}node={self._node}"]}
         try:
-            containers = await self._call(
-                lambda: self._client.containers.list(all=True, filters=filters))
+            containers = await self._call(lambda: self._client.containers.list(
+                all=True, filters=filters, ignore_removed=True))
         except docker.errors.DockerException as exc:
             raise self._api_error("cannot list containers", exc) from None
         found = [w for c in containers if (w := self._workload(c.attrs)) is not None]
+        # Forget exit times of containers removed behind our back.
+        listed = {w.ref for w in found}
+        for cid in [cid for cid in self._finished_at if cid not in listed]:
+            del self._finished_at[cid]
         return sorted(found, key=lambda w: w.alloc)
 
     async def wait_changed(self) -> None:
@@ -1286,16 +1298,23 @@ class DockerDriver:
             DriverError: there is no container of ``alloc`` on this node.
         """
         assert tail >= 0
-        container = await self._call(self._get, alloc)
-        if container is None:
-            raise DriverError(f"no logs of allocation {alloc} on node {self._node}; it has "
-                              "no container here (removed, or never ran here)")
+
+        def open_logs() -> Any:
+            container = self._get(alloc)
+            if container is None:
+                raise DriverError(f"no logs of allocation {alloc} on node {self._node}; it "
+                                  "has no container here (removed, or never ran here)")
+            return container.logs(tail=tail, stream=follow, follow=follow)
+
+        try:
+            logs = await self._call(open_logs)
+        except docker.errors.DockerException as exc:
+            raise self._api_error(f"cannot read the logs of allocation {alloc}", exc) from None
         if not follow:
-            data: bytes = await self._call(lambda: container.logs(tail=tail))
-            if data:
-                yield data
+            if logs:
+                yield logs
             return
-        stream = await self._call(lambda: container.logs(stream=True, follow=True, tail=tail))
+        stream = logs
         try:
             while True:
                 chunk = await trio.to_thread.run_sync(
