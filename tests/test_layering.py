@@ -24,6 +24,7 @@ ALLOWED = {
     "node/trust.py",
     "node/replica.py",
     "node/cli.py",
+    "node/cli_workloads.py",
 }
 
 

@@ -19,7 +19,7 @@ import trio
 import mesh
 from mesh import tls
 from mesh.errors import MeshError, RemoteProtocolError
-from mesh.node import api
+from mesh.node import api, cli_workloads
 from mesh.types import Addr
 
 DEFAULT_SOCKET = "/var/lib/meshd/meshd.sock"
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = raft_sub.add_parser("transfer", help="hand leadership to another voter")
     transfer.add_argument("--to", default=None, help="the voter (default: any other)")
     transfer.add_argument("--json", action="store_true", help="print JSON")
+    cli_workloads.add_commands(sub, node_sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -175,6 +176,9 @@ def _keys_detail(result: list[dict[str, Any]]) -> str:
 
 async def _run(args: argparse.Namespace) -> str:
     client = Client(args)
+    if args.command in cli_workloads.WORKLOAD_COMMANDS or (
+            args.command == "node" and args.node_command in cli_workloads.NODE_COMMANDS):
+        return await cli_workloads.run_command(client.call, args)
     if args.command == "members":
         result = await client.call("members")
         return json.dumps(result, indent=2) if args.json else members_table(result)
