@@ -24,7 +24,8 @@ Invariants:
   lost acknowledged write a linearizability failure).
 * **services converge** (only when the scenario declares services): every
   service runs its desired replicas, healthy, on live nodes; its DNS name answers
-  exactly the nodes of its healthy running allocations.
+  exactly the nodes of its healthy running allocations; no node runs a workload
+  that no allocation of its own accounts for.
 
 Pure: no I/O, no clock.
 """
@@ -273,6 +274,26 @@ def service_dns_violations(t: float, server: str, service: str, answered: Iterab
     return [Violation(t, "dns_ready_endpoints_only",
                       f"{server}'s DNS answers {service}.service.mesh with {got}, "
                       f"expected {want}")]
+
+
+def orphan_violations(t: float, node: str, sessions: int,
+                      allocs: Sequence[Mapping[str, Any]]) -> list[Violation]:
+    """No workload left running that no allocation owns.
+
+    Args:
+        t: when the processes were counted.
+        node: the node whose namespace was inspected.
+        sessions: process sessions in its namespace other than meshd's own (the
+            process driver starts each workload in a session of its own).
+        allocs: every allocation (``meshctl ps --json``), any desired state.
+    """
+    owned = sum(1 for a in allocs if a["node"] == node
+                and a["state"] in ("starting", "running"))
+    if sessions <= owned:
+        return []
+    return [Violation(t, "no_orphan_workloads",
+                      f"{node} runs {sessions} workload process group(s) but holds "
+                      f"{owned} starting or running allocation(s)")]
 
 
 def distribution(values: Iterable[float]) -> dict[str, float | int | None]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import random
 import shutil
 import signal
@@ -84,6 +85,9 @@ DNS_ATTEMPTS: Final = 3
 NETEM_START_TIMEOUT_S: Final = 10.0
 """How long :mod:`chaos.netem` may take to bind its queue."""
 
+ORPHAN_SETTLE_S: Final = 10.0
+"""How long the orphan check waits for workloads being stopped to go."""
+
 FILLER: Final = "chaos-filler"
 """The file that fills a node's data dir for ``disk_full``."""
 
@@ -135,7 +139,8 @@ class Runner:
         self._notes: list[str] = []
         """What the fault being run did, as measured (for its record)."""
         self.checks = {"membership_converges": 0, "dns_live_nodes_only": 0, "no_crash": 0,
-                       "services_converge": 0, "dns_ready_endpoints_only": 0}
+                       "services_converge": 0, "dns_ready_endpoints_only": 0,
+                       "no_orphan_workloads": 0}
         self.rng = random.Random(opts.seed)
         self.workload = KvWorkload(opts.scenario.workload, list(self.nodes.values()),
                                    random.Random(self.rng.getrandbits(64)), self.now)
@@ -622,16 +627,17 @@ class Runner:
                 final_since = self.now()
                 final_heal = await self.wait_healed(final_since, "final heal")
                 await self.check_dns(self.live(), [])
-                services_detail = "the scenario declares no services"
+                services_detail = orphans_detail = "the scenario declares no services"
                 if self.opts.scenario.services:
                     services_detail = ""
                     await self.wait_services("final heal")
                     await self.check_service_dns()
+                    orphans_detail = await self.check_orphans()
                 clients.cancel_scope.cancel()
             unread = await self.workload.final_reads()
             self._check_exits()
             outer.cancel_scope.cancel()
-        return self._report(final_heal, unread, services_detail)
+        return self._report(final_heal, unread, services_detail, orphans_detail)
 
     async def meshctl(self, node: NodeProc, *args: str) -> str:
         """Run ``meshctl --socket <node's socket> ARGS``; returns its stdout.
@@ -692,6 +698,44 @@ class Runner:
                 return None
             await trio.sleep(POLL_INTERVAL_S * 2)
 
+    def _workload_sessions(self, name: str) -> int:
+        """Process sessions in the node's namespace other than meshd's (and the
+        harness's netem helpers, which are not running at the end)."""
+        node = self.nodes[name]
+        assert node.proc is not None
+        own = os.getsid(node.proc.pid)
+        sessions = set()
+        for pid in self.topo.namespace_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                sid = os.getsid(pid)
+                if sid != own:
+                    sessions.add(sid)
+        return len(sessions)
+
+    async def check_orphans(self) -> str:
+        """After convergence: no node runs more workload process groups than it has
+        starting or running allocations (rechecked for a few seconds: stops are
+        asynchronous). Returns why it was skipped (empty if it ran)."""
+        if self.topo.mode != "netns":
+            return "loopback mode: processes cannot be told apart by node"
+        deadline = self.now() + ORPHAN_SETTLE_S
+        while True:
+            self.checks["no_orphan_workloads"] += 1
+            found: list[inv.Violation] = []
+            try:
+                _, allocs = await self._service_views()
+            except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                return f"cannot read allocations: {exc}"
+            for name in self.live():
+                sessions = await trio.to_thread.run_sync(self._workload_sessions, name)
+                found += inv.orphan_violations(self.now(), name, sessions, allocs)
+            if not found or self.now() >= deadline:
+                break
+            await trio.sleep(1.0)
+        for v in found:
+            self._violate(v)
+        return ""
+
     async def check_service_dns(self) -> None:
         """Every live node's DNS answers each service with its healthy endpoints only
         (with the same grace as node names)."""
@@ -717,7 +761,7 @@ class Runner:
                     self._violate(v)
 
     def _report(self, final_heal: float | None, unread: list[str],
-                services_detail: str) -> dict[str, Any]:
+                services_detail: str, orphans_detail: str) -> dict[str, Any]:
         ops = self.workload.history.operations()
         result = check_kv(ops)
         if not result.ok:
@@ -755,6 +799,9 @@ class Runner:
                     skipped=services_detail),
             verdict("dns_ready_endpoints_only", self.checks["dns_ready_endpoints_only"],
                     "<service>.service.mesh on every live node", skipped=services_detail),
+            verdict("no_orphan_workloads", self.checks["no_orphan_workloads"],
+                    "workload process groups per node vs its allocations, at the end",
+                    skipped=orphans_detail),
         ]
         meta = {
             "scenario": self.opts.scenario.name, "seed": self.opts.seed,

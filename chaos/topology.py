@@ -206,15 +206,22 @@ class Topology:
             out[name] = total
         return out
 
+    def namespace_pids(self, name: str) -> list[int]:
+        """Every process in node ``name``'s namespace (namespace mode only)."""
+        out = _run(["ip", "netns", "pids", self.namespaces[name]], check=False).stdout
+        return [int(p) for p in out.split()]
+
     def heal_network(self) -> None:
         """Remove every network fault."""
         if self.mode == "netns":
             self.set_rules({})
 
     def teardown(self, keep_dir: bool = False) -> list[str]:
-        """Remove namespaces, links, mounts, processes and (unless ``keep_dir``) the run
-        directory; returns the problems met (never raises)."""
+        """Remove namespaces, links, mounts, processes (meshd and the workloads it
+        started) and (unless ``keep_dir``) the run directory; returns the problems
+        met (never raises)."""
         problems = _kill_pids(self.pids, self.run_dir)
+        _kill_workloads(self.run_dir)
         for ns in sorted(self.namespaces.values()):
             problems += _kill_namespace_pids(ns)
             if _run(["ip", "netns", "del", ns], check=False).returncode != 0:
@@ -388,6 +395,31 @@ def _kill_pids(pids: Mapping[int, str], run_dir: Path) -> list[str]:
     return problems
 
 
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time), what the process driver records
+    in ``workload.json`` to recognise its process; ``None`` if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
+def _kill_workloads(run_dir: Path) -> None:
+    """SIGKILL the process group of every workload the nodes' process drivers started
+    (``<data dir>/allocs/<alloc>/workload.json``) that still runs: workloads outlive
+    meshd by design, and in loopback mode no namespace takes them down."""
+    for state in run_dir.glob("*/allocs/*/workload.json"):
+        try:
+            doc = json.loads(state.read_text())
+            pid, ticks = int(doc["pid"]), int(doc["start_ticks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid > 1 and _start_ticks(pid) == ticks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def _kill_namespace_pids(ns: str) -> list[str]:
     """Every process inside one of the harness's namespaces is the harness's."""
     out = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
@@ -428,6 +460,7 @@ def cleanup_leftovers(force: bool = False) -> list[str]:
             active.add(run_dir.name)
             continue
         _kill_pids({int(p): n for p, n in state.get("pids", {}).items()}, run_dir)
+        _kill_workloads(run_dir)
         for m in reversed(state.get("mounts", [])):
             if _run(["umount", "-l", m], check=False).returncode == 0:
                 removed.append(f"mount {m}")

@@ -274,6 +274,15 @@ def test_service_dns_violations() -> None:
     assert vs[0].invariant == "dns_ready_endpoints_only"
 
 
+def test_orphan_violations_count_groups_against_live_allocations() -> None:
+    allocs = [_alloc(1, "n1"), _alloc(2, "n1", state="starting"), _alloc(3, "n1", state="exited"),
+              _alloc(4, "n2")]
+    assert inv.orphan_violations(1.0, "n1", 2, allocs) == []
+    vs = inv.orphan_violations(1.0, "n1", 3, allocs)
+    assert [v.invariant for v in vs] == ["no_orphan_workloads"]
+    assert "3 workload process group(s) but holds 2" in vs[0].message
+
+
 def test_distribution() -> None:
     d = inv.distribution([3.0, 1.0, 2.0, 10.0])
     assert d == {"count": 4, "min": 1.0, "median": 2.5, "p90": 10.0, "max": 10.0}
