@@ -136,6 +136,8 @@ class Runner:
         self.member_counts: list[tuple[float, int]] = []
         self.replica_counts: list[tuple[float, int]] = []
         self._exits_seen: dict[str, int] = {}
+        self._orphan_counts = ""
+        """Workload process groups per node at the last orphan check (for the report)."""
         self._notes: list[str] = []
         """What the fault being run did, as measured (for its record)."""
         self.checks = {"membership_converges": 0, "dns_live_nodes_only": 0, "no_crash": 0,
@@ -726,9 +728,12 @@ class Runner:
                 _, allocs = await self._service_views()
             except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 return f"cannot read allocations: {exc}"
+            counts = []
             for name in self.live():
                 sessions = await trio.to_thread.run_sync(self._workload_sessions, name)
                 found += inv.orphan_violations(self.now(), name, sessions, allocs)
+                counts.append(f"{name} {sessions}")
+            self._orphan_counts = ", ".join(counts)
             if not found or self.now() >= deadline:
                 break
             await trio.sleep(1.0)
@@ -800,7 +805,8 @@ class Runner:
             verdict("dns_ready_endpoints_only", self.checks["dns_ready_endpoints_only"],
                     "<service>.service.mesh on every live node", skipped=services_detail),
             verdict("no_orphan_workloads", self.checks["no_orphan_workloads"],
-                    "workload process groups per node vs its allocations, at the end",
+                    "workload process groups per node vs its allocations, at the end "
+                    f"({self._orphan_counts})",
                     skipped=orphans_detail),
         ]
         meta = {
