@@ -268,7 +268,7 @@ class Reconciler:
                 local.ports = tuple(sorted(w.ports.items()))
                 local.health = HealthTracker(spec.health, now) if spec.health else None
                 local.message = ""
-                local.since = wall
+                local.since = w.started_at or wall  # an adopted one keeps its start time
             if local.phase == "stopping" and not local.stop_pending:
                 # a liveness stop: sent again until the workload is gone
                 local.stop_pending = True
