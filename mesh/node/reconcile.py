@@ -268,7 +268,7 @@ class Reconciler:
                 local.ports = tuple(sorted(w.ports.items()))
                 local.health = HealthTracker(spec.health, now) if spec.health else None
                 local.message = ""
-                local.since = w.started_at or wall  # an adopted one keeps its start time
+                local.since = w.started_at if w.started_at > 0 else wall  # adopted: kept
             if local.phase == "stopping" and not local.stop_pending:
                 # a liveness stop: sent again until the workload is gone
                 local.stop_pending = True
