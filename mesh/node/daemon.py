@@ -56,6 +56,7 @@ from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     GOSSIP_PROFILES,
+    RESERVED_LABEL_PREFIX,
     NodeConfig,
     parse_label,
 )
@@ -182,7 +183,9 @@ class Node:
             "address": str(m.addr),
             "status": m.status.label,
             "incarnation": m.incarnation,
-            "labels": m.meta.labels_dict,
+            "labels": {k: v for k, v in m.meta.labels_dict.items()
+                       if not k.startswith(RESERVED_LABEL_PREFIX)},
+            "driver": m.meta.labels_dict.get(DRIVER_LABEL, ""),
             "age": round(max(0.0, now - m.since), 3),
             "role": m.meta.role,
             "cpu_millis": m.meta.cpu_millis,
