@@ -292,6 +292,11 @@ class Reconciler:
             self._report_local(alloc.id, local, wall)
             return actions
 
+        if w is not None and local.phase == "starting":
+            # our Start is in flight: a container between create and start looks
+            # exited; what the start returns decides (and an exit is seen after it)
+            self._report_local(alloc.id, local, wall)
+            return actions
         if w is not None:  # exited
             if local.seen_exit != w.ref:
                 local.seen_exit = w.ref
