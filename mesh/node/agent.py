@@ -200,8 +200,29 @@ class Agent:
                 await self._remove(action)
             else:
                 await self._probe(action)
+        except Exception:
+            # A driver is a boundary to third-party code (the docker SDK raises
+            # requests' errors when dockerd goes away): one failed action must not
+            # take the node down. The reconciler retries on its next pass.
+            LOGGER.exception("workload_action_failed node=%s action=%s; this is a bug in "
+                             "the driver: please report it", self._me, type(action).__name__)
+            self._unstick(action)
         finally:
             self._kick()
+
+    def _unstick(self, action: Action) -> None:
+        """Tell the reconciler an action ended without a result."""
+        now = trio.current_time()
+        if isinstance(action, Start):
+            self._rec.start_failed(action.alloc, action.spec, "the driver failed", now,
+                                   self._wall())
+        elif isinstance(action, Stop):
+            self._rec.stopped(action.alloc, now)
+        elif isinstance(action, Remove):
+            self._rec.removed(action.alloc)
+        else:
+            self._rec.probed(action.alloc, action.run, False, "the probe failed", now,
+                             self._wall())
 
     async def _start(self, action: Start) -> None:
         alloc = action.alloc

@@ -17,7 +17,6 @@ from typing import Any
 import trio
 
 import mesh
-from mesh import tls
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.node import api, cli_workloads
 from mesh.types import Addr
@@ -145,6 +144,8 @@ class Client:
         if not self._args.cert_dir:
             raise MeshError("--addr needs admin credentials: pass --cert-dir DIR (the first "
                             "node wrote them to its DATA_DIR/admin) or set MESH_CERT_DIR")
+        from mesh import tls  # only for --addr: keeps the local path light
+
         identity = tls.TlsIdentity.admin(Path(self._args.cert_dir))
         if not identity.exists():
             raise MeshError(f"no admin credentials in {self._args.cert_dir}: it needs "

@@ -17,13 +17,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from mesh.errors import ConfigError, MeshError
-from mesh.node.compose import STACK_LABEL, from_compose
-from mesh.node.spec import WorkloadSpec, load_specs, parse_spec
+
+if TYPE_CHECKING:
+    from mesh.node.spec import WorkloadSpec
 
 Call = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 """How a command reaches meshd: ``(method, params)`` to the result."""
@@ -35,7 +36,7 @@ WORKLOAD_COMMANDS = frozenset({"run", "apply", "stack", "ls", "ps", "inspect", "
 
 NODE_COMMANDS = frozenset({"drain", "activate", "label"})
 
-POLL_S = 0.25
+POLL_S = 0.1
 """How often a waiting command asks for progress."""
 
 
@@ -225,6 +226,8 @@ def run_spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
         doc["restart"] = args.restart
     if args.job:
         doc["kind"] = "job"
+    from mesh.node.spec import parse_spec  # the spec layer (and YAML) only when needed
+
     return parse_spec(doc, source="meshctl run")
 
 
@@ -334,6 +337,8 @@ async def run_command(call: Call, args: argparse.Namespace) -> str:
     if cmd == "run":
         return await _apply(call, [run_spec_from_args(args)], args)
     if cmd == "apply":
+        from mesh.node.spec import load_specs
+
         specs = load_specs(_read(args.file), source=args.file)
         return await _apply(call, specs, args)
     if cmd == "stack":
@@ -466,11 +471,15 @@ async def _update(call: Call, args: argparse.Namespace) -> str:
     doc["env"] = env
     constraints = [c for c in doc.get("constraints", []) if c not in args.constraint_rm]
     doc["constraints"] = constraints + list(args.constraint_add)
+    from mesh.node.spec import parse_spec
+
     spec = parse_spec(doc, source="meshctl update")
     return await _apply(call, [spec], args)
 
 
 async def _stack(call: Call, args: argparse.Namespace) -> str:
+    from mesh.node.compose import STACK_LABEL, from_compose
+
     if args.stack_command == "deploy":
         specs, warnings = from_compose(_read(args.compose_file), args.stack,
                                        source=args.compose_file)

@@ -56,6 +56,7 @@ from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     GOSSIP_PROFILES,
+    RESERVED_LABEL_PREFIX,
     NodeConfig,
     parse_label,
 )
@@ -182,7 +183,9 @@ class Node:
             "address": str(m.addr),
             "status": m.status.label,
             "incarnation": m.incarnation,
-            "labels": m.meta.labels_dict,
+            "labels": {k: v for k, v in m.meta.labels_dict.items()
+                       if not k.startswith(RESERVED_LABEL_PREFIX)},
+            "driver": m.meta.labels_dict.get(DRIVER_LABEL, ""),
             "age": round(max(0.0, now - m.since), 3),
             "role": m.meta.role,
             "cpu_millis": m.meta.cpu_millis,
@@ -522,23 +525,25 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         await tcp.aclose()
         raise
     with udp, dns_sockets or contextlib.nullcontext():
-        try:
-            credentials = await trust.establish(config, token, wall_clock, cluster_label)
-        except BaseException:
-            await tcp.aclose()
-            raise
-        ports = {"gossip": config.advertise.port}
-        if credentials.join_server is not None:
-            ports[trust.JOIN_PORT_NAME] = config.advertise.port
+        # The driver first: a node that cannot run workloads must fail before it
+        # creates or joins a cluster, or its data dir would hold credentials
+        # without the Raft state that goes with them.
         try:
             driver = await open_driver(
                 config.driver, state_dir=config.allocs_dir, node=config.name,
                 host=config.advertise.host, wall_clock=lambda: wall_clock().timestamp(),
                 dns_servers=[config.dns.bind_host] if config.dns is not None else [],
                 docker_pull=config.docker_pull)
+            credentials = await trust.establish(config, token, wall_clock, cluster_label)
         except DriverError as exc:
             await tcp.aclose()
             raise StartupError(str(exc)) from None
+        except BaseException:
+            await tcp.aclose()
+            raise
+        ports = {"gossip": config.advertise.port}
+        if credentials.join_server is not None:
+            ports[trust.JOIN_PORT_NAME] = config.advertise.port
         meta = Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
                           config.cpu_millis, config.memory_bytes, config.role, ports)
         core = Membership(config.gossip, config.name, config.advertise, meta, rng,

@@ -1037,7 +1037,12 @@ class DockerDriver:
         """Container id -> when this driver first saw it not running."""
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except (requests.exceptions.RequestException, OSError) as exc:
+            # the SDK lets transport errors through when dockerd goes away
+            raise DriverError(f"the Docker engine on node {self._node} does not answer "
+                              f"({exc}); check dockerd") from None
 
     def _api_error(self, what: str, exc: docker.errors.DockerException) -> DriverError:
         detail = getattr(exc, "explanation", None) or str(exc)

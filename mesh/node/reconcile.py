@@ -268,7 +268,7 @@ class Reconciler:
                 local.ports = tuple(sorted(w.ports.items()))
                 local.health = HealthTracker(spec.health, now) if spec.health else None
                 local.message = ""
-                local.since = wall
+                local.since = w.started_at if w.started_at > 0 else wall  # adopted: kept
             if local.phase == "stopping" and not local.stop_pending:
                 # a liveness stop: sent again until the workload is gone
                 local.stop_pending = True
@@ -292,6 +292,11 @@ class Reconciler:
             self._report_local(alloc.id, local, wall)
             return actions
 
+        if w is not None and local.phase == "starting":
+            # our Start is in flight: a container between create and start looks
+            # exited; what the start returns decides (and an exit is seen after it)
+            self._report_local(alloc.id, local, wall)
+            return actions
         if w is not None:  # exited
             if local.seen_exit != w.ref:
                 local.seen_exit = w.ref
