@@ -39,6 +39,9 @@ NODE_COMMANDS = frozenset({"drain", "activate", "label"})
 POLL_S = 0.1
 """How often a waiting command asks for progress."""
 
+MOVED_GRACE_S = 2.0
+"""How long to wait for the reason once a service moved past the generation asked for."""
+
 
 
 
@@ -261,6 +264,7 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
     """
     tty = sys.stderr.isatty()
     last: dict[str, str] = {}
+    moved_polls: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     with trio.move_on_after(timeout_s) as scope:
         while True:
@@ -286,8 +290,13 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
                             f"{r['name']}: {r['updated']}/{r['desired']} up to date, "
                             f"{r['running']} running, {r['healthy']} healthy")
                     want = (generations or {}).get(r["name"])
-                    if r["rollout"] == "paused" or (
-                            want is not None and r["generation"] != want):
+                    moved = want is not None and r["generation"] != want
+                    if moved and not r["rollout"]:
+                        # the leader commits a rollback's spec, then its rollout state:
+                        # wait a little for the reason before saying anything
+                        moved_polls[r["name"]] = moved_polls.get(r["name"], 0) + 1
+                        moved = moved_polls[r["name"]] * POLL_S >= MOVED_GRACE_S
+                    if r["rollout"] == "paused" or moved:
                         state = r["rollout"] or f"replaced by generation {r['generation']}"
                         raise MeshError(f"{r['name']}: update {state}: "
                                         f"{r['rollout_message']}")
