@@ -209,3 +209,24 @@ def test_restarted_meshd_adopts_its_workloads(tmp_path: Path) -> None:
         finally:
             cluster.close()
             kill_workloads(cluster)
+
+
+def test_a_job_runs_to_completion_and_a_crash_loop_backs_off(four: Cluster) -> None:
+    n2 = four["n2"]
+    job = meshctl(n2, "run", "--driver", "process", "--job", "--name", "once",
+                  "--replicas", "2", "--", "sh", "-c", "echo hello from $MESH_ALLOC")
+    assert job.returncode == 0, job.stderr
+    assert "once: 2/2 complete" in job.stdout
+    assert {a["state"] for a in allocs(n2, "once")} == {"complete"}
+    out = meshctl(n2, "logs", "once")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("hello from once-") == 2
+
+    # a command that exits at once: restarts back off instead of burning the node
+    bad = meshctl(n2, "run", "--driver", "process", "--name", "crashy", "--timeout", "4",
+                  "--", "sh", "-c", "exit 7")
+    assert bad.returncode == 1
+    assert "exited with status 7" in bad.stderr
+    (crashy,) = allocs(n2, "crashy")
+    assert crashy["state"] in ("exited", "starting", "running")
+    assert crashy["restarts"] <= 4      # 0.5 + 1 + 2 s of backoff fit in 4 s, no more

@@ -266,10 +266,22 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
     last: dict[str, str] = {}
     moved_polls: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
+    trouble = ""
+
+    async def poll(method: str) -> Any:
+        # a poll that fails (an election under way) is retried until the deadline
+        nonlocal trouble
+        while True:
+            try:
+                return await call(method, {})
+            except MeshError as exc:
+                trouble = str(exc)
+                await trio.sleep(POLL_S)
+
     with trio.move_on_after(timeout_s) as scope:
         while True:
             if gone:
-                allocs = await call("service_ps", {})
+                allocs = await poll("service_ps")
                 left = {n: sum(1 for a in allocs if a["service"] == n) for n in names}
                 for name in names:
                     line = f"{name}: {left[name]} replicas still stopping"
@@ -279,16 +291,16 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
                 if not any(left.values()):
                     break
             else:
-                rows = [r for r in await call("service_ls", {}) if r["name"] in names]
+                rows = [r for r in await poll("service_ls") if r["name"] in names]
                 missing = set(names) - {r["name"] for r in rows}
                 if missing:
                     raise MeshError(f"service {', '.join(sorted(missing))} disappeared")
                 for r in rows:
-                    line = (f"{r['name']}: {_bar(r['updated'], r['desired'])} {r['updated']}/"
-                            f"{r['desired']} up to date, {r['running']} running, "
-                            f"{r['healthy']} healthy" if tty else
-                            f"{r['name']}: {r['updated']}/{r['desired']} up to date, "
-                            f"{r['running']} running, {r['healthy']} healthy")
+                    done, what = (r["complete"], "complete") if r["kind"] == "job" else \
+                        (r["updated"], "up to date")
+                    line = (f"{r['name']}: {_bar(done, r['desired']) + ' ' if tty else ''}"
+                            f"{done}/{r['desired']} {what}, {r['running']} running, "
+                            f"{r['healthy']} healthy")
                     want = (generations or {}).get(r["name"])
                     moved = want is not None and r["generation"] != want
                     if moved and not r["rollout"]:
@@ -309,7 +321,11 @@ async def wait_converged(call: Call, names: Sequence[str], timeout_s: float, *,
     if tty:
         print(file=sys.stderr)
     if scope.cancelled_caught:
-        raise MeshError(await _why_not(call, names, gone, timeout_s))
+        try:
+            why = await _why_not(call, names, gone, timeout_s)
+        except MeshError as exc:
+            why = f"not converged after {timeout_s:g}s; meshd answers: {exc}"
+        raise MeshError(why + (f" (last error: {trouble})" if trouble else ""))
     return rows
 
 
@@ -458,7 +474,9 @@ async def _finish(call: Call, results: list[dict[str, Any]], args: argparse.Name
     if not args.detach:
         rows = await wait_converged(call, [r["name"] for r in results], args.timeout,
                                     generations={r["name"]: r["generation"] for r in results})
-        lines.extend(f"{r['name']}: {r['healthy']}/{r['desired']} healthy" for r in rows)
+        lines.extend(f"{r['name']}: {r['complete']}/{r['desired']} complete"
+                     if r["kind"] == "job" else
+                     f"{r['name']}: {r['healthy']}/{r['desired']} healthy" for r in rows)
     if args.json:
         return json.dumps({"results": results, "services": rows}, indent=2)
     return "\n".join(lines)

@@ -244,12 +244,18 @@ class ServiceApi:
                 desired = len([n for n in plan.assignments.get(name, ()) if n is not None])
             else:
                 desired = spec.replicas
-            if spec.kind == "job":
-                desired -= sum(1 for a in allocs if a.state == "complete")
             running = sum(1 for a in allocs if a.state == "running")
             healthy = sum(1 for a in allocs if a.ready)
+            complete = sum(1 for a in allocs if a.state == "complete")
             current = sum(1 for a in allocs if a.ready and a.generation == rec.generation)
-            failed = [a for a in allocs if a.state == "failed"]
+            # why replicas are not ready, in their nodes' words (failed ones first)
+            troubled = sorted((a for a in allocs if not a.ready and a.message
+                               and a.state != "complete"),
+                              key=lambda a: (a.state != "failed", a.id))
+            if spec.kind == "job":  # a job has converged when every slot ran to completion
+                converged = complete == desired
+            else:
+                converged = healthy == desired and current == desired and len(allocs) == desired
             out.append({
                 "name": name, "kind": spec.kind, "mode": spec.mode,
                 "desired": desired, "running": running, "healthy": healthy,
@@ -261,9 +267,8 @@ class ServiceApi:
                            "container_port": p.container_port, "protocol": p.protocol}
                           for p in spec.ports],
                 "pending": plan.explain_unplaced(name) or "",
-                "failures": [f"{a.id} on {a.node}: {a.message}" for a in failed][:5],
-                "converged": (healthy == desired and current == desired
-                              and len(allocs) == desired),
+                "failures": [f"{a.id} on {a.node}: {a.message}" for a in troubled][:5],
+                "complete": complete, "converged": converged,
             })
         return out
 
