@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -58,6 +60,12 @@ from daemons import ApiUnavailable, Cluster, Daemon, wait_for  # noqa: E402
 from mesh import wire  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response  # noqa: E402
+from mesh.raft.config import RaftConfig  # noqa: E402
+from mesh.raft.core import RaftCore  # noqa: E402
+from mesh.raft.messages import ConfState, Entry, HardState  # noqa: E402
+from mesh.raft.state import KvPut, MeshState  # noqa: E402
+from mesh.raft.storage import FileStorage, bootstrap  # noqa: E402
+from mesh.types import NodeId  # noqa: E402
 
 WRITE_POLL_S = 0.01
 
@@ -168,6 +176,8 @@ def replace(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 VALUE = b"v" * 100
 KEYS_PER_CLIENT = 64
 PYSYNCOBJ_PORT = 17947
+BUILD_BATCH = 256
+"""Entries per save while building the restart bench's log."""
 
 
 class MeshProto:
@@ -459,6 +469,92 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
                 p.wait()
 
 
+# --- restart ---------------------------------------------------------------------
+
+
+def build_log(directory: Path, entries: int, keys: int, cfg: RaftConfig) -> dict[str, Any]:
+    """Write what a voter's ``DIR/raft`` holds after ``entries`` ``kv_put``s over
+    ``keys`` keys (100-byte values, fresh request ids), saved in batches of
+    ``BUILD_BATCH`` as a leader's Readies would be, with the adapter's snapshot and
+    compaction policy (``snapshot_entries``, ``snapshot_keep_entries``) applied
+    when the last snapshot before the end is due. fsync is off while building
+    (the files are the same)."""
+    storage = FileStorage(directory, sync=False)
+    bootstrap(storage, [NodeId("n0")])
+    state = MeshState()
+    first = storage.last_index() + 1
+    batch: list[Entry] = []
+    for e in storage.entries(1, first):
+        state.apply(e)
+    last_snap = 0
+    end = first + entries
+    for index in range(first, end):
+        key = f"app/{(index * 7919) % keys:08d}"
+        batch.append(Entry(2, index, KvPut(key, VALUE, request_id=os.urandom(16)).encode()))
+        if len(batch) == BUILD_BATCH or index == end - 1:
+            storage.save(HardState(2, NodeId("n0"), index), batch, None)
+            for e in batch:
+                state.apply(e)
+            batch = []
+            # The adapter snapshots once snapshot_entries are applied since the
+            # last one; only the last such snapshot shapes the final files.
+            if index - last_snap >= cfg.snapshot_entries and end - 1 - index < cfg.snapshot_entries:
+                conf = ConfState(voters=(NodeId("n0"),))
+                storage.create_snapshot(index, conf, state.snapshot())
+                storage.compact(index - cfg.snapshot_keep_entries)
+                last_snap = index
+    storage.close()
+    files = sorted(directory.iterdir())
+    return {"wal_bytes": sum(f.stat().st_size for f in files if f.suffix == ".log"),
+            "wal_segments": sum(1 for f in files if f.suffix == ".log"),
+            "snapshot_bytes": sum(f.stat().st_size for f in files if f.suffix == ".snap"),
+            "snapshot_index": last_snap, "last_index": end - 1}
+
+
+def recover(directory: Path, cfg: RaftConfig) -> tuple[float, float, int]:
+    """Open the storage and rebuild the state as a restarting meshd does
+    (:meth:`RaftAdapter.create`, then applying the committed entries of the first
+    Readies). Returns (seconds to open the WAL, seconds to serve, entries applied)."""
+    t0 = time.perf_counter()
+    storage = FileStorage(directory)
+    t_open = time.perf_counter() - t0
+    state = MeshState()
+    snap = storage.snapshot()
+    if not snap.is_empty:
+        state.restore(snap.data, snap.meta.index)
+    core = RaftCore(cfg, NodeId("n0"), storage, random.Random(1), applied=state.applied_index)
+    applied = 0
+    while (rd := core.ready()) is not None and rd.committed_entries:
+        for e in rd.committed_entries:
+            state.apply(e)
+        applied += len(rd.committed_entries)
+        core.advance(rd)
+    t_serve = time.perf_counter() - t0
+    storage.close()
+    return t_open, t_serve, applied
+
+
+def restart(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    cfg = RaftConfig.lan()
+    if args.no_snapshot:
+        cfg = dataclasses.replace(cfg, snapshot_entries=10 * args.entries)
+    t0 = time.perf_counter()
+    built = build_log(base / "raft", args.entries, args.keys, cfg)
+    print(f"built {args.entries} entries over {args.keys} keys in "
+          f"{time.perf_counter() - t0:.1f} s: {built}", flush=True)
+    opens, serves = [], []
+    applied = 0
+    for r in range(args.rounds):
+        t_open, t_serve, applied = recover(base / "raft", cfg)
+        opens.append(t_open)
+        serves.append(t_serve)
+        print(f"round {r + 1}: WAL open {t_open:.3f} s, serving after {t_serve:.3f} s "
+              f"({applied} entries re-applied), load {os.getloadavg()[0]:.2f}", flush=True)
+    return {"bench": "raft_restart", "entries": args.entries, "keys": args.keys,
+            "rounds": args.rounds, **built, "reapplied": applied,
+            **summary("open", opens), **summary("serve", serves)}
+
+
 def throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "raft_throughput", "voters": 3, "fsync": True,
                               "clients": args.clients, "seconds": args.seconds,
@@ -487,6 +583,12 @@ def main() -> None:
     t.add_argument("--no-pysyncobj", action="store_true")
     t.add_argument("--no-meshd", action="store_true")
     t.add_argument("--profile", metavar="DIR", help="py-spy the meshd leader (raw stacks)")
+    rs = sub.add_parser("restart")
+    rs.add_argument("--entries", type=int, default=1_000_000)
+    rs.add_argument("--keys", type=int, default=100_000)
+    rs.add_argument("--rounds", type=int, default=3)
+    rs.add_argument("--no-snapshot", action="store_true",
+                    help="never snapshot: every entry stays in the WAL (worst case)")
     n = sub.add_parser("_pso-node")  # one PySyncObj node (internal, for throughput)
     n.add_argument("--me", required=True)
     n.add_argument("--peers", required=True)
@@ -496,7 +598,8 @@ def main() -> None:
     if args.command == "_pso-node":
         pso_node(args)
         return
-    commands = {"failover": failover, "replace": replace, "throughput": throughput}
+    commands = {"failover": failover, "replace": replace, "throughput": throughput,
+                "restart": restart}
     with tempfile.TemporaryDirectory(prefix="raftb", dir="/tmp") as tmp:
         result = commands[args.command](args, Path(tmp))
     print(f"load average: {os.getloadavg()[0]:.2f}")

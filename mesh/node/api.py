@@ -142,7 +142,7 @@ class _ApiConnection:
                 idle.deadline = math.inf  # the idle limit is for reading only
                 if not chunk:
                     return  # the client closed
-                decoder.receive_data(chunk)
+                decoder.receive_data(bytes(chunk))
                 payloads: list[bytes] = []
                 try:
                     while isinstance(payload := decoder.next_payload(), bytes):

@@ -102,9 +102,11 @@ class StreamDialer(Protocol):
     """Reliable streams to peers: plain TCP now, TLS with ALPN ``mesh-raft/1``
     later (the same shape as :class:`mesh.gossip.adapter.StreamDialer`)."""
 
-    async def open_stream(self, to: Addr) -> trio.abc.Stream:
-        """Connect to ``to``. Raises ``OSError`` (or ``trio.BrokenResourceError``
-        for a failed handshake) if it cannot."""
+    async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
+        """Connect to ``to``, where node ``expect`` should answer (a dialer that
+        authenticates peers refuses anyone else with ``RemoteProtocolError``).
+        Raises ``OSError`` (or ``trio.BrokenResourceError`` for a failed
+        handshake) if it cannot."""
         ...
 
 
@@ -350,7 +352,7 @@ class RaftAdapter:
         ``leader_changes``, ``snapshot_bytes`` (latest snapshot's state image),
         ``commit_latency`` and ``wal_sync_latency`` (:meth:`LatencySummary.as_dict
         <mesh.raft.metrics.LatencySummary.as_dict>`: count, sum and recent
-        quantiles in seconds), ``entries_per_save`` (mean batch written per fsync).
+        quantiles in seconds), ``entries_per_fsync`` (mean batch written per fsync).
         """
         st = self._core.status()
         peers = {
@@ -385,7 +387,9 @@ class RaftAdapter:
             "snapshot_bytes": self._c["snapshot_bytes"],
             "commit_latency": self._commit_latency.summary().as_dict(),
             "wal_sync_latency": self._wal_sync_latency.summary().as_dict(),
-            "entries_per_save": round(self._c["entries_saved"] / max(1, self._c["saves"]), 2),
+            "entries_per_fsync": round(
+                self._c["entries_saved"] / max(1, self._wal_sync_latency.count), 2
+            ),
         }
 
     # ------------------------------------------------------------------ running
@@ -1014,7 +1018,7 @@ class RaftAdapter:
             return None
         try:
             with trio.fail_after(self._cfg.dial_timeout_s):
-                stream = await self._dialer.open_stream(addr)
+                stream = await self._dialer.open_stream(addr, expect=peer.node)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError,
                 RemoteProtocolError) as exc:
             # RemoteProtocolError: the link was refused (TLS: revoked, wrong CA...).

@@ -61,6 +61,11 @@ class LatencyWindow:
         self._count = 0
         self._sum = 0.0
 
+    @property
+    def count(self) -> int:
+        """Observations ever made."""
+        return self._count
+
     def observe(self, seconds: float) -> None:
         """Record one latency (negative values count as 0)."""
         value = seconds if seconds > 0 else 0.0
