@@ -80,6 +80,49 @@ async def test_pipelined_requests_run_together_and_answer_in_order(
     assert trio.current_time() - t0 < api.API_TIMEOUT_S  # closed because the client did
 
 
+async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(params: dict[str, Any]) -> int:
+        await trio.sleep(params["s"])
+        return int(params["s"])
+
+    client, server = trio.testing.memory_stream_pair()
+    link = api.RpcLink(client)
+    results: dict[int, Any] = {}
+
+    async def one(s: int) -> None:
+        results[s] = await link.call("slow", {"s": s})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {"slow": slow, "refuse": refuse}, "n1")
+        await nursery.start(link.run)
+        t0 = trio.current_time()
+        async with trio.open_nursery() as calls:
+            for s in (3, 1, 2):
+                calls.start_soon(one, s)
+        assert results == {1: 1, 2: 2, 3: 3}
+        assert trio.current_time() - t0 == pytest.approx(3)  # one link, calls together
+        with pytest.raises(MeshError, match="list services"):
+            await link.call("refuse")
+        assert link.in_flight == 0
+        # The server goes away while a call waits: the call fails, the link is broken.
+        failed: list[str] = []
+
+        async def waiting() -> None:
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await link.call("slow", {"s": 50})
+            failed.append(str(info.value))
+
+        nursery.start_soon(waiting)
+        await trio.sleep(1)
+        await server.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await link.call("slow", {"s": 1})
+    assert link.broken
+    assert failed == ["the server closed the link"]
+
+
 async def test_stale_socket_is_replaced_and_missing_socket_is_explained(tmp_path: Path
                                                                          ) -> None:
     sock = tmp_path / "meshd.sock"

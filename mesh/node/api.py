@@ -282,6 +282,140 @@ async def call_stream(stream: trio.abc.Stream, method: str,
     return response.result
 
 
+class _Call:
+    """One call of an :class:`RpcLink` waiting for its answer."""
+
+    __slots__ = ("done", "response", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: Response | None = None
+        self.error: str | None = None
+
+
+class RpcLink:
+    """The client end of one API stream that carries many calls at once.
+
+    Calls are written in the order they are made (calls made while a write is
+    in progress leave together in the next ``send_all``); the server answers in
+    request order (:func:`serve_api_stream`), so answers are matched to calls
+    in order. One link to the leader replaces a pool of links used one call at
+    a time.
+
+    Resource handling:
+        :meth:`run` owns the stream: start it in a nursery; it returns (and
+        closes the stream) when the stream breaks, the server closes it, or
+        :meth:`close` is called. Every call still waiting then fails.
+
+    Error handling:
+        :meth:`call` raises ``trio.BrokenResourceError`` when the link broke
+        before its answer came (the outcome is unknown: retry a write with the
+        same request id), and :class:`MeshError` with the server's message.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._outbox: list[bytes] = []
+        self._calls: collections.deque[_Call] = collections.deque()
+        self._wake_writer = trio.Event()
+        self._broken: str | None = None
+        self._scope = trio.CancelScope()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the link is unusable (open a new one)."""
+        return self._broken is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls written or queued and not yet answered."""
+        return len(self._calls)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Call ``method`` and wait for its answer.
+
+        Raises:
+            MeshError: the server answered with an error.
+            trio.BrokenResourceError: the link broke first.
+        """
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        call = _Call()
+        self._outbox.append(wire.frame(Request(method, params or {}).encode()))
+        self._calls.append(call)
+        self._wake_writer.set()
+        await call.done.wait()
+        if call.response is None:
+            raise trio.BrokenResourceError(call.error or "the link closed")
+        if not call.response.ok:
+            raise MeshError(call.response.error)
+        return call.response.result
+
+    def close(self) -> None:
+        """Stop :meth:`run` (calls still waiting fail)."""
+        self._break("the link was closed")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Write requests and read answers until the link breaks; closes the stream."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_requests)
+                    task_status.started()
+                    await self._read_answers()
+        finally:
+            self._break("the link closed")
+            await trio.aclose_forcefully(self._stream)
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+        self._scope.cancel()
+        calls, self._calls = self._calls, collections.deque()
+        for call in calls:
+            call.error = self._broken
+            call.done.set()
+
+    async def _write_requests(self) -> None:
+        while True:
+            if not self._outbox:
+                self._wake_writer = trio.Event()
+                await self._wake_writer.wait()
+                continue
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._break(f"writing to the link failed: {exc!r}")
+                return
+
+    async def _read_answers(self) -> None:
+        decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+        while True:
+            try:
+                chunk = await self._stream.receive_some(65_536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._break(f"reading from the link failed: {exc!r}")
+                return
+            if not chunk:
+                self._break("the server closed the link")
+                return
+            decoder.receive_data(bytes(chunk))
+            try:
+                while isinstance(payload := decoder.next_payload(), bytes):
+                    response = Response.decode(payload)
+                    if not self._calls:
+                        raise RemoteProtocolError("an answer nobody asked for")
+                    call = self._calls.popleft()
+                    call.response = response
+                    call.done.set()
+            except RemoteProtocolError as exc:
+                self._break(f"bad answer on the link: {exc}")
+                return
+
+
 # --- metrics over HTTP -------------------------------------------------------------
 
 
