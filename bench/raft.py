@@ -7,6 +7,9 @@
     python bench/raft.py throughput             # 3 voters, fsync on, 64 clients:
                                                 # committed kv_put/s via the leader and
                                                 # via a follower; then PySyncObj
+    python bench/raft.py restart --entries 1000000   # a voter's WAL + snapshot after
+                                                # 1M puts over 100k keys: time to
+                                                # open it and rebuild the state
 
 Each prints one line per round, then min/median/p99, and as its last line one JSON
 object. Writes are issued through a surviving node's local API every 10 ms (each a
@@ -18,20 +21,30 @@ and are killed by PID on the way out.
 
 ``throughput`` (issue 4: "3 voters, fsync on, 64 concurrent clients: committed
 writes/s; >= 10,000/s and ahead of PySyncObj measured in the same run"): 3 meshd
-nodes on 127.0.4.160-162; N client threads in this process, each with one persistent
-connection to a node's API socket and one ``kv_put`` (100-byte value, fresh
-request id) outstanding; a write counts when it is acknowledged. First through the
+nodes on 127.0.4.160-162; N clients in this process (one thread, one epoll loop),
+each with one persistent connection to a node's API socket and one ``kv_put``
+(100-byte value, fresh request id) outstanding; a write counts when it is
+acknowledged (``--depth D``: the N clients share N/D connections, D puts pipelined
+on each). First through the
 leader, then through a follower (forwarded). Then, unless ``--no-pysyncobj``, the
 same load against a 3-process PySyncObj KV on 127.0.4.163-165 (``pip install
 pysyncobj``; not a project dependency), each process serving the same client
 protocol shape (one request, one answer, persistent unix socket) and applying
 ``set`` through a ``@replicated`` method with ``sync=True``. ``--profile DIR`` runs
 ``py-spy record`` (if installed) on the meshd leader during the leader phase.
+
+``restart`` (issue 4: "restart of a voter with 1M log entries / 100k keys: <= 3 s to
+serve"): builds, in this process, the ``DIR/raft`` a voter has after that many
+puts (WAL records of 256 entries, the adapter's snapshot and compaction policy;
+``--no-snapshot`` keeps every entry in the WAL), then times ``FileStorage`` recovery
+plus what ``RaftAdapter.create`` and the first Readies do before the node serves:
+restore the snapshot into a ``MeshState`` and re-apply the committed entries after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -256,55 +269,63 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 def drive(path: Path, proto: type[MeshProto] | type[LineProto], label: str, clients: int,
-          seconds: float, pids: dict[str, int]) -> dict[str, Any]:
+          seconds: float, pids: dict[str, int], depth: int = 1) -> dict[str, Any]:
     """``clients`` closed-loop clients, each with its own connection to the unix
     socket ``path`` and one put outstanding, for ``seconds``: acknowledged puts
-    per second, latency percentiles, CPU per process.
+    per second, latency percentiles, CPU per process. With ``depth`` > 1, the
+    clients share ``clients // depth`` connections, each with ``depth`` puts
+    pipelined (answers come back in order).
 
     The clients share one thread and an epoll loop (a load generator must not be
     what is measured: 64 Python threads cost the servers' 2 cores more CPU and a
     wake-up per answer)."""
     conns: dict[int, tuple[socket.socket, MeshProto | LineProto, int]] = {}
     sel = selectors.DefaultSelector()
-    for c in range(clients):
+    links = max(1, clients // depth)
+    for c in range(links):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(30)
         sock.connect(str(path))
         conns[sock.fileno()] = (sock, proto(), c)
         sel.register(sock, selectors.EVENT_READ)
     lat: list[float] = []
-    sent_at = [0.0] * clients
-    count = [0] * clients
+    sent_at: list[collections.deque[float]] = [collections.deque() for _ in range(links)]
+    count = [0] * links
     errors = 0
     last_error = ""
     cpu0 = cpu_seconds({**pids, "bench": os.getpid()})
     t_start = time.perf_counter()
     end = t_start + seconds
     for sock, p, c in conns.values():
-        sent_at[c] = time.perf_counter()
-        sock.sendall(p.request(f"bench/c{c}/0"))
-    open_conns = clients
+        for i in range(depth):
+            sent_at[c].append(time.perf_counter())
+            sock.sendall(p.request(f"bench/c{c}/{i}"))
+    open_conns = links
     while open_conns:
         for key, _ in sel.select(timeout=30):
             sock, p, c = conns[key.fd]
             chunk = sock.recv(65_536)
             if not chunk:
                 raise SystemExit(f"{label}: the server closed connection {c}")
+            out = []
             for error in p.answers(chunk):
                 now = time.perf_counter()
+                started = sent_at[c].popleft()
                 if error is None:
                     if now <= end:
-                        lat.append(now - sent_at[c])
+                        lat.append(now - started)
                     count[c] += 1
                 else:
                     errors += 1
                     last_error = error
-                if now >= end:
-                    sel.unregister(sock)
-                    open_conns -= 1
-                    break
-                sent_at[c] = now
-                sock.sendall(p.request(f"bench/c{c}/{count[c] % KEYS_PER_CLIENT}"))
+                if now < end:
+                    sent_at[c].append(now)
+                    out.append(p.request(f"bench/c{c}/{count[c] % KEYS_PER_CLIENT}"))
+            if out:
+                sock.sendall(b"".join(out))
+            elif not sent_at[c]:
+                sel.unregister(sock)
+                open_conns -= 1
     elapsed = time.perf_counter() - t_start
     cpu1 = cpu_seconds({**pids, "bench": os.getpid()})
     for sock, _, _ in conns.values():
@@ -355,11 +376,11 @@ def meshd_throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             prof = start_profiler(leader.pid, Path(args.profile) / "meshd-leader.txt",
                                   min(10, args.seconds))
         via_leader = drive(leader.socket_path, MeshProto, "meshd via leader",
-                           args.clients, args.seconds, pids)
+                           args.clients, args.seconds, pids, args.depth)
         if prof is not None:
             prof.wait()
         via_follower = drive(follower.socket_path, MeshProto, "meshd via follower",
-                             args.clients, args.seconds, pids)
+                             args.clients, args.seconds, pids, args.depth)
         end = status(leader)
         if end["leader"] != leader.name:
             print(f"warning: leadership moved to {end['leader']} during the run", flush=True)
@@ -458,9 +479,9 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
         pids = {("leader" if a == lead else a): p.pid for a, p in procs.items()}
         print(f"{tag} (pysyncobj {importlib.metadata.version('pysyncobj')}): leader {lead}, follower used {fol}", flush=True)
         via_leader = drive(dirs[lead] / "kv.sock", LineProto, f"{tag} via leader",
-                           args.clients, args.seconds, pids)
+                           args.clients, args.seconds, pids, args.depth)
         via_follower = drive(dirs[fol] / "kv.sock", LineProto, f"{tag} via follower",
-                             args.clients, args.seconds, pids)
+                             args.clients, args.seconds, pids, args.depth)
         return {"via_leader": via_leader, "via_follower": via_follower}
     finally:
         for p in procs.values():
@@ -557,7 +578,8 @@ def restart(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 def throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "raft_throughput", "voters": 3, "fsync": True,
-                              "clients": args.clients, "seconds": args.seconds,
+                              "clients": args.clients, "depth": args.depth,
+                              "seconds": args.seconds,
                               "cpus": os.cpu_count()}
     if not args.no_meshd:
         result["meshd"] = meshd_throughput(args, base)
@@ -579,6 +601,9 @@ def main() -> None:
     r.add_argument("--nodes", type=int, default=4)
     t = sub.add_parser("throughput")
     t.add_argument("--clients", type=int, default=64)
+    t.add_argument("--depth", type=int, default=1,
+                   help="puts pipelined per connection (clients share clients/depth "
+                        "connections); 1: one connection per client")
     t.add_argument("--seconds", type=float, default=20)
     t.add_argument("--no-pysyncobj", action="store_true")
     t.add_argument("--no-meshd", action="store_true")

@@ -1,12 +1,17 @@
 """The local API (unix socket) and the Prometheus metrics endpoint (HTTP).
 
 API framing: each connection carries one or more request frames; each gets one
-response frame (:mod:`mesh.node.messages`). The socket file is created owner-only
+response frame (:mod:`mesh.node.messages`), in request order. A client may pipeline:
+requests that arrive together or while others are in progress are handled
+concurrently (up to :data:`MAX_PIPELINED` per connection) and answers ready together
+leave in one write; :class:`RpcLink` is such a client. The socket file is created owner-only
 (0600): file permissions are the authentication for ``meshctl`` on the node.
 
 Resource handling:
     :func:`serve_api` and :func:`serve_metrics` run until cancelled and close their
-    listeners; each connection is handled in its own task and closed afterwards.
+    listeners; each connection is handled in its own task (plus one per pipelined
+    request and an answer writer) and closed afterwards; a connection idle for
+    :data:`API_TIMEOUT_S` is closed once its requests in progress are answered.
 
 Error handling:
     A malformed request gets an error response and the connection is closed; a
