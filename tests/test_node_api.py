@@ -69,7 +69,7 @@ async def test_pipelined_requests_run_together_and_answer_in_order(
         decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
         answers: list[Any] = []
         while len(answers) < 3:
-            decoder.receive_data(await client.receive_some())
+            decoder.receive_data(bytes(await client.receive_some()))
             while isinstance(payload := decoder.next_payload(), bytes):
                 answers.append(Response.decode(payload).result)
         assert answers == [3, 1, 2]
