@@ -22,31 +22,67 @@ Usage::
     python bench/dns.py --seconds 2 --modes cached
     python bench/dns.py --dnsperf        # also run dnsperf against the server, if installed
 
-Prints a table and, last, one JSON line with every figure. Never passes or fails on
-a time.
+Freshness, on real ``meshd`` processes (``tests/daemons.py``) with the process driver,
+each node's DNS server on its own address (``--dns-bind IP:0``), 127.0.7.10 and up
+(``--first-ip``), gossip profile lan; the service ``web`` runs a Python HTTP server
+per replica with an HTTP health check. Every DNS server is asked directly (UDP,
+dnslib) every 20 ms::
+
+    python bench/dns.py freshness --nodes 5 --rounds 20
+    python bench/dns.py appear --nodes 5 --rounds 20
+
+``freshness``: ``web`` is global (one replica per node). Each round SIGKILLs a random
+node's meshd and then its workloads, and measures when each survivor stops answering
+``web.service.mesh`` A with the dead node's address, next to when it logged
+``member_dead`` for it; then restarts the node and waits for its new replica to be in
+every node's answers. ``appear``: ``web`` has one replica per node; each round scales
+it up by one and measures, from the new replica's ``workload_health ...
+health=healthy`` log line, when each node's SRV answer holds it; then scales back.
+Every daemon and every workload is killed by PID on the way out (``--keep`` keeps
+the data dirs and logs).
+
+Each prints figures and, last, one JSON line with every figure and the load average
+during the run. Never passes or fails on a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import random
 import select
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from daemons import Cluster, Daemon, DaemonError, LogFollower  # noqa: E402
 from dnslib import QTYPE, DNSHeader, DNSQuestion, DNSRecord  # noqa: E402
+from membership import (  # noqa: E402
+    LoadSampler,
+    fmt,
+    machine,
+    print_json,
+    summary,
+    terminate_as_interrupt,
+)
 
 SERVICES = 100
 ENDPOINTS_PER_SERVICE = 3
@@ -386,18 +422,443 @@ def _dnsmasq_yardstick(seconds: float) -> dict[str, float]:
                                                          float("nan"))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
-    parser.add_argument("--window", type=int, default=64,
-                        help="queries outstanding in the closed loop")
-    parser.add_argument("--modes", default="cached,uncached")
-    parser.add_argument("--dnsperf", action="store_true",
-                        help="also measure with dnsperf (Debian package dnsperf)")
-    parser.add_argument("--yardstick", action="store_true",
-                        help="also measure dnsmasq serving the same records with dnsperf "
-                             "(Debian packages dnsmasq-base, dnsperf)")
-    args = parser.parse_args()
+# --- freshness and appear: real meshd clusters running workloads ---------------------
+
+SERVICE = "web"
+QNAME = f"{SERVICE}.service.mesh"
+CLUSTER_TIMEOUT_S = 120.0
+"""Forming the cluster, converging a service, a restarted node's replica healthy again
+(a loaded 2-core machine starts Python slowly)."""
+ROUND_TIMEOUT_S = 30.0
+"""How long one round may wait for every live node's DNS to change."""
+DNS_POLL_S = 0.02
+"""Pause between two questions to the same DNS server."""
+DNS_QUERY_TIMEOUT_S = 0.5
+"""A question unanswered this long is counted lost and asked again."""
+LINGER_S = 0.5
+"""How long DNS is still watched after every node changed its answer, to catch one
+that changes it back."""
+WORKLOAD_MARK = "http.server --bind 127.0.7."
+"""Part of the command line of every workload these benchmarks start: a process is
+only killed if its command line has it (a stale PID may have been reused)."""
+
+
+def _ips(first: int, count: int) -> list[str]:
+    """``127.0.7.<first>`` ...: apart from the tests' ``127.0.0.x`` addresses."""
+    if first < 1 or first + count - 1 > 254:
+        raise SystemExit(f"--first-ip {first} with {count} nodes leaves 127.0.7.1-254")
+    return [f"127.0.7.{i}" for i in range(first, first + count)]
+
+
+def _web_spec(global_mode: bool, replicas: int) -> dict[str, Any]:
+    """The ``web`` service: a Python HTTP server per replica, checked over HTTP."""
+    spec: dict[str, Any] = {
+        "name": SERVICE, "driver": "process",
+        "command": ["sh", "-c", f"exec {sys.executable} -m http.server --bind $MESH_HOST $PORT"],
+        "ports": [{"name": "http"}], "health": {"http": "/", "interval": "1s"},
+    }
+    if global_mode:
+        spec["mode"] = "global"
+    else:
+        spec["replicas"] = replicas
+    return spec
+
+
+def _meshctl(d: Daemon, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run([sys.executable, "-m", "mesh.node.cli", "--socket",
+                           str(d.socket_path), *argv], capture_output=True, text=True,
+                          timeout=CLUSTER_TIMEOUT_S + 30, check=False, env=env)
+
+
+def _kill_workloads(daemons: Iterable[Daemon]) -> int:
+    """SIGKILL the process group of every workload the daemons' data dirs name (they
+    outlive meshd); returns how many were killed."""
+    killed = 0
+    for d in daemons:
+        for state in (d.data_dir / "allocs").glob("*/workload.json"):
+            try:
+                pid = int(json.loads(state.read_text())["pid"])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                if WORKLOAD_MARK.encode() in cmdline:
+                    os.killpg(pid, signal.SIGKILL)
+                    killed += 1
+            except (OSError, ValueError, KeyError):
+                pass
+    return killed
+
+
+def _dns_server(d: Daemon) -> tuple[str, int]:
+    host, port = d.info()["dns"].rsplit(":", 1)
+    return host, int(port)
+
+
+Records = frozenset[Any]
+
+
+class DnsWatch:
+    """Asks every node's DNS server the same question every ``DNS_POLL_S`` over UDP
+    (one socket per server, all in parallel) and keeps each answer with the
+    wall-clock instant it arrived.
+
+    Answers are sets: A addresses, or SRV ``(target, port)`` pairs; an NXDOMAIN is
+    the empty set.
+    """
+
+    def __init__(self, servers: Mapping[str, tuple[str, int]], qtype: str) -> None:
+        self.qtype = qtype
+        self.query = DNSRecord.question(QNAME, qtype)
+        self.socks: dict[str, socket.socket] = {}
+        for name, addr in servers.items():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.connect(addr)
+            s.setblocking(False)
+            self.socks[name] = s
+        self.answers: dict[str, list[tuple[float, Records]]] = {n: [] for n in servers}
+        self.lost = 0
+        self._outstanding: dict[str, tuple[int, float]] = {}
+        self._next_id = random.randrange(0x10000)
+
+    def __enter__(self) -> DnsWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.socks.values():
+            s.close()
+
+    def _records(self, data: bytes) -> Records:
+        reply = DNSRecord.parse(data)
+        if self.qtype == "SRV":
+            return frozenset((str(r.rdata.target).rstrip(".").lower(), r.rdata.port)
+                             for r in reply.rr if r.rtype == QTYPE.SRV)
+        return frozenset(str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A)
+
+    def _ask(self, now: float) -> None:
+        for name, s in self.socks.items():
+            pending = self._outstanding.get(name)
+            if pending is not None and now - pending[1] < DNS_QUERY_TIMEOUT_S:
+                continue
+            if pending is not None:
+                self.lost += 1
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            self.query.header.id = self._next_id
+            with contextlib.suppress(OSError):  # ECONNREFUSED from an earlier send
+                s.send(self.query.pack())
+            self._outstanding[name] = (self._next_id, now)
+
+    def _receive(self, until: float) -> None:
+        by_fd = {s.fileno(): name for name, s in self.socks.items()}
+        while (left := until - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(by_fd), [], [], left)
+            for fd in ready:
+                name = by_fd[fd]
+                try:
+                    data = self.socks[name].recv(65_535)
+                except OSError:
+                    continue
+                at = time.time()
+                pending = self._outstanding.get(name)
+                if pending is None or int.from_bytes(data[:2], "big") != pending[0]:
+                    continue
+                del self._outstanding[name]
+                self.answers[name].append((at, self._records(data)))
+
+    def watch(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Ask until ``done()`` (checked after every tick); False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            tick = time.monotonic()
+            self._ask(tick)
+            self._receive(tick + DNS_POLL_S)
+            if done():
+                return True
+        return False
+
+    def first(self, name: str, test: Callable[[Records], bool], after: float) -> float | None:
+        """When ``name`` first answered (at or after ``after``) with records that pass
+        ``test``."""
+        return next((at for at, recs in self.answers[name] if at >= after and test(recs)),
+                    None)
+
+    def all_since(self, name: str, test: Callable[[Records], bool], after: float) -> bool:
+        """True if ``name`` answered since ``after`` and every answer since passed."""
+        recent = [recs for at, recs in self.answers[name] if at >= after]
+        return bool(recent) and all(test(r) for r in recent)
+
+
+def _wait_dns(cluster: Cluster, daemons: Sequence[Daemon], qtype: str,
+              test: Callable[[Records], bool], what: str) -> None:
+    """Wait until every daemon's DNS server answers with records that pass ``test``."""
+    servers = {d.name: _dns_server(d) for d in daemons}
+    with DnsWatch(servers, qtype) as w:
+        t0 = time.time()
+        if not w.watch(lambda: all(w.first(d.name, test, t0) for d in daemons),
+                       CLUSTER_TIMEOUT_S):
+            last = {n: sorted(a[-1][1]) if a else None for n, a in w.answers.items()}
+            raise DaemonError(f"timed out waiting for {what}; last answers: {last}\n"
+                              f"{cluster.describe()}")
+
+
+@contextmanager
+def workload_cluster(args: argparse.Namespace, spec: dict[str, Any]) -> Iterator[Cluster]:
+    """``--nodes`` daemons with the process driver and DNS on their own address,
+    running ``spec``; every daemon and workload is killed (by PID) on the way out."""
+    base = Path(tempfile.mkdtemp(prefix="dnsb-", dir="/tmp"))
+    cluster = Cluster(base, profile=args.profile)
+    for i, ip in enumerate(_ips(args.first_ip, args.nodes)):
+        cluster.add(f"n{i}", ip, extra_args=["--driver", "process", "--dns-bind", f"{ip}:0"])
+    try:
+        t0 = time.monotonic()
+        cluster.start(timeout_s=CLUSTER_TIMEOUT_S)
+        cluster.wait_formed(CLUSTER_TIMEOUT_S)
+        path = base / "web.json"
+        path.write_text(json.dumps(spec))
+        done = _meshctl(cluster["n0"], "apply", "-f", str(path),
+                        "--timeout", str(CLUSTER_TIMEOUT_S))
+        if done.returncode != 0:
+            raise DaemonError(f"meshctl apply failed: {done.stderr}\n{cluster.describe()}")
+        print(f"{args.nodes} daemons ({args.profile} profile) on {cluster['n0'].ip}-"
+              f"{list(cluster)[-1].ip}, service {SERVICE} running, in "
+              f"{time.monotonic() - t0:.1f}s; data dirs and logs in {base}", flush=True)
+        yield cluster
+    finally:
+        cluster.close()
+        killed = _kill_workloads(cluster)
+        print(f"stopped {len(cluster.daemons)} daemons and {killed} workloads", flush=True)
+        if args.keep:
+            print(f"kept {base}", flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+def _freshness_round(cluster: Cluster, victim: Daemon,
+                     followers: Mapping[str, LogFollower]) -> dict[str, Any]:
+    """SIGKILL ``victim`` (meshd, then its workloads) and watch the survivors' DNS and
+    logs until each answers without its address and has logged ``member_dead``."""
+    survivors = [d for d in cluster if d is not victim]
+    servers = {d.name: _dns_server(d) for d in survivors}
+    for f in followers.values():
+        f.skip_to_end()
+    dead_at: dict[str, float] = {}
+
+    def without(recs: Records) -> bool:
+        return victim.ip not in recs
+
+    with DnsWatch(servers, "A") as w:
+        t_kill = victim.kill()
+        _kill_workloads([victim])
+
+        def done() -> bool:
+            for name in servers:
+                for ev in followers[name].poll():
+                    if ev.event == "member_dead" and ev.fields.get("peer") == victim.name:
+                        dead_at.setdefault(name, ev.ts)
+            return len(dead_at) == len(servers) and all(
+                w.first(n, without, t_kill) for n in servers)
+
+        finished = w.watch(done, ROUND_TIMEOUT_S)
+        settled = time.time()
+        w.watch(lambda: False, LINGER_S)
+    drop = {n: w.first(n, without, t_kill) for n in servers}
+    dns_s = {n: at - t_kill for n, at in drop.items() if at is not None}
+    dead_s = {n: at - t_kill for n, at in dead_at.items()}
+    lag = {n: dns_s[n] - dead_s[n] for n in servers if n in dns_s and n in dead_s}
+    complete = len(dns_s) == len(servers) and len(dead_s) == len(servers)
+    return {
+        "victim": victim.name, "finished": finished and complete,
+        "last_dns_s": round(max(dns_s.values()), 3) if complete else None,
+        "last_dead_s": round(max(dead_s.values()), 3) if complete else None,
+        "first_dns_s": round(min(dns_s.values()), 3) if dns_s else None,
+        "lags_s": sorted(round(v, 3) for v in lag.values()),
+        "dns_s": {n: round(v, 3) for n, v in sorted(dns_s.items())},
+        "dead_s": {n: round(v, 3) for n, v in sorted(dead_s.items())},
+        # answers with the dead address again after a node had dropped it
+        "flaps": sum(not w.all_since(n, without, at) for n, at in drop.items()
+                     if at is not None),
+        "lost_queries": w.lost, "watched_s": round(settled - t_kill, 3),
+    }
+
+
+def cmd_freshness(args: argparse.Namespace) -> dict[str, Any]:
+    """Each round SIGKILLs a node (meshd and its workloads) and watches every live
+    node's DNS until none answers ``web.service.mesh`` with the dead node's address;
+    then restarts the node and waits for its replica to be in every answer again."""
+    rng = random.Random(args.seed)
+    rounds: list[dict[str, Any]] = []
+    with workload_cluster(args, _web_spec(True, 0)) as cluster:
+        ips = {d.ip for d in cluster}
+
+        def everyone(recs: Records) -> bool:
+            return recs == ips
+
+        _wait_dns(cluster, list(cluster), "A", everyone,
+                  f"every node to answer {QNAME} with {sorted(ips)}")
+        followers = {d.name: LogFollower(d.log_path) for d in cluster}
+        for r in range(1, args.rounds + 1):
+            victim = rng.choice(list(cluster))
+            time.sleep(rng.uniform(0.5, 2.0))  # kills fall at random phases of probing
+            row = {"round": r, **_freshness_round(cluster, victim, followers)}
+            print(f"round {r:2d}: killed {victim.name}; member_dead on all survivors "
+                  f"{_secs(row['last_dead_s'])}, last DNS without it {_secs(row['last_dns_s'])}"
+                  f" (first {_secs(row['first_dns_s'])}; each node's DNS after its own "
+                  f"member_dead: {row['lags_s']}; flaps {row['flaps']}, lost queries "
+                  f"{row['lost_queries']})", flush=True)
+            t0 = time.monotonic()
+            victim.start(join=[d.addr for d in cluster if d is not victim],
+                         timeout_s=CLUSTER_TIMEOUT_S)
+            cluster.wait_formed(CLUSTER_TIMEOUT_S)
+            _wait_dns(cluster, list(cluster), "A", everyone,
+                      f"{victim.name}'s replica to be back in every node's answers")
+            row["back_s"] = round(time.monotonic() - t0, 3)
+            rounds.append(row)
+    done = [r for r in rounds if r["finished"]]
+    over = [r for r in rounds
+            if not r["finished"] or r["last_dns_s"] > r["last_dead_s"] + 0.5]
+    result = {"bench": "dns_freshness", "nodes": args.nodes, "rounds": args.rounds,
+              "profile": args.profile, "seed": args.seed,
+              "last_dns_s": summary([r["last_dns_s"] for r in done]),
+              "last_dead_s": summary([r["last_dead_s"] for r in done]),
+              "last_dns_minus_last_dead_s": summary(
+                  [r["last_dns_s"] - r["last_dead_s"] for r in done]),
+              "dns_after_own_member_dead_s": summary(
+                  [lag for r in rounds for lag in r["lags_s"]]),
+              "rounds_over_goal": len(over), "flaps": sum(r["flaps"] for r in rounds),
+              "per_round": rounds}
+    print(f"\nSIGKILL -> every survivor logged member_dead:        {fmt(result['last_dead_s'])}")
+    print(f"SIGKILL -> last survivor's DNS without the dead node: {fmt(result['last_dns_s'])}")
+    print(f"last DNS drop - last member_dead, per round:          "
+          f"{fmt(result['last_dns_minus_last_dead_s'])}")
+    print(f"each survivor's DNS drop after its own member_dead:   "
+          f"{fmt(result['dns_after_own_member_dead_s'])}")
+    print(f"rounds where the last DNS drop came > 0.5 s after the last member_dead (or "
+          f"never): {len(over)} of {len(rounds)}; flaps: {result['flaps']}")
+    return result
+
+
+class _NewReplica:
+    """Watches for the allocation a scale-up adds: its node and port (from
+    ``service_ps``) and when its node logged it healthy."""
+
+    def __init__(self, contact: Daemon, followers: Mapping[str, LogFollower]) -> None:
+        self.contact = contact
+        self.followers = followers
+        self.before = {a["id"] for a in contact.api("service_ps", {"service": SERVICE})}
+        for f in followers.values():
+            f.skip_to_end()
+        self.healthy_at: dict[str, float] = {}
+        self.alloc: dict[str, Any] = {}
+        self._asked = 0.0
+
+    def want(self) -> tuple[str, int] | None:
+        """The SRV ``(target, port)`` of the new replica, once it is known."""
+        if not self.alloc:
+            return None
+        return f"{self.alloc['node']}.node.mesh", int(self.alloc["port"])
+
+    def healthy(self) -> float | None:
+        """When its node logged ``workload_health ... health=healthy``, once it has."""
+        return self.healthy_at.get(self.alloc["id"]) if self.alloc else None
+
+    def poll(self) -> None:
+        for f in self.followers.values():
+            for ev in f.poll():
+                if ev.event == "workload_health" and ev.fields.get("health") == "healthy":
+                    self.healthy_at.setdefault(ev.fields.get("alloc", ""), ev.ts)
+        if not self.alloc and time.monotonic() - self._asked > 0.1:
+            self._asked = time.monotonic()
+            for a in self.contact.api("service_ps", {"service": SERVICE, "stale": True}):
+                if a["id"] not in self.before and a["desired"] == "run" and a["ports"]:
+                    self.alloc = {"id": a["id"], "node": a["node"], "port": a["ports"]["http"]}
+
+
+def _appear_round(contact: Daemon, replicas: int, servers: Mapping[str, tuple[str, int]],
+                  followers: Mapping[str, LogFollower]) -> dict[str, Any]:
+    """Scale up by one through ``contact`` and watch every node's DNS until it answers
+    with the new replica."""
+    new = _NewReplica(contact, followers)
+
+    def has_new(recs: Records) -> bool:
+        return new.want() in recs
+
+    with DnsWatch(servers, "SRV") as w:
+
+        def done() -> bool:
+            new.poll()
+            return new.healthy() is not None and all(w.first(n, has_new, 0) for n in servers)
+
+        t_scale = time.time()
+        contact.api("service_scale", {"name": SERVICE, "replicas": replicas + 1})
+        finished = w.watch(done, ROUND_TIMEOUT_S)
+    row: dict[str, Any] = {"finished": finished, **new.alloc, "lost_queries": w.lost,
+                           "scale_to_healthy_s": None, "last_seen_s": None,
+                           "first_seen_s": None}
+    t_healthy = new.healthy()
+    if finished and t_healthy is not None:
+        seen = {n: w.first(n, has_new, 0) for n in servers}
+        after = {n: at - t_healthy for n, at in seen.items() if at is not None}
+        row.update(scale_to_healthy_s=round(t_healthy - t_scale, 3),
+                   last_seen_s=round(max(after.values()), 3),
+                   first_seen_s=round(min(after.values()), 3),
+                   seen_s={n: round(v, 3) for n, v in sorted(after.items())})
+    return row
+
+
+def cmd_appear(args: argparse.Namespace) -> dict[str, Any]:
+    """Each round scales ``web`` up by one and watches every node's DNS until it
+    answers with the new replica (SRV: node and port), then scales back."""
+    rng = random.Random(args.seed)
+    base: int = args.nodes
+    rounds: list[dict[str, Any]] = []
+
+    def steady(recs: Records) -> bool:
+        return len(recs) == base
+
+    with workload_cluster(args, _web_spec(False, base)) as cluster:
+        daemons = list(cluster)
+        _wait_dns(cluster, daemons, "SRV", steady,
+                  f"every node to answer {QNAME} SRV with {base} endpoints")
+        followers = {d.name: LogFollower(d.log_path) for d in cluster}
+        servers = {d.name: _dns_server(d) for d in daemons}
+        for r in range(1, args.rounds + 1):
+            contact = rng.choice(daemons)
+            row = {"round": r, **_appear_round(contact, base, servers, followers)}
+            rounds.append(row)
+            print(f"round {r:2d}: new replica {row.get('id')} on {row.get('node')} healthy "
+                  f"{_secs(row['scale_to_healthy_s'])} after the scale; in every node's DNS "
+                  f"{_secs(row['last_seen_s'])} after healthy (first node "
+                  f"{_secs(row['first_seen_s'])}; lost queries {row['lost_queries']})",
+                  flush=True)
+            contact.api("service_scale", {"name": SERVICE, "replicas": base})
+            _wait_dns(cluster, daemons, "SRV", steady,
+                      f"every node to answer {QNAME} SRV with {base} endpoints again")
+    done = [r["last_seen_s"] for r in rounds if r["last_seen_s"] is not None]
+    over = [r for r in rounds if r["last_seen_s"] is None or r["last_seen_s"] > 1.0]
+    result = {"bench": "dns_appear", "nodes": args.nodes, "rounds": args.rounds,
+              "profile": args.profile, "seed": args.seed,
+              "healthy_to_last_node_s": summary(done),
+              "healthy_to_first_node_s": summary(
+                  [r["first_seen_s"] for r in rounds if r["first_seen_s"] is not None]),
+              "scale_to_healthy_s": summary(
+                  [r["scale_to_healthy_s"] for r in rounds
+                   if r["scale_to_healthy_s"] is not None]),
+              "rounds_over_goal": len(over), "per_round": rounds}
+    print(f"\nscale -> new replica logged healthy:                  "
+          f"{fmt(result['scale_to_healthy_s'])}")
+    print(f"healthy -> first node answers with it:                {fmt(result['healthy_to_first_node_s'])}")
+    print(f"healthy -> every node answers with it:                {fmt(result['healthy_to_last_node_s'])}")
+    print(f"rounds over 1 s (or never): {len(over)} of {len(rounds)}")
+    return result
+
+
+# --- command line ------------------------------------------------------------------
+
+
+def cmd_qps(args: argparse.Namespace) -> dict[str, Any]:
+    """Queries/s and latency of one server core (the module docstring)."""
     results = {}
     print(f"{'mode':<9} {'qps':>8} {'cpu us/q':>9} {'q/cpu-s':>8} {'half-rate':>10} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'server p50/p99 ms':>18}")
@@ -425,10 +886,53 @@ def main() -> None:
                   f"cpu us/q, avg {y['dnsmasq_avg_latency_ms']} ms; at half rate "
                   f"{y['dnsmasq_half_rate_qps']} qps: avg "
                   f"{y['dnsmasq_half_rate_avg_latency_ms']} ms")
-    print(json.dumps({"bench": "dns", "services": SERVICES,
-                      "endpoints": SERVICES * ENDPOINTS_PER_SERVICE, "seconds": args.seconds,
-                      "window": args.window, "results": results}))
+    return {"bench": "dns", "services": SERVICES, "endpoints": SERVICES * ENDPOINTS_PER_SERVICE,
+            "seconds": args.seconds, "window": args.window, "results": results}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of the default benchmark (queries/s), and the subcommands."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    parser.add_argument("--window", type=int, default=64,
+                        help="queries outstanding in the closed loop")
+    parser.add_argument("--modes", default="cached,uncached")
+    parser.add_argument("--dnsperf", action="store_true",
+                        help="also measure with dnsperf (Debian package dnsperf)")
+    parser.add_argument("--yardstick", action="store_true",
+                        help="also measure dnsmasq serving the same records with dnsperf "
+                             "(Debian packages dnsmasq-base, dnsperf)")
+    parser.set_defaults(func=cmd_qps)
+    sub = parser.add_subparsers(dest="command", help="without one: queries/s and latency "
+                                "of one server core, with the options above")
+    for name, func, what in (
+            ("freshness", cmd_freshness, "SIGKILL a node -> every live node's DNS drops it"),
+            ("appear", cmd_appear, "replica healthy -> every node's DNS answers with it")):
+        p = sub.add_parser(name, help=what)
+        p.set_defaults(func=func)
+        p.add_argument("--nodes", type=int, default=5)
+        p.add_argument("--rounds", type=int, default=20)
+        p.add_argument("--first-ip", type=int, default=10,
+                       help="last octet of the first daemon's 127.0.7.x address (default 10)")
+        p.add_argument("--profile", default="lan", choices=["lan", "wan", "local"],
+                       help="--gossip-profile of every daemon (default lan, as production)")
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--keep", action="store_true", help="keep data dirs and logs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = machine()
+    with terminate_as_interrupt(), LoadSampler() as load:
+        result = args.func(args)
+    during = load.figures()
+    print(f"load average (1 min) during the run: min {during['min']}, mean {during['mean']}, "
+          f"max {during['max']} on {start['cpus']} CPUs", flush=True)
+    result["machine"] = {**start, "loadavg_1m_during": during}
+    print_json(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "mesh"
 IO_MODULES = {"trio", "socket", "ssl", "docker", "time", "asyncio", "selectors", "subprocess"}
 ALLOWED = {
     "tls.py",
+    "streams.py",
     "node/agent.py",
     "node/driver.py",
     "node/probes.py",
@@ -24,6 +25,7 @@ ALLOWED = {
     "node/trust.py",
     "node/replica.py",
     "node/cli.py",
+    "node/cli_workloads.py",
 }
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import trio
-import trio.testing
 
 from mesh import wire
 from mesh.errors import RemoteProtocolError
@@ -42,6 +41,7 @@ from mesh.gossip.core import (
     StreamSend,
 )
 from mesh.gossip.messages import Status
+from mesh.streams import read_frame
 from mesh.types import Addr
 
 LOGGER = logging.getLogger(__name__)
@@ -205,7 +205,9 @@ class MemoryNetwork:
         ep = self._reachable(src, dst)
         if ep is None or ep.stream_handler is None:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"{dst} unreachable")
-        client, server = trio.testing.memory_stream_pair()
+        from trio.testing import memory_stream_pair  # test-only: keep pytest out of meshd
+
+        client, server = memory_stream_pair()
         self._nursery.start_soon(ep.stream_handler, server, src)
         return client
 
@@ -250,23 +252,6 @@ class AdapterStatistics:
     packets_out: int
     send_queue_drops: int
     """Datagrams dropped because the send queue was full."""
-
-
-async def read_frame(stream: trio.abc.Stream, max_bytes: int) -> bytes:
-    """Read one length-prefixed frame; return its envelope bytes.
-
-    Raises:
-        RemoteProtocolError: the peer closed early or the frame is oversized.
-    """
-    decoder = wire.FrameDecoder(max_bytes)
-    while True:
-        payload = decoder.next_payload()
-        if isinstance(payload, bytes):
-            return payload
-        chunk = await stream.receive_some(65_536)
-        if not chunk:
-            raise RemoteProtocolError("stream closed before a whole frame arrived")
-        decoder.receive_data(bytes(chunk))
 
 
 class GossipAdapter:

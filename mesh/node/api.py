@@ -36,8 +36,8 @@ import trio
 
 from mesh import wire
 from mesh.errors import MeshError, RemoteProtocolError, StartupError
-from mesh.gossip.adapter import read_frame
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
+from mesh.streams import read_frame
 from mesh.types import Addr
 
 LOGGER = logging.getLogger(__name__)

@@ -17,9 +17,8 @@ from typing import Any
 import trio
 
 import mesh
-from mesh import tls
 from mesh.errors import MeshError, RemoteProtocolError
-from mesh.node import api
+from mesh.node import api, cli_workloads
 from mesh.types import Addr
 
 DEFAULT_SOCKET = "/var/lib/meshd/meshd.sock"
@@ -115,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = raft_sub.add_parser("transfer", help="hand leadership to another voter")
     transfer.add_argument("--to", default=None, help="the voter (default: any other)")
     transfer.add_argument("--json", action="store_true", help="print JSON")
+    cli_workloads.add_commands(sub, node_sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -144,6 +144,8 @@ class Client:
         if not self._args.cert_dir:
             raise MeshError("--addr needs admin credentials: pass --cert-dir DIR (the first "
                             "node wrote them to its DATA_DIR/admin) or set MESH_CERT_DIR")
+        from mesh import tls  # only for --addr: keeps the local path light
+
         identity = tls.TlsIdentity.admin(Path(self._args.cert_dir))
         if not identity.exists():
             raise MeshError(f"no admin credentials in {self._args.cert_dir}: it needs "
@@ -175,6 +177,9 @@ def _keys_detail(result: list[dict[str, Any]]) -> str:
 
 async def _run(args: argparse.Namespace) -> str:
     client = Client(args)
+    if args.command in cli_workloads.WORKLOAD_COMMANDS or (
+            args.command == "node" and args.node_command in cli_workloads.NODE_COMMANDS):
+        return await cli_workloads.run_command(client.call, args)
     if args.command == "members":
         result = await client.call("members")
         return json.dumps(result, indent=2) if args.json else members_table(result)

@@ -20,6 +20,12 @@ DEFAULT_PORT = 7946
 DEFAULT_METRICS_PORT = 9946
 """The Prometheus metrics port, on loopback by default."""
 
+DRIVERS = ("auto", "docker", "process")
+"""``meshd start --driver`` choices."""
+
+RESERVED_LABEL_PREFIX = "meshd."
+"""Node labels meshd sets itself (``meshd.driver``)."""
+
 GOSSIP_PROFILES = {"lan": GossipConfig.lan, "wan": GossipConfig.wan, "local": GossipConfig.local}
 
 
@@ -41,6 +47,9 @@ class NodeConfig:
         metrics_bind: where the Prometheus endpoint listens; ``None`` disables it.
         gossip: SWIM timing and sizes.
         dns: the DNS server's configuration; ``None`` disables it.
+        driver: the workload driver: ``auto`` (docker if an engine answers, else
+            process), ``docker`` or ``process``.
+        docker_pull: let the docker driver pull images it does not have.
     """
 
     data_dir: Path
@@ -55,8 +64,16 @@ class NodeConfig:
     metrics_bind: Addr | None = None
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
     dns: DnsConfig | None = None
+    driver: str = "auto"
+    docker_pull: bool = False
 
     def __post_init__(self) -> None:
+        if self.driver not in DRIVERS:
+            raise ConfigError(f"driver {self.driver!r} is not one of {', '.join(DRIVERS)}")
+        for key, _ in self.labels:
+            if key.startswith(RESERVED_LABEL_PREFIX):
+                raise ConfigError(f"label {key!r}: labels starting with "
+                                  f"{RESERVED_LABEL_PREFIX!r} are meshd's own")
         if not self.name or len(self.name) > 128 or not self.name.isprintable() \
                 or " " in self.name:
             raise ConfigError(f"node name {self.name!r} must be 1-128 printable characters "
@@ -69,6 +86,11 @@ class NodeConfig:
     def socket_path(self) -> Path:
         """The local API's unix socket (owner-only)."""
         return self.data_dir / "meshd.sock"
+
+    @property
+    def allocs_dir(self) -> Path:
+        """Where the process driver keeps its workloads' state and output."""
+        return self.data_dir / "allocs"
 
 
 def parse_label(text: str) -> tuple[str, str]:

@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +38,39 @@ import trio
 import mesh
 from mesh import tls
 from mesh.dns.adapter import DnsServer, DnsSockets, bind_dns_sockets
-from mesh.dns.catalog import CatalogBuilder, Endpoint
+from mesh.dns.catalog import CatalogBuilder
 from mesh.dns.config import DnsConfig
 from mesh.dns.metrics import dns_metrics
-from mesh.errors import ConfigError, StartupError
+from mesh.errors import ConfigError, DriverError, MeshError, StartupError
 from mesh.gossip.adapter import (
     GossipAdapter,
     UdpTransport,
     bind_gossip_sockets,
     describe_bind_error,
 )
-from mesh.gossip.core import Membership, MemberView
+from mesh.gossip.core import MemberChanged, Membership, MemberView
 from mesh.gossip.messages import Meta, Status
 from mesh.node import api, trust
+from mesh.node.agent import Agent, Planner
 from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     GOSSIP_PROFILES,
+    RESERVED_LABEL_PREFIX,
     NodeConfig,
     parse_label,
 )
+from mesh.node.driver import Driver, open_driver
+from mesh.node.events import EventLog
 from mesh.node.metrics import Metric, counter, gauge, render
+from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
+from mesh.node.services import ServiceApi, service_endpoints
 from mesh.raft.config import RaftConfig
+from mesh.raft.state import Table
 from mesh.security.pki import WallClock
 from mesh.security.token import JoinToken
-from mesh.types import Addr, NodeId
+from mesh.types import Addr, AllocId, NodeId
 
 LOGGER = logging.getLogger("mesh.node")
 
@@ -160,6 +167,9 @@ class Node:
         self.dns: DnsServer | None = None
         self.replica: Replica | None = None
         self.dns_addr: Addr | None = None
+        self.driver: Driver | None = None
+        self.services: ServiceApi | None = None
+        self.events: EventFeed | None = None
 
     @property
     def core(self) -> Membership:
@@ -173,7 +183,9 @@ class Node:
             "address": str(m.addr),
             "status": m.status.label,
             "incarnation": m.incarnation,
-            "labels": m.meta.labels_dict,
+            "labels": {k: v for k, v in m.meta.labels_dict.items()
+                       if not k.startswith(RESERVED_LABEL_PREFIX)},
+            "driver": m.meta.labels_dict.get(DRIVER_LABEL, ""),
             "age": round(max(0.0, now - m.since), 3),
             "role": m.meta.role,
             "cpu_millis": m.meta.cpu_millis,
@@ -205,7 +217,21 @@ class Node:
         assert self.replica is not None, "open the replica before serving the API"
         return {"members": self.api_members, "info": self.api_info,
                 **trust.SecurityApi(self.trust, self.core, self.replica.deny).handlers(),
-                **self.replica.handlers()}
+                **self.replica.handlers(),
+                **(self.services.handlers() if self.services is not None else {}),
+                **({"events": self.events.api_events} if self.events is not None else {})}
+
+    async def local_logs(self, alloc: AllocId, tail: int) -> bytes:
+        """The last ``tail`` lines of a workload's output on this node."""
+        if self.driver is None:
+            raise api.ApiError("this node runs no workload driver")
+        chunks = []
+        try:
+            async for chunk in self.driver.logs(alloc, tail=tail, follow=False):
+                chunks.append(chunk)
+        except DriverError as exc:
+            raise api.ApiError(str(exc)) from None
+        return b"".join(chunks)
 
     def metrics(self) -> list[Metric]:
         """Every metric family of this node."""
@@ -306,15 +332,118 @@ async def _write_peers(node: Node,
 
 
 async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None:
-    """Keep the DNS catalogue in step with membership: a member SWIM declares dead
-    leaves the answers the moment this node learns it."""
-    endpoints: list[Endpoint] = []  # [workloads] feeds service endpoints here
-    while True:  # a subscriber that falls behind is closed: resubscribe and rebuild
-        events = node.adapter.subscribe()
-        async with events:
-            dns.set_catalog(builder.build(node.core.members(), endpoints))
-            async for _ in events:
-                dns.set_catalog(builder.build(node.core.members(), endpoints))
+    """Keep the DNS catalogue in step with membership and the local replica: a member
+    SWIM declares dead leaves the answers the moment this node learns it, and an
+    endpoint appears as soon as the report that it is ready is applied here."""
+    assert node.replica is not None
+    replica = node.replica
+    kick_send, kick_recv = trio.open_memory_channel[None](1)
+
+    def kick() -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            kick_send.send_nowait(None)
+
+    async def follow_members() -> None:
+        while True:  # a subscriber that falls behind is closed: resubscribe
+            events = node.adapter.subscribe()
+            async with events:
+                kick()
+                async for _ in events:
+                    kick()
+
+    async def follow_state() -> None:
+        seen = -1
+        while True:
+            if replica.state.applied_index != seen:
+                try:
+                    changes = replica.state.changes_since(max(seen, 0))
+                except MeshError:
+                    changes = []
+                    kick()
+                if seen < 0 or any(c.table in (Table.ALLOC, Table.SERVICE) for c in changes):
+                    kick()
+                seen = replica.state.applied_index
+            await replica.raft.wait_changed()
+
+    cache: dict[Any, Any] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow_members)
+        nursery.start_soon(follow_state)
+        while True:
+            await kick_recv.receive()
+            members = node.core.members()
+            dns.set_catalog(builder.build(
+                members, service_endpoints(replica.state, members, cache)))
+
+
+class EventFeed:
+    """Feeds this node's :class:`EventLog` from membership, Raft and the replicated
+    state, and serves it (``meshctl events [-f]``)."""
+
+    MAX_WAIT_S = 30.0
+    """The longest an ``events`` call waits for a new event."""
+
+    def __init__(self, node: Node, wall: Callable[[], float]) -> None:
+        self.log = EventLog()
+        self._node = node
+        self._wall = wall
+        self._new = trio.Event()
+
+    def _added(self) -> None:
+        self._new.set()
+        self._new = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Follow membership and the replica until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_members)
+            nursery.start_soon(self._follow_raft)
+            task_status.started()
+
+    async def _follow_members(self) -> None:
+        while True:
+            events = self._node.adapter.subscribe()
+            async with events:
+                async for ev in events:
+                    if isinstance(ev, MemberChanged) and ev.previous != ev.member.status:
+                        self.log.member(self._wall(), ev.member.node, ev.member.status.label,
+                                        str(ev.member.addr))
+                        self._added()
+
+    async def _follow_raft(self) -> None:
+        assert self._node.replica is not None
+        raft, state = self._node.replica.raft, self._node.replica.state
+        self.log.seed([*state.services(), *state.allocs()])
+        seen, leader = state.applied_index, raft.leader
+        while True:
+            await raft.wait_changed()
+            if raft.leader != leader:
+                leader = raft.leader
+                self.log.leader(self._wall(), leader, int(raft.status()["term"]))
+                self._added()
+            if state.applied_index == seen:
+                continue
+            try:
+                self.log.changes(self._wall(), state.changes_since(seen))
+            except MeshError:  # compacted: start over from the state as it is
+                self.log.seed([*state.services(), *state.allocs()])
+            seen = state.applied_index
+            self._added()
+
+    async def api_events(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Events after ``since``; waits up to ``wait_s`` for one if there is none."""
+        since, wait_s = params.get("since", 0), params.get("wait_s", 0)
+        if type(since) is not int or not isinstance(wait_s, (int, float)):
+            raise api.ApiError("events takes since (an integer) and wait_s (seconds)")
+        if since > self.log.last_seq:
+            since = 0  # this node restarted since: its sequence started over
+        if not self.log.since(since, 1) and wait_s > 0:
+            with trio.move_on_after(min(float(wait_s), self.MAX_WAIT_S)):
+                while not self.log.since(since, 1):
+                    await self._new.wait()
+        events = self.log.since(since)
+        return {"events": [e.as_dict() for e in events], "last": self.log.last_seq}
 
 
 async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
@@ -396,23 +525,37 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         await tcp.aclose()
         raise
     with udp, dns_sockets or contextlib.nullcontext():
+        # The driver first: a node that cannot run workloads must fail before it
+        # creates or joins a cluster, or its data dir would hold credentials
+        # without the Raft state that goes with them.
         try:
+            driver = await open_driver(
+                config.driver, state_dir=config.allocs_dir, node=config.name,
+                host=config.advertise.host, wall_clock=lambda: wall_clock().timestamp(),
+                dns_servers=[config.dns.bind_host] if config.dns is not None else [],
+                docker_pull=config.docker_pull)
             credentials = await trust.establish(config, token, wall_clock, cluster_label)
+        except DriverError as exc:
+            await tcp.aclose()
+            raise StartupError(str(exc)) from None
         except BaseException:
             await tcp.aclose()
             raise
         ports = {"gossip": config.advertise.port}
         if credentials.join_server is not None:
             ports[trust.JOIN_PORT_NAME] = config.advertise.port
-        meta = Meta.build(dict(config.labels), config.cpu_millis, config.memory_bytes,
-                          config.role, ports)
+        meta = Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
+                          config.cpu_millis, config.memory_bytes, config.role, ports)
         core = Membership(config.gossip, config.name, config.advertise, meta, rng,
                           trio.current_time())
         adapter = GossipAdapter(core, UdpTransport(udp), credentials.gossip_dialer(),
                                 credentials.codec)
         node = Node(config, adapter, credentials)
+        node.driver = driver
         node.replica = await Replica.open(config, core, credentials, replica_settings,
                                           random.Random(rng.getrandbits(64)))
+        node.services = ServiceApi(node.replica, core, node.local_logs)
+        node.events = EventFeed(node, lambda: wall_clock().timestamp())
         node.tls_server = tls.TlsServer(credentials.server_ctx, _link_handlers(node),
                                         revoked=credentials.revoked, node=config.name)
         api_listener = await api.bind_unix_socket(config.socket_path)
@@ -423,6 +566,13 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await nursery.start(adapter.run)
                 await nursery.start(node.tls_server.serve, [tcp])
                 await node.replica.start(nursery)
+                await nursery.start(node.events.run)
+                await nursery.start(driver.serve)
+                agent = Agent(node.replica, driver, config.advertise.host,
+                              lambda: wall_clock().timestamp(),
+                              random.Random(rng.getrandbits(64)))
+                await nursery.start(agent.run)
+                await nursery.start(Planner(node.replica, core, adapter.subscribe).run)
                 if config.dns is not None and dns_sockets is not None:
                     await _start_dns(node, config.dns, dns_sockets, rng, nursery)
                 await nursery.start(api.serve_api, api_listener, node.handlers(), config.name)
@@ -543,6 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--dns-upstream", default=None,
                        help="HOST[:PORT] of a resolver for names outside the zone (default: "
                        "refuse them)")
+    start.add_argument("--driver", choices=["auto", "docker", "process"], default="auto",
+                       help="workload driver: docker if a Docker engine answers, else local "
+                       "processes (default auto)")
+    start.add_argument("--docker-pull", action="store_true",
+                       help="let the docker driver pull missing images (default: only use "
+                       "images already loaded on the node)")
     start.add_argument("--raft-voters", type=int, choices=[3, 5], default=3,
                        help="Raft voters to keep (3 or 5; fewer while the cluster is smaller)")
     start.add_argument("--gossip-profile", choices=sorted(GOSSIP_PROFILES), default="lan",
@@ -612,6 +768,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         metrics_bind=metrics, gossip=GOSSIP_PROFILES[args.gossip_profile](),
         dns=DnsConfig.from_flags(args.dns_bind, args.dns_domain, args.dns_upstream,
                                  default_host=bind.host),
+        driver=args.driver, docker_pull=args.docker_pull,
     )
 
 

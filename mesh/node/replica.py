@@ -48,7 +48,15 @@ from mesh.node.trust import Trust
 from mesh.raft import voters
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import DenyAdd, KvDelete, KvPut, MeshState, Result
+from mesh.raft.state import (
+    Command,
+    DenyAdd,
+    KvDelete,
+    KvPut,
+    MeshState,
+    Result,
+    decode_command,
+)
 from mesh.raft.storage import FileStorage, bootstrap
 from mesh.types import Addr, NodeId
 
@@ -56,6 +64,9 @@ LOGGER = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT_S = 15.0
 """Bound on a write forwarded to the leader."""
+
+READ_LEADER_WAIT_S = 5.0
+"""How long a linearizable read waits for a leader to be known (an election)."""
 
 FORWARD_POOL_SIZE = 16
 """Idle mutual-TLS links to the leader kept for forwarded writes; a handshake per
@@ -183,7 +194,29 @@ class Replica:
             "raft_status": self.raft_status,
             "raft_transfer": self.raft_transfer,
             "deny_add": self.deny_add,
+            "propose": self.propose,
         }
+
+    async def write_command(self, command: Command) -> dict[str, Any]:
+        """Commit ``command`` through the leader (forwarded if this node does not
+        lead); returns its result.
+
+        Raises:
+            ApiError: not committed, or the command failed (the message says why).
+        """
+        data = command.encode()
+        return await self._write("propose", {"command": data}, data)
+
+    async def propose(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API: commit an encoded state command (what :meth:`write_command` forwards)."""
+        data = params.get("command")
+        if not isinstance(data, bytes):
+            raise api.ApiError("propose needs the encoded command")
+        try:
+            decode_command(data)
+        except RemoteProtocolError as exc:
+            raise api.ApiError(f"not a command this meshd understands: {exc}") from None
+        return await self._write("propose", params, data)
 
     async def _write(self, method: str, params: dict[str, Any], command: bytes
                      ) -> dict[str, Any]:
@@ -210,7 +243,19 @@ class Replica:
         if view is None or view.status > Status.SUSPECT:
             raise api.ApiError("the cluster has no Raft leader right now (see `meshctl raft "
                                "status`); retry in a few seconds")
-        params = {**params, "forwarded": True}
+        result: dict[str, Any] = await self.call_node(view.node, method,
+                                                      {**params, "forwarded": True})
+        return result
+
+    async def call_node(self, node: NodeId, method: str, params: dict[str, Any]) -> Any:
+        """Call API ``method`` on another node over ``mesh-rpc/1`` (pooled links).
+
+        Raises:
+            ApiError: the node is not reachable, or its answer is an error.
+        """
+        view = self._core.member(node)
+        if view is None or view.status > Status.SUSPECT:
+            raise api.ApiError(f"node {node} is not alive (see `meshctl members`)")
         while True:
             pooled = self._idle.get(view.node)
             stream = pooled.pop() if pooled else None
@@ -221,19 +266,19 @@ class Replica:
                         stream, _ = await tls.open_tls_stream(
                             view.addr, self._trust.client_ctx, tls.ALPN_RPC, expect=view.node,
                             revoked=self._trust.revoked)
-                    result: dict[str, Any] = await api.call_stream(stream, method, params)
+                    result = await api.call_stream(stream, method, params)
             except (trio.BrokenResourceError, trio.ClosedResourceError,
                     RemoteProtocolError) as exc:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
                 if reused:
                     continue  # the leader closed an idle pooled link: use a fresh one
-                raise api.ApiError(f"cannot reach the leader {view.node} at {view.addr} "
+                raise api.ApiError(f"cannot reach {view.node} at {view.addr} "
                                    f"({exc}); retry") from None
             except (OSError, trio.TooSlowError) as exc:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
-                raise api.ApiError(f"cannot reach the leader {view.node} at {view.addr} "
+                raise api.ApiError(f"cannot reach {view.node} at {view.addr} "
                                    f"({exc}); retry") from None
             except MeshError as exc:  # the leader answered with an error: the link is fine
                 if stream is not None:
@@ -292,9 +337,18 @@ class Replica:
             raise api.ApiError(str(exc)) from None
         return await self._write("kv_del", params, command)
 
-    async def _read_point(self, params: dict[str, Any]) -> None:
+    async def read_point(self, params: dict[str, Any]) -> None:
+        """Wait until a linearizable read may be served here (ReadIndex), unless
+        ``params["stale"]``.
+
+        Raises:
+            ApiError: no leader within a few seconds, or the round failed.
+        """
         if params.get("stale"):
             return
+        if self.raft.leader is None:  # e.g. just joined, or an election is under way
+            with trio.move_on_after(READ_LEADER_WAIT_S):
+                await self.raft.wait_leader()
         try:
             await self.raft.read_index()
         except (NotLeader, ProposalDropped) as exc:
@@ -303,7 +357,7 @@ class Replica:
 
     async def kv_get(self, params: dict[str, Any]) -> dict[str, Any]:
         key = self._key(params)
-        await self._read_point(params)
+        await self.read_point(params)
         entry = self.state.get(key)
         if entry is None:
             raise api.ApiError(f"key {key!r} not found")
@@ -313,7 +367,7 @@ class Replica:
         prefix = params.get("prefix", "")
         if not isinstance(prefix, str):
             raise api.ApiError("prefix must be text")
-        await self._read_point(params)
+        await self.read_point(params)
         return [e.as_dict() for e in self.state.items(prefix, limit=10_000)]
 
     async def raft_status(self, params: dict[str, Any]) -> dict[str, Any]:

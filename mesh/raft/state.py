@@ -34,8 +34,27 @@ A command is a msgpack array ``[format, kind, request_id, *fields]``:
   request id gets exactly-once semantics. Empty ids are never deduplicated.
 
 Implemented now: the key-value store (put with optional compare-and-swap on
-the key's ``mod_index``, delete), node overrides (drain, labels) and the deny
-list of certificate serials.
+the key's ``mod_index``, delete), node overrides (drain, labels), the deny
+list of certificate serials, services (a spec blob with versions) and
+allocations (the committed placement plan plus the status each node reports
+for its own allocations).
+
+Services and allocations
+------------------------
+
+A service's spec is an opaque, size-bounded blob here (the node layer encodes
+and validates it); the state machine keeps what must be agreed on: its
+``version`` (bumped by every change), its ``generation`` (bumped only by a
+change that needs the replicas restarted, so that scaling is not a rolling
+update), the previous spec and generation (``meshctl rollback``), and the
+rollout status the leader records. Allocations name one replica: a slot of a
+service (``slot`` -1 for a global service) on a node, at a generation. The
+leader commits plans (:class:`AllocPlan`: run, stop, drop); a node reports the
+observed state of its own allocations (:class:`AllocReport`), and a report
+about another node's allocation is ignored, so a node can only speak for
+itself. Allocation ids are assigned at apply time from a counter that travels
+in snapshots: ``<service>-<slot>-<n>`` (``<service>-g-<n>`` for global), the
+same on every replica.
 
 Indexes and watches
 -------------------
@@ -72,7 +91,7 @@ from mesh import wire
 from mesh.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from mesh.raft.messages import Entry, EntryKind
 from mesh.raft.storage import Compacted
-from mesh.types import NodeId
+from mesh.types import AllocId, NodeId, ServiceId
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +120,23 @@ MAX_LABEL_BYTES: Final = 253
 MAX_SERIAL_CHARS: Final = 64
 MAX_REASON_BYTES: Final = 1024
 MAX_INDEX: Final = 2**63 - 1
+MAX_SERVICE_NAME_BYTES: Final = 63
+"""A service name is one DNS label."""
+MAX_SPEC_BYTES: Final = 256 * 1024
+MAX_PLAN_OPS: Final = 4096
+"""Operations in one allocation plan (a bigger plan is split by its proposer)."""
+MAX_REPORTS: Final = 4096
+MAX_MESSAGE_BYTES: Final = 512
+MAX_PORTS: Final = 64
+
+ALLOC_STATES: Final = frozenset(
+    {"pending", "starting", "running", "exited", "complete", "failed", "stopped"}
+)
+"""Observed states a node may report for an allocation (``pending`` until it does)."""
+HEALTH_STATES: Final = frozenset({"none", "starting", "healthy", "unhealthy"})
+ROLLOUT_STATES: Final = frozenset(
+    {"", "updating", "paused", "rolling_back", "rolled_back", "completed"}
+)
 
 DEFAULT_MAX_EVENTS: Final = 10_000
 """Changes kept for watchers by default (local, not replicated semantics)."""
@@ -115,6 +151,11 @@ class CommandKind(enum.IntEnum):
     NODE_CLEAR = 17
     DENY_ADD = 24
     DENY_REMOVE = 25
+    SERVICE_PUT = 32
+    SERVICE_DELETE = 33
+    SERVICE_ROLLOUT = 34
+    ALLOC_PLAN = 48
+    ALLOC_REPORT = 49
 
 
 class ResultCode(enum.Enum):
@@ -133,6 +174,8 @@ class Table(enum.Enum):
     KV = "kv"
     NODE = "node"
     DENY = "deny"
+    SERVICE = "service"
+    ALLOC = "alloc"
 
 
 # --------------------------------------------------------------------------- records
@@ -201,7 +244,97 @@ class DenyEntry:
         }
 
 
-Record: TypeAlias = KvEntry | NodeOverride | DenyEntry
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """A service as the state machine keeps it."""
+
+    name: ServiceId
+    spec: bytes
+    """The encoded spec (opaque here; see :mod:`mesh.node.spec`)."""
+    version: int
+    """1 when created; bumped by every change of the spec."""
+    generation: int
+    """1 when created; bumped only by changes that need the replicas restarted.
+    An allocation of an older generation is replaced by a rolling update."""
+    previous: bytes
+    """The spec before the last change (``b""`` for none): what rollback restores."""
+    previous_generation: int
+    rollout: str
+    """``""``, ``updating``, ``paused``, ``rolling_back``, ``rolled_back`` or
+    ``completed``: the leader's rolling-update state for :attr:`generation`."""
+    rollout_message: str
+    create_index: int
+    mod_index: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-ready form (``spec`` stays bytes)."""
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "version": self.version,
+            "generation": self.generation,
+            "previous_generation": self.previous_generation,
+            "rollout": self.rollout,
+            "rollout_message": self.rollout_message,
+            "create_index": self.create_index,
+            "mod_index": self.mod_index,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AllocRecord:
+    """One replica of a service placed on one node: the plan's part (service,
+    slot, node, generation, desired) and the node's report (the rest)."""
+
+    id: AllocId
+    service: ServiceId
+    slot: int
+    """Replica slot; -1 for a global service (named by its node)."""
+    node: NodeId
+    generation: int
+    desired: str
+    """``run`` or ``stop``."""
+    state: str = "pending"
+    """What the node last reported (see :data:`ALLOC_STATES`)."""
+    health: str = "none"
+    """``none`` (no check), ``starting``, ``healthy`` or ``unhealthy``."""
+    ports: tuple[tuple[str, int], ...] = ()
+    """Port name -> host port in use, sorted by name."""
+    message: str = ""
+    restarts: int = 0
+    since: float = 0.0
+    """Wall-clock seconds of the last state change, as the node saw it."""
+    create_index: int = 0
+    mod_index: int = 0
+
+    @property
+    def ready(self) -> bool:
+        """Running and not failing its checks: DNS may answer with it."""
+        return self.desired == "run" and self.state == "running" and self.health in (
+            "none", "healthy")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-ready form."""
+        return {
+            "id": self.id,
+            "service": self.service,
+            "slot": self.slot,
+            "node": self.node,
+            "generation": self.generation,
+            "desired": self.desired,
+            "state": self.state,
+            "health": self.health,
+            "healthy": self.ready,
+            "ports": dict(self.ports),
+            "message": self.message,
+            "restarts": self.restarts,
+            "since": self.since,
+            "create_index": self.create_index,
+            "mod_index": self.mod_index,
+        }
+
+
+Record: TypeAlias = KvEntry | NodeOverride | DenyEntry | ServiceRecord | AllocRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +555,176 @@ class DenyRemove(_Command):
         _serial(self.serial)
 
 
-Command: TypeAlias = KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
+@dataclass(frozen=True, slots=True)
+class ServicePut(_Command):
+    """Create or change a service.
+
+    ``restart``: the change needs the replicas restarted (bumps the
+    generation); the proposer decides, since only it understands specs.
+    ``cas`` as in :class:`KvPut`, on the service's ``mod_index``. Putting the
+    spec a service already has changes nothing (``apply`` twice is a no-op).
+    """
+
+    KIND: ClassVar[CommandKind] = CommandKind.SERVICE_PUT
+    name: ServiceId
+    spec: bytes
+    restart: bool = True
+    cas: int | None = None
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.name, self.spec, self.restart, self.cas]
+
+    def _validate(self) -> None:
+        _service(self.name)
+        _bytes(self.spec, "spec", MAX_SPEC_BYTES)
+        if not self.spec:
+            raise _Invalid("spec must not be empty")
+        _bool(self.restart, "restart")
+        _cas(self.cas)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDelete(_Command):
+    """Delete a service (its allocations are stopped by the next plan)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.SERVICE_DELETE
+    name: ServiceId
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.name]
+
+    def _validate(self) -> None:
+        _service(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRollout(_Command):
+    """The leader records the rolling-update state of a service's generation
+    (ignored if the service has moved to another generation meanwhile)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.SERVICE_ROLLOUT
+    name: ServiceId
+    generation: int
+    rollout: str
+    message: str = ""
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.name, self.generation, self.rollout, self.message]
+
+    def _validate(self) -> None:
+        _service(self.name)
+        _uint(self.generation, "generation")
+        _choice(self.rollout, "rollout", ROLLOUT_STATES)
+        _str(self.message, "message", MAX_MESSAGE_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOp:
+    """Plan operation: start ``slot`` of ``service`` on ``node`` at ``generation``."""
+
+    service: ServiceId
+    slot: int
+    node: NodeId
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopOp:
+    """Plan operation: allocation ``alloc`` should stop (its node stops it and
+    reports ``stopped``)."""
+
+    alloc: AllocId
+
+
+@dataclass(frozen=True, slots=True)
+class DropOp:
+    """Plan operation: forget allocation ``alloc`` (stopped, or its node is
+    gone; a node that comes back stops what it runs without an allocation)."""
+
+    alloc: AllocId
+
+
+PlanOp: TypeAlias = RunOp | StopOp | DropOp
+
+
+@dataclass(frozen=True, slots=True)
+class AllocPlan(_Command):
+    """A batch of allocation changes, applied in order as one command.
+
+    A run of a service that no longer exists, or at a generation other than
+    the service's current or previous one, is skipped (the plan was computed
+    from an older state); stops and drops of unknown ids are no-ops.
+    """
+
+    KIND: ClassVar[CommandKind] = CommandKind.ALLOC_PLAN
+    ops: tuple[PlanOp, ...]
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        out: list[Any] = []
+        for op in self.ops:
+            if isinstance(op, RunOp):
+                out.append(["run", op.service, op.slot, op.node, op.generation])
+            elif isinstance(op, StopOp):
+                out.append(["stop", op.alloc])
+            else:
+                out.append(["drop", op.alloc])
+        return [out]
+
+    def _validate(self) -> None:
+        if len(self.ops) > MAX_PLAN_OPS:
+            raise _Invalid(f"a plan holds at most {MAX_PLAN_OPS} operations")
+        for op in self.ops:
+            if isinstance(op, RunOp):
+                _service(op.service)
+                _slot(op.slot)
+                _node(op.node)
+                _uint(op.generation, "generation")
+            elif isinstance(op, (StopOp, DropOp)):
+                _alloc(op.alloc)
+            else:
+                raise _Invalid(f"plan operation {op!r:.60} is not RunOp, StopOp or DropOp")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a node observed about one of its allocations."""
+
+    alloc: AllocId
+    state: str
+    health: str = "none"
+    ports: tuple[tuple[str, int], ...] = ()
+    message: str = ""
+    restarts: int = 0
+    since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AllocReport(_Command):
+    """A node reports the observed state of its own allocations."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.ALLOC_REPORT
+    node: NodeId
+    reports: tuple[Report, ...]
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.node, [[r.alloc, r.state, r.health, dict(r.ports), r.message,
+                             r.restarts, r.since] for r in self.reports]]
+
+    def _validate(self) -> None:
+        _node(self.node)
+        if len(self.reports) > MAX_REPORTS:
+            raise _Invalid(f"a report holds at most {MAX_REPORTS} allocations")
+        for r in self.reports:
+            _report(r)
+
+
+Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
+                      | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport)
 
 
 def decode_command(data: bytes) -> Command:
@@ -470,9 +772,28 @@ def decode_command(data: bytes) -> Command:
             cmd = DenyAdd(
                 _serial(serial), _node(node), _str(reason, "reason", MAX_REASON_BYTES), rid
             )
-        else:
+        elif ck is CommandKind.DENY_REMOVE:
             (serial,) = _array(fields, 1, "deny_remove")
             cmd = DenyRemove(_serial(serial), rid)
+        elif ck is CommandKind.SERVICE_PUT:
+            name, spec, restart, cas = _array(fields, 4, "service_put")
+            cmd = ServicePut(_service(name), _bytes(spec, "spec", MAX_SPEC_BYTES),
+                             _bool(restart, "restart"), _cas(cas), rid)
+        elif ck is CommandKind.SERVICE_DELETE:
+            (name,) = _array(fields, 1, "service_delete")
+            cmd = ServiceDelete(_service(name), rid)
+        elif ck is CommandKind.SERVICE_ROLLOUT:
+            name, generation, rollout, message = _array(fields, 4, "service_rollout")
+            cmd = ServiceRollout(_service(name), _uint(generation, "generation"),
+                                 _choice(rollout, "rollout", ROLLOUT_STATES),
+                                 _str(message, "message", MAX_MESSAGE_BYTES), rid)
+        elif ck is CommandKind.ALLOC_PLAN:
+            (raw_ops,) = _array(fields, 1, "alloc_plan")
+            cmd = AllocPlan(tuple(_plan_op(op) for op in _list(raw_ops, "ops")), rid)
+        else:
+            node, raw_reports = _array(fields, 2, "alloc_report")
+            reports = tuple(_decode_report(r) for r in _list(raw_reports, "reports"))
+            cmd = AllocReport(_node(node), reports, rid)
     except (_Invalid, LocalProtocolError) as exc:
         raise RemoteProtocolError(f"bad {ck.name.lower()} command: {exc}") from None
     return cmd
@@ -498,6 +819,10 @@ class MeshState:
         """Sorted keys of ``_kv``, for prefix listing."""
         self._nodes: dict[NodeId, NodeOverride] = {}
         self._deny: dict[str, DenyEntry] = {}
+        self._services: dict[ServiceId, ServiceRecord] = {}
+        self._allocs: dict[AllocId, AllocRecord] = {}
+        self._alloc_seq = 0
+        """The last allocation number handed out (ids are never reused)."""
         self._dedup: OrderedDict[bytes, Result] = OrderedDict()
         self._events: deque[Change] = deque()
         self._events_floor = 0
@@ -544,6 +869,27 @@ class MeshState:
     def deny_list(self) -> list[DenyEntry]:
         """The deny list, sorted by serial."""
         return [self._deny[s] for s in sorted(self._deny)]
+
+    def service(self, name: ServiceId) -> ServiceRecord | None:
+        """The service called ``name``, if any."""
+        return self._services.get(name)
+
+    def services(self) -> list[ServiceRecord]:
+        """Every service, sorted by name."""
+        return [self._services[n] for n in sorted(self._services)]
+
+    def alloc(self, alloc: AllocId) -> AllocRecord | None:
+        """The allocation ``alloc``, if any."""
+        return self._allocs.get(alloc)
+
+    def allocs(self, *, service: ServiceId | None = None,
+               node: NodeId | None = None) -> list[AllocRecord]:
+        """Allocations (optionally of one service and/or on one node), sorted by
+        service, slot and id."""
+        out = [a for a in self._allocs.values()
+               if (service is None or a.service == service) and (node is None or a.node == node)]
+        out.sort(key=lambda a: (a.service, a.slot, a.id))
+        return out
 
     @property
     def first_change_index(self) -> int:
@@ -673,10 +1019,91 @@ class MeshState:
             self._deny[cmd.serial] = deny
             self._record(Change(index, Table.DENY, cmd.serial, deny))
             return Result(ResultCode.OK, index, index)
-        assert isinstance(cmd, DenyRemove)
-        if self._deny.pop(cmd.serial, None) is not None:
-            self._record(Change(index, Table.DENY, cmd.serial, None))
-        return Result(ResultCode.OK, index, 0)
+        if isinstance(cmd, DenyRemove):
+            if self._deny.pop(cmd.serial, None) is not None:
+                self._record(Change(index, Table.DENY, cmd.serial, None))
+            return Result(ResultCode.OK, index, 0)
+        if isinstance(cmd, ServicePut):
+            return self._service_put(cmd, index)
+        if isinstance(cmd, ServiceDelete):
+            if self._services.pop(cmd.name, None) is not None:
+                self._record(Change(index, Table.SERVICE, cmd.name, None))
+            return Result(ResultCode.OK, index, 0)
+        if isinstance(cmd, ServiceRollout):
+            svc = self._services.get(cmd.name)
+            if svc is None or svc.generation != cmd.generation:
+                return Result(ResultCode.OK, index, svc.mod_index if svc else 0,
+                              "the service moved on; rollout state not recorded")
+            if (svc.rollout, svc.rollout_message) == (cmd.rollout, cmd.message):
+                return Result(ResultCode.OK, index, svc.mod_index)
+            new_svc = replace(svc, rollout=cmd.rollout, rollout_message=cmd.message,
+                              mod_index=index)
+            self._services[cmd.name] = new_svc
+            self._record(Change(index, Table.SERVICE, cmd.name, new_svc))
+            return Result(ResultCode.OK, index, index)
+        if isinstance(cmd, AllocPlan):
+            for op in cmd.ops:
+                self._plan_op(op, index)
+            return Result(ResultCode.OK, index, index)
+        assert isinstance(cmd, AllocReport)
+        for report in cmd.reports:
+            held = self._allocs.get(report.alloc)
+            if held is None or held.node != cmd.node:
+                continue  # a node speaks only for its own allocations
+            fresh = replace(held, state=report.state, health=report.health,
+                            ports=report.ports, message=report.message,
+                            restarts=report.restarts, since=report.since, mod_index=index)
+            if replace(fresh, mod_index=held.mod_index) != held:
+                self._allocs[held.id] = fresh
+                self._record(Change(index, Table.ALLOC, held.id, fresh))
+        return Result(ResultCode.OK, index, index)
+
+    def _service_put(self, cmd: ServicePut, index: int) -> Result:
+        cur = self._services.get(cmd.name)
+        if cmd.cas is not None:
+            have = cur.mod_index if cur else 0
+            if (cmd.cas == 0) != (cur is None) or (cmd.cas and cmd.cas != have):
+                return Result(ResultCode.CAS_FAILED, index, have,
+                              f"service {cmd.name} is at index {have}, not {cmd.cas}; "
+                              "read it again and retry")
+        if cur is None:
+            new = ServiceRecord(cmd.name, cmd.spec, 1, 1, b"", 0, "", "", index, index)
+        elif cur.spec == cmd.spec:
+            return Result(ResultCode.OK, index, cur.mod_index)
+        else:
+            generation = cur.generation + 1 if cmd.restart else cur.generation
+            new = ServiceRecord(
+                cmd.name, cmd.spec, cur.version + 1, generation, cur.spec, cur.generation,
+                cur.rollout if generation == cur.generation else "",
+                cur.rollout_message if generation == cur.generation else "",
+                cur.create_index, index)
+        self._services[cmd.name] = new
+        self._record(Change(index, Table.SERVICE, cmd.name, new))
+        return Result(ResultCode.OK, index, index)
+
+    def _plan_op(self, op: PlanOp, index: int) -> None:
+        if isinstance(op, RunOp):
+            svc = self._services.get(op.service)
+            if svc is None or op.generation not in (svc.generation, svc.previous_generation):
+                return
+            self._alloc_seq += 1
+            slot = "g" if op.slot < 0 else str(op.slot)
+            alloc = AllocId(f"{op.service}-{slot}-{self._alloc_seq}")
+            new = AllocRecord(alloc, op.service, op.slot, op.node, op.generation, "run",
+                              create_index=index, mod_index=index)
+            self._allocs[alloc] = new
+            self._record(Change(index, Table.ALLOC, alloc, new))
+            return
+        cur = self._allocs.get(op.alloc)
+        if cur is None:
+            return
+        if isinstance(op, DropOp):
+            del self._allocs[op.alloc]
+            self._record(Change(index, Table.ALLOC, op.alloc, None))
+        elif cur.desired != "stop":
+            new = replace(cur, desired="stop", mod_index=index)
+            self._allocs[op.alloc] = new
+            self._record(Change(index, Table.ALLOC, op.alloc, new))
 
     def _record(self, change: Change) -> None:
         self._events.append(change)
@@ -695,6 +1122,13 @@ class MeshState:
                 [[o.node, o.drain, dict(o.labels), o.mod_index] for o in self.node_overrides()],
                 [[d.serial, d.node, d.reason, d.mod_index] for d in self.deny_list()],
                 [[rid, *res._encode()] for rid, res in self._dedup.items()],
+                [[v.name, v.spec, v.version, v.generation, v.previous, v.previous_generation,
+                  v.rollout, v.rollout_message, v.create_index, v.mod_index]
+                 for v in self.services()],
+                [[a.id, a.service, a.slot, a.node, a.generation, a.desired, a.state, a.health,
+                  dict(a.ports), a.message, a.restarts, a.since, a.create_index, a.mod_index]
+                 for a in sorted(self._allocs.values(), key=lambda a: a.id)],
+                self._alloc_seq,
             ]
         )
 
@@ -721,13 +1155,16 @@ class MeshState:
         self._keys = fresh._keys
         self._nodes = fresh._nodes
         self._deny = fresh._deny
+        self._services = fresh._services
+        self._allocs = fresh._allocs
+        self._alloc_seq = fresh._alloc_seq
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
         raw = wire.unpack_body(data, max(len(data), 1))
-        fmt, applied, kv, nodes, deny, dedup = _array(raw, 6, "snapshot")
+        fmt, applied, kv, nodes, deny, dedup, services, allocs, seq = _array(raw, 9, "snapshot")
         if fmt != SNAPSHOT_FORMAT:
             raise _Invalid(f"snapshot format {fmt!r:.20} is not {SNAPSHOT_FORMAT}")
         st = MeshState(max_events=self._max_events)
@@ -763,6 +1200,28 @@ class MeshState:
             st._dedup[rid] = Result._decode(item[1:])
         if len(st._dedup) > DEDUP_ENTRIES:
             raise _Invalid("dedup table is larger than DEDUP_ENTRIES")
+        for item in _list(services, "services"):
+            (name, spec, version, generation, previous, prev_gen, rollout, message, create,
+             mod) = _array(item, 10, "service")
+            sname = _service(name)
+            st._services[sname] = ServiceRecord(
+                sname, _bytes(spec, "spec", MAX_SPEC_BYTES), _uint(version, "version"),
+                _uint(generation, "generation"), _bytes(previous, "previous", MAX_SPEC_BYTES),
+                _uint(prev_gen, "previous_generation"), _choice(rollout, "rollout", ROLLOUT_STATES),
+                _str(message, "message", MAX_MESSAGE_BYTES), _uint(create, "create"),
+                _uint(mod, "mod"))
+        for item in _list(allocs, "allocs"):
+            (aid, service, slot, node, generation, desired, state, health, ports, message,
+             restarts, since, create, mod) = _array(item, 14, "alloc")
+            report = _report(Report(aid, state, health, _ports(ports), message, restarts,
+                                    since))
+            a = _alloc(aid)
+            st._allocs[a] = AllocRecord(
+                a, _service(service), _slot(slot), _node(node), _uint(generation, "generation"),
+                _choice(desired, "desired", frozenset({"run", "stop"})), report.state,
+                report.health, report.ports, report.message, report.restarts, report.since,
+                _uint(create, "create"), _uint(mod, "mod"))
+        st._alloc_seq = _uint(seq, "alloc_seq")
         return st
 
     def digest(self) -> str:
@@ -867,6 +1326,91 @@ def _serial(raw: Any) -> str:
     return raw
 
 
+def _bool(raw: Any, what: str) -> bool:
+    if not isinstance(raw, bool):
+        raise _Invalid(f"{what} must be a boolean")
+    return raw
+
+
+def _choice(raw: Any, what: str, allowed: frozenset[str]) -> str:
+    if not isinstance(raw, str) or raw not in allowed:
+        raise _Invalid(f"{what} must be one of {', '.join(sorted(allowed))}, got {raw!r:.40}")
+    return raw
+
+
+_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _service(raw: Any) -> ServiceId:
+    if (
+        not isinstance(raw, str)
+        or not 0 < len(raw) <= MAX_SERVICE_NAME_BYTES
+        or not _NAME_CHARS.issuperset(raw)
+    ):
+        raise _Invalid(f"service name must be 1-{MAX_SERVICE_NAME_BYTES} of [a-z0-9_-], "
+                       f"got {raw!r:.80}")
+    return ServiceId(raw)
+
+
+def _alloc(raw: Any) -> AllocId:
+    if not isinstance(raw, str) or not 0 < len(raw) <= 96 or not _NAME_CHARS.issuperset(raw):
+        raise _Invalid(f"allocation id must be 1-96 of [a-z0-9_-], got {raw!r:.100}")
+    return AllocId(raw)
+
+
+def _slot(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not -1 <= raw < 1 << 24:
+        raise _Invalid("slot must be an integer in [-1, 2**24)")
+    return raw
+
+
+def _ports(raw: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(raw, dict) or len(raw) > MAX_PORTS:
+        raise _Invalid(f"ports must be a map of at most {MAX_PORTS} entries")
+    out = []
+    for name, port in raw.items():
+        _str(name, "port name", 63)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise _Invalid(f"port {name!r:.20} must be 1-65535")
+        out.append((name, port))
+    return tuple(sorted(out))
+
+
+def _report(r: Report) -> Report:
+    _alloc(r.alloc)
+    _choice(r.state, "state", ALLOC_STATES)
+    _choice(r.health, "health", HEALTH_STATES)
+    _ports(dict(r.ports))
+    if list(r.ports) != sorted(dict(r.ports).items()):
+        raise _Invalid("ports must be sorted (name, port) pairs with unique names")
+    _str(r.message, "message", MAX_MESSAGE_BYTES)
+    _uint(r.restarts, "restarts")
+    if isinstance(r.since, bool) or not isinstance(r.since, (int, float)) or not (
+            0 <= r.since < 1e12):
+        raise _Invalid("since must be wall-clock seconds")
+    return r
+
+
+def _decode_report(raw: Any) -> Report:
+    alloc, state, health, ports, message, restarts, since = _array(raw, 7, "report")
+    return _report(Report(alloc, state, health, _ports(ports), message, restarts,
+                          float(since) if isinstance(since, int) and not isinstance(since, bool)
+                          else since))
+
+
+def _plan_op(raw: Any) -> PlanOp:
+    if not isinstance(raw, list) or not raw:
+        raise _Invalid("plan operation must be a non-empty array")
+    if raw[0] == "run":
+        _, service, slot, node, generation = _array(raw, 5, "run")
+        return RunOp(_service(service), _slot(slot), _node(node), _uint(generation, "generation"))
+    if raw[0] == "stop":
+        return StopOp(_alloc(_array(raw, 2, "stop")[1]))
+    if raw[0] == "drop":
+        return DropOp(_alloc(_array(raw, 2, "drop")[1]))
+    raise _Invalid(f"plan operation {raw[0]!r:.20} is not run, stop or drop")
+
+
 def iter_records(state: MeshState) -> Iterable[tuple[Table, str, Record]]:
     """Every record of ``state`` (a watcher's full read), in a stable order."""
     for e in state.items():
@@ -875,11 +1419,18 @@ def iter_records(state: MeshState) -> Iterable[tuple[Table, str, Record]]:
         yield Table.NODE, o.node, o
     for d in state.deny_list():
         yield Table.DENY, d.serial, d
+    for v in state.services():
+        yield Table.SERVICE, v.name, v
+    for a in state.allocs():
+        yield Table.ALLOC, a.id, a
 
 
 __all__: Sequence[str] = (
     "COMMAND_FORMAT",
     "Change",
+    "AllocPlan",
+    "AllocRecord",
+    "AllocReport",
     "Command",
     "CommandKind",
     "DenyAdd",
@@ -891,10 +1442,19 @@ __all__: Sequence[str] = (
     "MeshState",
     "NodeClear",
     "NodeOverride",
+    "DropOp",
     "NodeSet",
+    "PlanOp",
     "Record",
+    "Report",
     "Result",
     "ResultCode",
+    "RunOp",
+    "ServiceDelete",
+    "ServicePut",
+    "ServiceRecord",
+    "ServiceRollout",
+    "StopOp",
     "Table",
     "decode_command",
     "iter_records",
