@@ -7,35 +7,51 @@
     python bench/raft.py throughput             # 3 voters, fsync on, 64 clients:
                                                 # committed kv_put/s via the leader and
                                                 # via a follower; then PySyncObj
+    python bench/raft.py restart --entries 1000000   # a voter's WAL + snapshot after
+                                                # 1M puts over 100k keys: time to
+                                                # open it and rebuild the state
 
 Each prints one line per round, then min/median/p99, and as its last line one JSON
 object. Writes are issued through a surviving node's local API every 10 ms (each a
 fresh request; the write is forwarded to whichever node leads). Issue [raft] goals:
 failover median <= 1.0 s and p99 <= 2 s; voter replacement <= 10 s.
 
-Daemons run on 127.0.0.150-127.0.0.159, gossip port 17946 (``tests/daemons.py``),
+Daemons run on 127.0.4.150-127.0.4.159, gossip port 17946 (``tests/daemons.py``),
 and are killed by PID on the way out.
 
 ``throughput`` (issue 4: "3 voters, fsync on, 64 concurrent clients: committed
 writes/s; >= 10,000/s and ahead of PySyncObj measured in the same run"): 3 meshd
-nodes on 127.0.0.160-162; N client threads in this process, each with one persistent
-connection to a node's API socket and one ``kv_put`` (100-byte value, fresh
-request id) outstanding; a write counts when it is acknowledged. First through the
+nodes on 127.0.4.160-162; N clients in this process (one thread, one epoll loop),
+each with one persistent connection to a node's API socket and one ``kv_put``
+(100-byte value, fresh request id) outstanding; a write counts when it is
+acknowledged (``--depth D``: the N clients share N/D connections, D puts pipelined
+on each). First through the
 leader, then through a follower (forwarded). Then, unless ``--no-pysyncobj``, the
-same load against a 3-process PySyncObj KV on 127.0.0.163-165 (``pip install
+same load against a 3-process PySyncObj KV on 127.0.4.163-165 (``pip install
 pysyncobj``; not a project dependency), each process serving the same client
 protocol shape (one request, one answer, persistent unix socket) and applying
 ``set`` through a ``@replicated`` method with ``sync=True``. ``--profile DIR`` runs
 ``py-spy record`` (if installed) on the meshd leader during the leader phase.
+
+``restart`` (issue 4: "restart of a voter with 1M log entries / 100k keys: <= 3 s to
+serve"): builds, in this process, the ``DIR/raft`` a voter has after that many
+puts (WAL records of 256 entries, the adapter's snapshot and compaction policy;
+``--no-snapshot`` keeps every entry in the WAL), then times ``FileStorage`` recovery
+plus what ``RaftAdapter.create`` and the first Readies do before the node serves:
+restore the snapshot into a ``MeshState`` and re-apply the committed entries after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
+import random
+import selectors
 import shutil
 import signal
 import socket
@@ -43,7 +59,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +68,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemons import ApiUnavailable, Cluster, Daemon, loopback_ips, wait_for  # noqa: E402
+from daemons import ApiUnavailable, Cluster, Daemon, wait_for  # noqa: E402
 
 from mesh import wire  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response  # noqa: E402
+from mesh.raft.config import RaftConfig  # noqa: E402
+from mesh.raft.core import RaftCore  # noqa: E402
+from mesh.raft.messages import ConfState, Entry, HardState  # noqa: E402
+from mesh.raft.state import KvPut, MeshState  # noqa: E402
+from mesh.raft.storage import FileStorage, bootstrap  # noqa: E402
+from mesh.types import NodeId  # noqa: E402
 
 WRITE_POLL_S = 0.01
+
+
+def bench_ips(first: int, count: int) -> list[str]:
+    """``127.0.4.<first>`` ...: addresses no test run uses (tests take 127.0.0.x)."""
+    return [f"127.0.4.{i}" for i in range(first, first + count)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,9 +130,9 @@ def write_until_acked(d: Daemon, round_no: int, timeout_s: float = 30) -> float:
 
 @contextlib.contextmanager
 def formed_cluster(base: Path, nodes: int) -> Iterator[Cluster]:
-    """``nodes`` daemons (lan profile) on 127.0.0.150+, formed; killed on the way out."""
+    """``nodes`` daemons (lan profile) on 127.0.4.150+, formed; killed on the way out."""
     with Cluster(base, profile="lan") as cluster:
-        for i, ip in enumerate(loopback_ips(150, nodes)):
+        for i, ip in enumerate(bench_ips(150, nodes)):
             cluster.add(f"n{i}", ip)
         cluster.start()
         cluster.wait_formed(60)
@@ -163,38 +189,49 @@ def replace(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 VALUE = b"v" * 100
 KEYS_PER_CLIENT = 64
 PYSYNCOBJ_PORT = 17947
+BUILD_BATCH = 256
+"""Entries per save while building the restart bench's log."""
 
 
-class MeshConn:
-    """One persistent connection to a meshd API socket; one request at a time."""
+class MeshProto:
+    """meshd's API framing: one ``kv_put`` request per write (fresh request id)."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
+    def __init__(self) -> None:
         self.decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
 
-    def put(self, key: str) -> None:
-        self.sock.sendall(wire.frame(Request("kv_put", {
-            "key": key, "value": VALUE, "request_id": os.urandom(16)}).encode()))
-        while True:
-            payload = self.decoder.next_payload()
-            if isinstance(payload, bytes):
-                break
-            chunk = self.sock.recv(65_536)
-            if not chunk:
-                raise ApiUnavailable("connection closed")
-            self.decoder.receive_data(chunk)
-        response = Response.decode(payload)
-        if not response.ok:
-            raise MeshError(response.error)
+    @staticmethod
+    def request(key: str) -> bytes:
+        return wire.frame(Request("kv_put", {
+            "key": key, "value": VALUE, "request_id": os.urandom(16)}).encode())
 
-    def close(self) -> None:
-        self.sock.close()
+    def answers(self, chunk: bytes) -> list[str | None]:
+        """Answers completed by ``chunk``: ``None`` for success, else the error."""
+        self.decoder.receive_data(chunk)
+        out: list[str | None] = []
+        while isinstance(payload := self.decoder.next_payload(), bytes):
+            response = Response.decode(payload)
+            out.append(None if response.ok else response.error)
+        return out
+
+
+class LineProto:
+    """The PySyncObj node's line protocol (``bench/raft.py _pso-node``)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    @staticmethod
+    def request(key: str) -> bytes:
+        return b"P " + key.encode() + b" " + VALUE + b"\n"
+
+    def answers(self, chunk: bytes) -> list[str | None]:
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [None if line == b"OK" else line.decode(errors="replace") for line in lines]
 
 
 class LineConn:
-    """One persistent connection to a PySyncObj node (``bench/raft.py _pso-node``)."""
+    """One blocking connection to a PySyncObj node, for status and warm-up."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,7 +247,7 @@ class LineConn:
         return answer.rstrip(b"\n")
 
     def put(self, key: str) -> None:
-        answer = self.request(b"P " + key.encode() + b" " + VALUE)
+        answer = self.request(LineProto.request(key).rstrip(b"\n"))
         if answer != b"OK":
             raise MeshError(answer.decode(errors="replace"))
 
@@ -231,64 +268,81 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def drive(connect: Any, label: str, clients: int, seconds: float,
-          pids: dict[str, int]) -> dict[str, Any]:
-    """``clients`` threads, each with its own connection and one put outstanding, for
-    ``seconds``; acknowledged puts per second, latency percentiles, CPU per process."""
-    conns = [connect() for _ in range(clients)]
-    lat: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    last_error: list[str] = []
-    start_evt = threading.Event()
-    stop_at = [0.0]
+def drive(path: Path, proto: type[MeshProto] | type[LineProto], label: str, clients: int,
+          seconds: float, pids: dict[str, int], depth: int = 1) -> dict[str, Any]:
+    """``clients`` closed-loop clients, each with its own connection to the unix
+    socket ``path`` and one put outstanding, for ``seconds``: acknowledged puts
+    per second, latency percentiles, CPU per process. With ``depth`` > 1, the
+    clients share ``clients // depth`` connections, each with ``depth`` puts
+    pipelined (answers come back in order).
 
-    def worker(c: int) -> None:
-        conn, mine = conns[c], lat[c]
-        i = 0
-        start_evt.wait()
-        end = stop_at[0]
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= end:
-                return
-            try:
-                conn.put(f"bench/c{c}/{i % KEYS_PER_CLIENT}")
-            except (MeshError, OSError) as exc:
-                errors[c] += 1
-                last_error[:] = [str(exc)]
-                time.sleep(0.01)
-                continue
-            t1 = time.perf_counter()
-            if t1 <= end:
-                mine.append(t1 - t0)
-            i += 1
-
-    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(clients)]
-    for t in threads:
-        t.start()
+    The clients share one thread and an epoll loop (a load generator must not be
+    what is measured: 64 Python threads cost the servers' 2 cores more CPU and a
+    wake-up per answer)."""
+    conns: dict[int, tuple[socket.socket, MeshProto | LineProto, int]] = {}
+    sel = selectors.DefaultSelector()
+    links = max(1, clients // depth)
+    for c in range(links):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(str(path))
+        conns[sock.fileno()] = (sock, proto(), c)
+        sel.register(sock, selectors.EVENT_READ)
+    lat: list[float] = []
+    sent_at: list[collections.deque[float]] = [collections.deque() for _ in range(links)]
+    count = [0] * links
+    errors = 0
+    last_error = ""
     cpu0 = cpu_seconds({**pids, "bench": os.getpid()})
     t_start = time.perf_counter()
-    stop_at[0] = t_start + seconds
-    start_evt.set()
-    for t in threads:
-        t.join()
+    end = t_start + seconds
+    for sock, p, c in conns.values():
+        for i in range(depth):
+            sent_at[c].append(time.perf_counter())
+            sock.sendall(p.request(f"bench/c{c}/{i}"))
+    open_conns = links
+    while open_conns:
+        for key, _ in sel.select(timeout=30):
+            sock, p, c = conns[key.fd]
+            chunk = sock.recv(65_536)
+            if not chunk:
+                raise SystemExit(f"{label}: the server closed connection {c}")
+            out = []
+            for error in p.answers(chunk):
+                now = time.perf_counter()
+                started = sent_at[c].popleft()
+                if error is None:
+                    if now <= end:
+                        lat.append(now - started)
+                    count[c] += 1
+                else:
+                    errors += 1
+                    last_error = error
+                if now < end:
+                    sent_at[c].append(now)
+                    out.append(p.request(f"bench/c{c}/{count[c] % KEYS_PER_CLIENT}"))
+            if out:
+                sock.sendall(b"".join(out))
+            elif not sent_at[c]:
+                sel.unregister(sock)
+                open_conns -= 1
     elapsed = time.perf_counter() - t_start
     cpu1 = cpu_seconds({**pids, "bench": os.getpid()})
-    for conn in conns:
-        conn.close()
-    all_lat = [x for xs in lat for x in xs]
+    for sock, _, _ in conns.values():
+        sock.close()
+    sel.close()
     result = {
-        "writes": len(all_lat),
-        "writes_per_s": round(len(all_lat) / seconds),
-        "p50_ms": round(percentile(all_lat, 0.50) * 1000, 2) if all_lat else None,
-        "p99_ms": round(percentile(all_lat, 0.99) * 1000, 2) if all_lat else None,
-        "errors": sum(errors),
+        "writes": len(lat),
+        "writes_per_s": round(len(lat) / seconds),
+        "p50_ms": round(percentile(lat, 0.50) * 1000, 2) if lat else None,
+        "p99_ms": round(percentile(lat, 0.99) * 1000, 2) if lat else None,
+        "errors": errors,
         "load_1m": round(os.getloadavg()[0], 2),
         "cpu_pct": {k: round(100 * (cpu1[k] - cpu0[k]) / elapsed) for k in cpu1},
     }
     print(f"{label}: {result['writes_per_s']} writes/s ({result['writes']} in {seconds:g} s), "
           f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, errors {result['errors']}"
-          f"{' (' + last_error[0][:120] + ')' if last_error else ''}, "
+          f"{' (' + last_error[:120] + ')' if last_error else ''}, "
           f"load {result['load_1m']}, cpu% {result['cpu_pct']}", flush=True)
     return result
 
@@ -306,7 +360,7 @@ def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[byte
 
 def meshd_throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     with Cluster(base / "mesh", profile="lan") as cluster:
-        for i, ip in enumerate(loopback_ips(160, 3)):
+        for i, ip in enumerate(bench_ips(160, 3)):
             cluster.add(f"t{i}", ip)
         cluster.start()
         cluster.wait_formed(60)
@@ -321,12 +375,12 @@ def meshd_throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         if args.profile:
             prof = start_profiler(leader.pid, Path(args.profile) / "meshd-leader.txt",
                                   min(10, args.seconds))
-        via_leader = drive(lambda: MeshConn(leader.socket_path), "meshd via leader",
-                           args.clients, args.seconds, pids)
+        via_leader = drive(leader.socket_path, MeshProto, "meshd via leader",
+                           args.clients, args.seconds, pids, args.depth)
         if prof is not None:
             prof.wait()
-        via_follower = drive(lambda: MeshConn(follower.socket_path), "meshd via follower",
-                             args.clients, args.seconds, pids)
+        via_follower = drive(follower.socket_path, MeshProto, "meshd via follower",
+                             args.clients, args.seconds, pids, args.depth)
         end = status(leader)
         if end["leader"] != leader.name:
             print(f"warning: leadership moved to {end['leader']} during the run", flush=True)
@@ -391,7 +445,7 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
     the next ``appendEntriesPeriod`` tick, 100 ms) or False (an AppendEntries per
     command, sent at once)."""
     tag = "pysyncobj" + ("" if batch else " appendEntriesUseBatch=False")
-    addrs = [f"{ip}:{PYSYNCOBJ_PORT}" for ip in loopback_ips(163, 3)]
+    addrs = [f"{ip}:{PYSYNCOBJ_PORT}" for ip in bench_ips(163, 3)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     dirs = {a: base / f"pso{int(batch)}" / f"p{i}" for i, a in enumerate(addrs)}
     try:
@@ -424,10 +478,10 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
         LineConn(dirs[lead] / "kv.sock").put("bench/warmup")
         pids = {("leader" if a == lead else a): p.pid for a, p in procs.items()}
         print(f"{tag} (pysyncobj {importlib.metadata.version('pysyncobj')}): leader {lead}, follower used {fol}", flush=True)
-        via_leader = drive(lambda: LineConn(dirs[lead] / "kv.sock"), f"{tag} via leader",
-                           args.clients, args.seconds, pids)
-        via_follower = drive(lambda: LineConn(dirs[fol] / "kv.sock"), f"{tag} via follower",
-                             args.clients, args.seconds, pids)
+        via_leader = drive(dirs[lead] / "kv.sock", LineProto, f"{tag} via leader",
+                           args.clients, args.seconds, pids, args.depth)
+        via_follower = drive(dirs[fol] / "kv.sock", LineProto, f"{tag} via follower",
+                             args.clients, args.seconds, pids, args.depth)
         return {"via_leader": via_leader, "via_follower": via_follower}
     finally:
         for p in procs.values():
@@ -436,9 +490,96 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
                 p.wait()
 
 
+# --- restart ---------------------------------------------------------------------
+
+
+def build_log(directory: Path, entries: int, keys: int, cfg: RaftConfig) -> dict[str, Any]:
+    """Write what a voter's ``DIR/raft`` holds after ``entries`` ``kv_put``s over
+    ``keys`` keys (100-byte values, fresh request ids), saved in batches of
+    ``BUILD_BATCH`` as a leader's Readies would be, with the adapter's snapshot and
+    compaction policy (``snapshot_entries``, ``snapshot_keep_entries``) applied
+    when the last snapshot before the end is due. fsync is off while building
+    (the files are the same)."""
+    storage = FileStorage(directory, sync=False)
+    bootstrap(storage, [NodeId("n0")])
+    state = MeshState()
+    first = storage.last_index() + 1
+    batch: list[Entry] = []
+    for e in storage.entries(1, first):
+        state.apply(e)
+    last_snap = 0
+    end = first + entries
+    for index in range(first, end):
+        key = f"app/{(index * 7919) % keys:08d}"
+        batch.append(Entry(2, index, KvPut(key, VALUE, request_id=os.urandom(16)).encode()))
+        if len(batch) == BUILD_BATCH or index == end - 1:
+            storage.save(HardState(2, NodeId("n0"), index), batch, None)
+            for e in batch:
+                state.apply(e)
+            batch = []
+            # The adapter snapshots once snapshot_entries are applied since the
+            # last one; only the last such snapshot shapes the final files.
+            if index - last_snap >= cfg.snapshot_entries and end - 1 - index < cfg.snapshot_entries:
+                conf = ConfState(voters=(NodeId("n0"),))
+                storage.create_snapshot(index, conf, state.snapshot())
+                storage.compact(index - cfg.snapshot_keep_entries)
+                last_snap = index
+    storage.close()
+    files = sorted(directory.iterdir())
+    return {"wal_bytes": sum(f.stat().st_size for f in files if f.suffix == ".log"),
+            "wal_segments": sum(1 for f in files if f.suffix == ".log"),
+            "snapshot_bytes": sum(f.stat().st_size for f in files if f.suffix == ".snap"),
+            "snapshot_index": last_snap, "last_index": end - 1}
+
+
+def recover(directory: Path, cfg: RaftConfig) -> tuple[float, float, int]:
+    """Open the storage and rebuild the state as a restarting meshd does
+    (:meth:`RaftAdapter.create`, then applying the committed entries of the first
+    Readies). Returns (seconds to open the WAL, seconds to serve, entries applied)."""
+    t0 = time.perf_counter()
+    storage = FileStorage(directory)
+    t_open = time.perf_counter() - t0
+    state = MeshState()
+    snap = storage.snapshot()
+    if not snap.is_empty:
+        state.restore(snap.data, snap.meta.index)
+    core = RaftCore(cfg, NodeId("n0"), storage, random.Random(1), applied=state.applied_index)
+    applied = 0
+    while (rd := core.ready()) is not None and rd.committed_entries:
+        for e in rd.committed_entries:
+            state.apply(e)
+        applied += len(rd.committed_entries)
+        core.advance(rd)
+    t_serve = time.perf_counter() - t0
+    storage.close()
+    return t_open, t_serve, applied
+
+
+def restart(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    cfg = RaftConfig.lan()
+    if args.no_snapshot:
+        cfg = dataclasses.replace(cfg, snapshot_entries=10 * args.entries)
+    t0 = time.perf_counter()
+    built = build_log(base / "raft", args.entries, args.keys, cfg)
+    print(f"built {args.entries} entries over {args.keys} keys in "
+          f"{time.perf_counter() - t0:.1f} s: {built}", flush=True)
+    opens, serves = [], []
+    applied = 0
+    for r in range(args.rounds):
+        t_open, t_serve, applied = recover(base / "raft", cfg)
+        opens.append(t_open)
+        serves.append(t_serve)
+        print(f"round {r + 1}: WAL open {t_open:.3f} s, serving after {t_serve:.3f} s "
+              f"({applied} entries re-applied), load {os.getloadavg()[0]:.2f}", flush=True)
+    return {"bench": "raft_restart", "entries": args.entries, "keys": args.keys,
+            "rounds": args.rounds, **built, "reapplied": applied,
+            **summary("open", opens), **summary("serve", serves)}
+
+
 def throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "raft_throughput", "voters": 3, "fsync": True,
-                              "clients": args.clients, "seconds": args.seconds,
+                              "clients": args.clients, "depth": args.depth,
+                              "seconds": args.seconds,
                               "cpus": os.cpu_count()}
     if not args.no_meshd:
         result["meshd"] = meshd_throughput(args, base)
@@ -460,10 +601,19 @@ def main() -> None:
     r.add_argument("--nodes", type=int, default=4)
     t = sub.add_parser("throughput")
     t.add_argument("--clients", type=int, default=64)
+    t.add_argument("--depth", type=int, default=1,
+                   help="puts pipelined per connection (clients share clients/depth "
+                        "connections); 1: one connection per client")
     t.add_argument("--seconds", type=float, default=20)
     t.add_argument("--no-pysyncobj", action="store_true")
     t.add_argument("--no-meshd", action="store_true")
     t.add_argument("--profile", metavar="DIR", help="py-spy the meshd leader (raw stacks)")
+    rs = sub.add_parser("restart")
+    rs.add_argument("--entries", type=int, default=1_000_000)
+    rs.add_argument("--keys", type=int, default=100_000)
+    rs.add_argument("--rounds", type=int, default=3)
+    rs.add_argument("--no-snapshot", action="store_true",
+                    help="never snapshot: every entry stays in the WAL (worst case)")
     n = sub.add_parser("_pso-node")  # one PySyncObj node (internal, for throughput)
     n.add_argument("--me", required=True)
     n.add_argument("--peers", required=True)
@@ -473,7 +623,8 @@ def main() -> None:
     if args.command == "_pso-node":
         pso_node(args)
         return
-    commands = {"failover": failover, "replace": replace, "throughput": throughput}
+    commands = {"failover": failover, "replace": replace, "throughput": throughput,
+                "restart": restart}
     with tempfile.TemporaryDirectory(prefix="raftb", dir="/tmp") as tmp:
         result = commands[args.command](args, Path(tmp))
     print(f"load average: {os.getloadavg()[0]:.2f}")

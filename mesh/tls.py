@@ -995,16 +995,24 @@ class TlsDialer:
         self._revoked = revoked
         self._timeout_s = timeout_s
 
-    async def open_stream(self, to: Addr) -> SSLStreamT:
+    async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> SSLStreamT:
         """Open an authorised link to ``to``.
+
+        Args:
+            to: the peer's address.
+            expect: the node id the peer's certificate must name, when the
+                caller knows whom it dials (Raft does; gossip push-pull dials
+                addresses). Another node answering there is refused.
 
         Raises:
             OSError: cannot connect.
             trio.TooSlowError: timed out.
-            LinkRefusedError: refused either way (a ``RemoteProtocolError``).
+            LinkRefusedError: refused either way (a ``RemoteProtocolError``),
+                also when the peer is not ``expect``.
         """
         stream, _ = await open_tls_stream(
-            to, self._ctx, self._alpn, revoked=self._revoked, timeout_s=self._timeout_s
+            to, self._ctx, self._alpn, expect=expect, revoked=self._revoked,
+            timeout_s=self._timeout_s,
         )
         return stream
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from mesh import wire
 from mesh.errors import ConfigError, MeshError, StartupError
@@ -16,6 +17,7 @@ from mesh.node import api
 from mesh.node.cli import format_age, format_table, members_table
 from mesh.node.config import parse_label
 from mesh.node.daemon import build_parser, config_from_args, parse_size, prepare_data_dir
+from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
 from mesh.node.metrics import Metric, counter, render
 from mesh.types import Addr
 
@@ -49,6 +51,76 @@ async def test_api_roundtrip_errors_and_permissions(tmp_path: Path) -> None:
         with pytest.raises(StartupError, match="another meshd is running"):
             await api.bind_unix_socket(sock)
         nursery.cancel_scope.cancel()
+
+
+async def test_pipelined_requests_run_together_and_answer_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(params: dict[str, Any]) -> int:
+        await trio.sleep(params["s"])
+        return int(params["s"])
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {"slow": slow, "echo": echo}, "n1")
+        t0 = trio.current_time()
+        await client.send_all(b"".join(wire.frame(Request("slow", {"s": s}).encode())
+                                       for s in (3, 1, 2)))
+        decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+        answers: list[Any] = []
+        while len(answers) < 3:
+            decoder.receive_data(bytes(await client.receive_some()))
+            while isinstance(payload := decoder.next_payload(), bytes):
+                answers.append(Response.decode(payload).result)
+        assert answers == [3, 1, 2]
+        assert trio.current_time() - t0 == pytest.approx(3)  # together, not one by one
+        # Back to one request at a time on the same connection.
+        assert await api.call_stream(client, "echo", {"y": 2}) == {"echo": {"y": 2}}
+        await client.aclose()
+    assert trio.current_time() - t0 < api.API_TIMEOUT_S  # closed because the client did
+
+
+async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(params: dict[str, Any]) -> int:
+        await trio.sleep(params["s"])
+        return int(params["s"])
+
+    client, server = trio.testing.memory_stream_pair()
+    link = api.RpcLink(client)
+    results: dict[int, Any] = {}
+
+    async def one(s: int) -> None:
+        results[s] = await link.call("slow", {"s": s})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {"slow": slow, "refuse": refuse}, "n1")
+        await nursery.start(link.run)
+        t0 = trio.current_time()
+        async with trio.open_nursery() as calls:
+            for s in (3, 1, 2):
+                calls.start_soon(one, s)
+        assert results == {1: 1, 2: 2, 3: 3}
+        assert trio.current_time() - t0 == pytest.approx(3)  # one link, calls together
+        with pytest.raises(MeshError, match="list services"):
+            await link.call("refuse")
+        assert link.in_flight == 0
+        # The server goes away while a call waits: the call fails, the link is broken.
+        failed: list[str] = []
+
+        async def waiting() -> None:
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await link.call("slow", {"s": 50})
+            failed.append(str(info.value))
+
+        nursery.start_soon(waiting)
+        await trio.sleep(1)
+        await server.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await link.call("slow", {"s": 1})
+    assert link.broken
+    assert failed == ["the server closed the link"]
 
 
 async def test_stale_socket_is_replaced_and_missing_socket_is_explained(tmp_path: Path

@@ -21,6 +21,8 @@ import trio.testing
 from mesh import wire
 from mesh.errors import NotLeader, ProposalDropped, RemoteProtocolError, StorageError
 from mesh.gossip.adapter import MemoryNetwork, MemoryTransport
+from mesh.node.metrics import render
+from mesh.node.replica import Replica
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
 from mesh.raft.messages import Heartbeat
@@ -74,8 +76,11 @@ class _LinkDialer:
         self._src = src
         self._ep = ep
 
-    async def open_stream(self, to: Addr) -> trio.abc.Stream:
+    async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
         dst = self._cluster.node_at(to)
+        if expect != dst:  # as TlsDialer: the certificate must name the node dialled
+            await trio.lowlevel.checkpoint()
+            raise RemoteProtocolError(f"{to} is {dst}, expected {expect}")
         if self._cluster.blocked(self._src, dst):
             await trio.lowlevel.checkpoint()
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"{to} unreachable")
@@ -371,11 +376,37 @@ async def test_read_index_on_follower_sees_the_latest_write(
         nursery.cancel_scope.cancel()
 
 
+async def test_dials_name_the_peer_they_expect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dialled: list[tuple[Addr, NodeId | None]] = []
+
+    class RecordingDialer:
+        async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
+            dialled.append((to, expect))
+            await trio.lowlevel.checkpoint()
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "nobody there")
+
+    addrs = {NodeId("n2"): Addr("10.0.0.2", 7947), NodeId("n3"): Addr("10.0.0.3", 7947)}
+    storage = MemoryStorage()
+    bootstrap(storage, ids("n1", "n2", "n3"))
+    adapter = RaftAdapter.create(
+        CONFIG, NodeId("n1"), storage, MeshState(), RecordingDialer(), addrs.get,
+        rng=random.Random(7), storage_in_thread=False,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        await trio.sleep(5 * CONFIG.election_ticks * CONFIG.tick_interval_s)  # it campaigns
+        nursery.cancel_scope.cancel()
+    assert dialled
+    assert {(to, expect) for to, expect in dialled} == {(a, n) for n, a in addrs.items()}
+
+
 async def test_malformed_frames_are_dropped_and_counted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     class NoDialer:
-        async def open_stream(self, to: Addr) -> trio.abc.Stream:
+        async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
             await trio.lowlevel.checkpoint()
             raise ConnectionRefusedError(errno.ECONNREFUSED, "nobody there")
 
@@ -468,7 +499,7 @@ async def test_file_storage_in_a_thread_with_snapshots_survives_restart(
 
     def build(st: FileStorage) -> RaftAdapter:
         class NoPeers:
-            async def open_stream(self, to: Addr) -> trio.abc.Stream:
+            async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
                 raise AssertionError("a single voter has no peers")
 
         return RaftAdapter.create(
@@ -590,7 +621,7 @@ async def test_full_disk_stops_writes_and_loses_nothing(
     bootstrap(storage, [me])
 
     class NoPeers:
-        async def open_stream(self, to: Addr) -> trio.abc.Stream:
+        async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
             raise AssertionError("a single voter has no peers")
 
     adapter = RaftAdapter.create(
@@ -659,3 +690,46 @@ async def test_refused_links_are_a_send_failure_not_a_crash(
         assert leader.statistics().send_failures > 0
         assert all(a.core is not None for a in c.live())
         nursery.cancel_scope.cancel()
+
+
+async def test_metrics_commit_latency_fsync_apply_lag_and_snapshots(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    me = NodeId("solo")
+    storage = FileStorage(tmp_path, sync=False)
+    bootstrap(storage, [me])
+
+    class NoPeers:
+        async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
+            raise AssertionError("a single voter has no peers")
+
+    config = dataclasses.replace(CONFIG, snapshot_entries=4, snapshot_keep_entries=1)
+    adapter = RaftAdapter.create(
+        config, me, storage, MeshState(), NoPeers(), lambda n: None,
+        rng=random.Random(5), storage_in_thread=False,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        await adapter.wait_leader()
+        for i in range(6):
+            await adapter.propose(put(f"k{i}"))
+        status = adapter.status()
+        stats = adapter.statistics()
+        nursery.cancel_scope.cancel()
+    storage.close()
+    assert status["commit_latency"]["count"] == 6
+    assert status["apply_lag"] == 0
+    assert status["leader_changes"] == 1
+    assert status["snapshot_bytes"] > 0
+    assert status["snapshot_bytes"] == stats.snapshot_bytes
+    assert stats.snapshots_created >= 1
+    assert stats.wal_sync_latency.count >= 6
+    assert status["entries_per_fsync"] >= 1
+    replica = Replica(adapter, adapter.state, storage, None, None, None)  # type: ignore[arg-type]
+    text = render(replica.metrics(), {"node": "solo"})
+    assert 'meshd_raft_commits_total{node="solo"} 6' in text
+    assert 'meshd_raft_commit_latency_seconds{node="solo",quantile="0.99"}' in text
+    assert 'meshd_raft_wal_fsync_seconds{node="solo",quantile="0.5"}' in text
+    assert 'meshd_raft_apply_lag{node="solo"} 0' in text
+    assert 'meshd_raft_leader_changes_total{node="solo"} 1' in text
+    assert "# TYPE meshd_raft_commit_latency_seconds summary" in text

@@ -741,3 +741,58 @@ def test_read_index_batches_many_reads_into_one_heartbeat_round() -> None:
     net.deliver_all()
     got = [r.context for r in net.nodes[NodeId(lead)].read_states]
     assert got == [b"read-%d" % i for i in range(10)]
+
+
+def test_only_a_leader_with_durable_term_and_vote_may_send_before_persisting() -> None:
+    net = Network(ABC, seed=4, config=_cfg(pre_vote=False, check_quorum=False))
+    lead = net.wait_leader()
+    _commit_all(net, lead, [b"a"])
+    # A follower that campaigns must write its new term and vote first.
+    follower = next(n for n in ABC if n != lead)
+    net.isolate(follower)
+    core = net.core(follower)
+    for _ in range(4 * net.config.election_ticks):
+        core.tick()
+        rd = core.ready()
+        if rd is None:
+            continue
+        votes = [m for m in rd.messages if isinstance(m, RequestVote) and not m.pre_vote]
+        if votes:
+            assert rd.hard_state is not None
+            assert rd.hard_state.vote == follower
+            assert not rd.send_before_persist
+            break
+        core.advance(rd)
+    else:
+        raise AssertionError("the isolated follower never campaigned")
+    # The leader's Ready with new entries may leave before its own write.
+    net.core(lead).propose(b"x")
+    rd = net.core(lead).ready()
+    assert rd is not None
+    assert rd.entries
+    assert any(isinstance(m, AppendEntries) for m in rd.messages)
+    assert rd.send_before_persist
+
+
+def test_leader_crash_between_sending_and_persisting_loses_nothing_committed() -> None:
+    net = Network(ABC, seed=6)
+    lead = net.wait_leader()
+    _commit_all(net, lead, [b"a"])
+    core = net.core(lead)
+    core.propose(b"x")
+    rd = core.ready()
+    assert rd is not None
+    assert rd.send_before_persist
+    net.in_flight.extend(rd.messages)  # sent; the leader's own write never happens
+    net.crash(lead)
+    net.deliver_all()  # both followers persist x
+    others = [n for n in ABC if n != lead]
+    new = _leader_among(net, others)
+    _commit_all(net, new, [b"y"])
+    net.restart(lead)
+    net.tick(5)
+    net.deliver_all()
+    net.tick(5)
+    net.deliver_all()
+    for n in ABC:
+        assert net.nodes[NodeId(n)].sm.commands()[-3:] == [b"a", b"x", b"y"], n

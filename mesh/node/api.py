@@ -1,12 +1,17 @@
 """The local API (unix socket) and the Prometheus metrics endpoint (HTTP).
 
 API framing: each connection carries one or more request frames; each gets one
-response frame (:mod:`mesh.node.messages`). The socket file is created owner-only
+response frame (:mod:`mesh.node.messages`), in request order. A client may pipeline:
+requests that arrive together or while others are in progress are handled
+concurrently (up to :data:`MAX_PIPELINED` per connection) and answers ready together
+leave in one write; :class:`RpcLink` is such a client. The socket file is created owner-only
 (0600): file permissions are the authentication for ``meshctl`` on the node.
 
 Resource handling:
     :func:`serve_api` and :func:`serve_metrics` run until cancelled and close their
-    listeners; each connection is handled in its own task and closed afterwards.
+    listeners; each connection is handled in its own task (plus one per pipelined
+    request and an answer writer) and closed afterwards; a connection idle for
+    :data:`API_TIMEOUT_S` is closed once its requests in progress are answered.
 
 Error handling:
     A malformed request gets an error response and the connection is closed; a
@@ -16,9 +21,11 @@ Error handling:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -79,36 +86,151 @@ async def bind_unix_socket(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+MAX_PIPELINED = 256
+"""Requests one connection may have in progress before the server stops reading it."""
+
+
+class _Slot:
+    """One request's place in a connection's answer order."""
+
+    __slots__ = ("data", "last")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.last = False
+        """Close the connection once this answer is sent (a malformed request)."""
+
+
+class _ApiConnection:
+    """One API connection: requests may be pipelined; answers go back in order.
+
+    A request that arrives alone on an idle connection (the common
+    one-at-a-time client) is answered inline. Requests that arrive together,
+    or while others are in progress, each run in their own task, and answers
+    that are ready together leave in one ``send_all``.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, handlers: Mapping[str, Handler],
+                 node: str) -> None:
+        self._stream = stream
+        self._handlers = handlers
+        self._node = node
+        self._slots: collections.deque[_Slot] = collections.deque()
+        self._progress = trio.Event()
+        """Set when an answer is ready or the reader stopped (wakes the writer),
+        or when answers were sent (wakes a reader waiting for room)."""
+        self._reading = True
+        self._broken = False
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_answers, nursery.cancel_scope)
+            try:
+                await self._read_requests(nursery)
+            finally:
+                self._reading = False
+                self._wake()
+
+    def _wake(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+        with trio.CancelScope() as idle:
+            while not self._broken:
+                idle.deadline = trio.current_time() + API_TIMEOUT_S
+                try:
+                    chunk = await self._stream.receive_some(65_536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                idle.deadline = math.inf  # the idle limit is for reading only
+                if not chunk:
+                    return  # the client closed
+                decoder.receive_data(bytes(chunk))
+                payloads: list[bytes] = []
+                try:
+                    while isinstance(payload := decoder.next_payload(), bytes):
+                        payloads.append(payload)
+                except RemoteProtocolError as exc:  # oversized: the stream is unusable
+                    LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
+                    payloads.append(b"")  # answered with an error below, then closed
+                if len(payloads) == 1 and not self._slots and payloads[0]:
+                    data, last = await self._answer(payloads[0])
+                    try:
+                        await self._stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    if last:
+                        return
+                    continue
+                for payload in payloads:
+                    slot = _Slot()
+                    self._slots.append(slot)
+                    nursery.start_soon(self._fill, slot, payload)
+                    if not payload:
+                        return
+                while len(self._slots) >= MAX_PIPELINED and not self._broken:
+                    await self._progress.wait()
+
+    async def _fill(self, slot: _Slot, payload: bytes) -> None:
+        slot.data, slot.last = await self._answer(payload)
+        if slot is self._slots[0]:
+            self._wake()
+
+    async def _answer(self, payload: bytes) -> tuple[bytes, bool]:
+        """The framed response to one request, and whether to close afterwards."""
+        try:
+            if not payload:
+                raise RemoteProtocolError("request frame too large")
+            request = Request.decode(payload)
+        except RemoteProtocolError as exc:
+            LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
+            return wire.frame(Response(False, error=str(exc)).encode()), True
+        handler = self._handlers.get(request.method)
+        if handler is None:
+            response = Response(False, error=f"unknown method {request.method!r}: "
+                                "is meshctl newer than this meshd?")
+        else:
+            try:
+                response = Response(True, result=await handler(request.params))
+            except ApiError as exc:
+                response = Response(False, error=str(exc))
+        return wire.frame(response.encode(), MAX_API_FRAME_BYTES), False
+
+    async def _write_answers(self, connection: trio.CancelScope) -> None:
+        slots = self._slots
+        while self._reading or slots:
+            if not slots or slots[0].data is None:
+                await self._progress.wait()
+                continue
+            batch: list[bytes] = []
+            last = False
+            while slots and slots[0].data is not None and not last:
+                slot = slots.popleft()
+                assert slot.data is not None
+                batch.append(slot.data)
+                last = slot.last
+            try:
+                await self._stream.send_all(b"".join(batch))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                last = True
+            self._wake()
+            if last:
+                # Nothing more will be answered: stop reading and drop the rest.
+                self._broken = True
+                connection.cancel()
+                return
+
+
 async def serve_api_stream(stream: trio.abc.Stream, handlers: Mapping[str, Handler],
                            node: str) -> None:
     """Answer API requests on one stream (unix socket or ``mesh-rpc/1`` TLS link)
-    until the client closes it; closes it afterwards."""
+    until the client closes it or stays idle for :data:`API_TIMEOUT_S`; closes it
+    afterwards. Requests may be pipelined (up to :data:`MAX_PIPELINED` in
+    progress); answers come back in request order."""
     async with stream:
-        while True:
-            try:
-                with trio.fail_after(API_TIMEOUT_S):
-                    data = await read_frame(stream, MAX_API_FRAME_BYTES)
-            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError):
-                return  # the client closed, stalled or sent garbage
-            try:
-                request = Request.decode(data)
-            except RemoteProtocolError as exc:
-                LOGGER.debug("api_bad_request node=%s reason=%s", node, exc)
-                await stream.send_all(wire.frame(Response(False, error=str(exc)).encode()))
-                return
-            handler = handlers.get(request.method)
-            if handler is None:
-                response = Response(False, error=f"unknown method {request.method!r}: "
-                                    "is meshctl newer than this meshd?")
-            else:
-                try:
-                    response = Response(True, result=await handler(request.params))
-                except ApiError as exc:
-                    response = Response(False, error=str(exc))
-            try:
-                await stream.send_all(wire.frame(response.encode(), MAX_API_FRAME_BYTES))
-            except trio.BrokenResourceError:
-                return
+        await _ApiConnection(stream, handlers, node).run()
 
 
 async def serve_api(listener: trio.SocketListener, handlers: Mapping[str, Handler], node: str,
@@ -163,6 +285,140 @@ async def call_stream(stream: trio.abc.Stream, method: str,
     if not response.ok:
         raise MeshError(response.error)
     return response.result
+
+
+class _Call:
+    """One call of an :class:`RpcLink` waiting for its answer."""
+
+    __slots__ = ("done", "response", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: Response | None = None
+        self.error: str | None = None
+
+
+class RpcLink:
+    """The client end of one API stream that carries many calls at once.
+
+    Calls are written in the order they are made (calls made while a write is
+    in progress leave together in the next ``send_all``); the server answers in
+    request order (:func:`serve_api_stream`), so answers are matched to calls
+    in order. One link to the leader replaces a pool of links used one call at
+    a time.
+
+    Resource handling:
+        :meth:`run` owns the stream: start it in a nursery; it returns (and
+        closes the stream) when the stream breaks, the server closes it, or
+        :meth:`close` is called. Every call still waiting then fails.
+
+    Error handling:
+        :meth:`call` raises ``trio.BrokenResourceError`` when the link broke
+        before its answer came (the outcome is unknown: retry a write with the
+        same request id), and :class:`MeshError` with the server's message.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._outbox: list[bytes] = []
+        self._calls: collections.deque[_Call] = collections.deque()
+        self._wake_writer = trio.Event()
+        self._broken: str | None = None
+        self._scope = trio.CancelScope()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the link is unusable (open a new one)."""
+        return self._broken is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls written or queued and not yet answered."""
+        return len(self._calls)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Call ``method`` and wait for its answer.
+
+        Raises:
+            MeshError: the server answered with an error.
+            trio.BrokenResourceError: the link broke first.
+        """
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        call = _Call()
+        self._outbox.append(wire.frame(Request(method, params or {}).encode()))
+        self._calls.append(call)
+        self._wake_writer.set()
+        await call.done.wait()
+        if call.response is None:
+            raise trio.BrokenResourceError(call.error or "the link closed")
+        if not call.response.ok:
+            raise MeshError(call.response.error)
+        return call.response.result
+
+    def close(self) -> None:
+        """Stop :meth:`run` (calls still waiting fail)."""
+        self._break("the link was closed")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Write requests and read answers until the link breaks; closes the stream."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_requests)
+                    task_status.started()
+                    await self._read_answers()
+        finally:
+            self._break("the link closed")
+            await trio.aclose_forcefully(self._stream)
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+        self._scope.cancel()
+        calls, self._calls = self._calls, collections.deque()
+        for call in calls:
+            call.error = self._broken
+            call.done.set()
+
+    async def _write_requests(self) -> None:
+        while True:
+            if not self._outbox:
+                self._wake_writer = trio.Event()
+                await self._wake_writer.wait()
+                continue
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._break(f"writing to the link failed: {exc!r}")
+                return
+
+    async def _read_answers(self) -> None:
+        decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+        while True:
+            try:
+                chunk = await self._stream.receive_some(65_536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._break(f"reading from the link failed: {exc!r}")
+                return
+            if not chunk:
+                self._break("the server closed the link")
+                return
+            decoder.receive_data(bytes(chunk))
+            try:
+                while isinstance(payload := decoder.next_payload(), bytes):
+                    response = Response.decode(payload)
+                    if not self._calls:
+                        raise RemoteProtocolError("an answer nobody asked for")
+                    call = self._calls.popleft()
+                    call.response = response
+                    call.done.set()
+            except RemoteProtocolError as exc:
+                self._break(f"bad answer on the link: {exc}")
+                return
 
 
 # --- metrics over HTTP -------------------------------------------------------------

@@ -44,6 +44,7 @@ import heapq
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -62,6 +63,7 @@ from mesh.raft import voters as voter_selection
 from mesh.raft.config import RaftConfig
 from mesh.raft.core import RaftCore, Ready, Role
 from mesh.raft.messages import ConfChange, Entry, RaftMessage, from_wire
+from mesh.raft.metrics import LatencySummary, LatencyWindow
 from mesh.raft.storage import RaftStorage
 from mesh.types import Addr, NodeId
 
@@ -100,9 +102,11 @@ class StreamDialer(Protocol):
     """Reliable streams to peers: plain TCP now, TLS with ALPN ``mesh-raft/1``
     later (the same shape as :class:`mesh.gossip.adapter.StreamDialer`)."""
 
-    async def open_stream(self, to: Addr) -> trio.abc.Stream:
-        """Connect to ``to``. Raises ``OSError`` (or ``trio.BrokenResourceError``
-        for a failed handshake) if it cannot."""
+    async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
+        """Connect to ``to``, where node ``expect`` should answer (a dialer that
+        authenticates peers refuses anyone else with ``RemoteProtocolError``).
+        Raises ``OSError`` (or ``trio.BrokenResourceError`` for a failed
+        handshake) if it cannot."""
         ...
 
 
@@ -145,20 +149,34 @@ class RaftAdapterStatistics:
     proposals_lost: int
     """Proposals that failed with ``ProposalDropped`` after entering the log
     (leader change, timeout, stop): their outcome is unknown."""
+    entries_saved: int
+    """Log entries written to storage (``entries_saved / saves``: the batch size)."""
+    sends_before_persist: int
+    """Readies whose messages left before their write was durable (a leader's)."""
+    snapshot_bytes: int
+    """Size of the state image in the latest snapshot created or restored here."""
+    commit_latency: LatencySummary
+    """From :meth:`RaftAdapter.propose` to the entry applied here, for proposals
+    that committed (seconds)."""
+    wal_sync_latency: LatencySummary
+    """One synced ``storage.save`` (WAL write + fsync) in the worker thread."""
 
 
 class _Waiter:
     """One client call waiting for the ready loop."""
 
-    __slots__ = ("event", "term", "leader", "result", "error", "index")
+    __slots__ = ("event", "term", "leader", "result", "error", "index", "deadline")
 
-    def __init__(self, term: int = 0, leader: NodeId | None = None) -> None:
+    def __init__(self, term: int = 0, leader: NodeId | None = None,
+                 deadline: float = float("inf")) -> None:
         self.event = trio.Event()
         self.term = term
         self.leader = leader
         self.result: object = None
         self.error: BaseException | None = None
         self.index = 0
+        self.deadline = deadline
+        """When a proposal gives up (checked every tick: one timer for all of them)."""
 
     def resolve(self, result: object) -> None:
         if not self.event.is_set():
@@ -240,7 +258,14 @@ class RaftAdapter:
         self._storage_error: str | None = None
         self._last_leader: NodeId | None = core.leader
         self._was_leader = core.is_leader
-        self._c: dict[str, int] = dict.fromkeys(RaftAdapterStatistics.__dataclass_fields__, 0)
+        self._c: dict[str, int] = {
+            name: 0
+            for name, f in RaftAdapterStatistics.__dataclass_fields__.items()
+            if f.type == "int"
+        }
+        self._c["snapshot_bytes"] = len(storage.snapshot().data)
+        self._commit_latency = LatencyWindow()
+        self._wal_sync_latency = LatencyWindow()
 
     @classmethod
     def create(
@@ -309,7 +334,11 @@ class RaftAdapter:
 
     def statistics(self) -> RaftAdapterStatistics:
         """I/O and apply counters of this adapter."""
-        return RaftAdapterStatistics(**self._c)
+        return RaftAdapterStatistics(
+            **self._c,
+            commit_latency=self._commit_latency.summary(),
+            wal_sync_latency=self._wal_sync_latency.summary(),
+        )
 
     def status(self) -> dict[str, Any]:
         """The JSON-ready document behind ``meshctl raft status``.
@@ -319,6 +348,11 @@ class RaftAdapter:
         ``last_index``, ``first_index``, ``snapshot_index``, ``lead_transferee``,
         ``storage_error``, and on the leader ``peers``: per peer ``match``,
         ``next``, ``state``, ``active``, ``learner`` and ``lag`` (entries behind).
+        Metrics: ``apply_lag`` (committed entries not yet applied here),
+        ``leader_changes``, ``snapshot_bytes`` (latest snapshot's state image),
+        ``commit_latency`` and ``wal_sync_latency`` (:meth:`LatencySummary.as_dict
+        <mesh.raft.metrics.LatencySummary.as_dict>`: count, sum and recent
+        quantiles in seconds), ``entries_per_fsync`` (mean batch written per fsync).
         """
         st = self._core.status()
         peers = {
@@ -348,6 +382,14 @@ class RaftAdapter:
             "lead_transferee": st.lead_transferee,
             "storage_error": self._storage_error,
             "peers": peers,
+            "apply_lag": st.commit_index - st.applied_index,
+            "leader_changes": self._c["leader_changes"],
+            "snapshot_bytes": self._c["snapshot_bytes"],
+            "commit_latency": self._commit_latency.summary().as_dict(),
+            "wal_sync_latency": self._wal_sync_latency.summary().as_dict(),
+            "entries_per_fsync": round(
+                self._c["entries_saved"] / max(1, self._wal_sync_latency.count), 2
+            ),
         }
 
     # ------------------------------------------------------------------ running
@@ -654,25 +696,20 @@ class RaftAdapter:
             )
 
     async def _wait_entry(self, index: int, term: int, timeout_s: float | None) -> object:
-        waiter = _Waiter(term)
+        started = trio.current_time()
+        timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
+        waiter = _Waiter(term, deadline=started + timeout)
         self._proposals[index] = waiter
         self._kick()
-        timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
         try:
-            with trio.move_on_after(timeout):
-                await waiter.event.wait()
+            await waiter.event.wait()
         finally:
             self._proposals.pop(index, None)
-        if not waiter.event.is_set():
-            self._c["proposals_lost"] += 1
-            raise ProposalDropped(
-                f"entry {index} not applied within {timeout:g}s; the outcome is unknown: "
-                "retry with the same request id"
-            )
         if waiter.error is not None:
             self._c["proposals_lost"] += 1
             raise waiter.error
         self._c["proposals_committed"] += 1
+        self._commit_latency.observe(trio.current_time() - started)
         return waiter.result
 
     # ------------------------------------------------------------------ the loops
@@ -691,6 +728,7 @@ class RaftAdapter:
             await trio.sleep_until(deadline)
             self._core.tick()
             self._kick()
+            self._expire_proposals(trio.current_time())
             deadline += interval
             now = trio.current_time()
             if deadline <= now:
@@ -709,22 +747,50 @@ class RaftAdapter:
 
     async def _handle_ready(self, rd: Ready) -> None:
         self._c["readies"] += 1
-        # 1. Persist (one save, one fsync) before anything leaves.
-        await self._persist(rd)
-        # 2. Send.
-        for m in rd.messages:
+        if rd.send_before_persist:
+            # A leader's messages: its followers write while it writes.
+            self._c["sends_before_persist"] += 1
+            self._send_all(rd.messages)
+        if rd.snapshot is None:
+            # Committed entries are durable on a quorum already: apply them
+            # (and wake their proposers, whose answers go out while this task
+            # waits for the disk) before persisting this Ready's new entries.
+            self._apply(rd)
+            await self._persist(rd)
+        else:
+            await self._persist(rd)
+            self._restore(rd)
+            self._apply(rd)
+        if not rd.send_before_persist:
+            self._send_all(rd.messages)
+        if rd.soft_state is not None:
+            self._on_soft_state(rd.soft_state.leader, rd.soft_state.role)
+        self._core.advance(rd)
+        assert self._state.applied_index == self._core.applied_index, (
+            f"state machine at {self._state.applied_index}, core at {self._core.applied_index}"
+        )
+        self._notify_applied()
+        await self._maybe_snapshot()
+        self._signal_changed()
+
+    def _send_all(self, messages: Sequence[RaftMessage]) -> None:
+        for m in messages:
             self._enqueue(m)
-        # 3. Apply.
-        if rd.snapshot is not None:
-            index = rd.snapshot.meta.index
-            self._state.restore(rd.snapshot.data, index)
-            self._c["snapshots_restored"] += 1
-            lost = ProposalDropped(
-                "replaced by a snapshot from the leader; the outcome is unknown: retry with "
-                "the same request id"
-            )
-            for i in [i for i in self._proposals if i <= index]:
-                self._proposals.pop(i).fail(lost)
+
+    def _restore(self, rd: Ready) -> None:
+        assert rd.snapshot is not None
+        index = rd.snapshot.meta.index
+        self._state.restore(rd.snapshot.data, index)
+        self._c["snapshots_restored"] += 1
+        self._c["snapshot_bytes"] = len(rd.snapshot.data)
+        lost = ProposalDropped(
+            "replaced by a snapshot from the leader; the outcome is unknown: retry with "
+            "the same request id"
+        )
+        for i in [i for i in self._proposals if i <= index]:
+            self._proposals.pop(i).fail(lost)
+
+    def _apply(self, rd: Ready) -> None:
         for e in rd.committed_entries:
             result = self._state.apply(e)
             self._c["entries_applied"] += 1
@@ -744,16 +810,6 @@ class RaftAdapter:
             if read is not None:
                 read.index = rs.index
                 read.resolve(None)
-        if rd.soft_state is not None:
-            self._on_soft_state(rd.soft_state.leader, rd.soft_state.role)
-        # 4. Advance.
-        self._core.advance(rd)
-        assert self._state.applied_index == self._core.applied_index, (
-            f"state machine at {self._state.applied_index}, core at {self._core.applied_index}"
-        )
-        self._notify_applied()
-        await self._maybe_snapshot()
-        self._signal_changed()
 
     def _on_soft_state(self, leader: NodeId | None, role: Role) -> None:
         if leader != self._last_leader:
@@ -774,6 +830,19 @@ class RaftAdapter:
                 )
             )
         self._was_leader = is_leader
+
+    def _expire_proposals(self, now: float) -> None:
+        """Fail proposals past their deadline (one sweep per tick instead of a
+        cancel scope per proposal)."""
+        expired = [i for i, w in self._proposals.items() if w.deadline <= now]
+        for index in expired:
+            waiter = self._proposals.pop(index)
+            waiter.fail(
+                ProposalDropped(
+                    f"entry {index} was not applied within the propose timeout; the outcome "
+                    "is unknown: retry with the same request id"
+                )
+            )
 
     def _fail_proposals(self, error: ProposalDropped) -> None:
         waiters, self._proposals = self._proposals, {}
@@ -805,9 +874,17 @@ class RaftAdapter:
         backoff = self._cfg.reconnect_min_s
         while True:
             try:
-                await self._storage_call(
-                    self._storage.save, rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync
-                )
+                if rd.must_sync or rd.snapshot is not None:
+                    took = await self._storage_call(
+                        _timed, self._storage.save, rd.hard_state, rd.entries, rd.snapshot,
+                        sync=rd.must_sync,
+                    )
+                    if rd.must_sync:
+                        self._wal_sync_latency.observe(took)
+                else:
+                    # Only the commit index moved: a write without fsync, too
+                    # short to be worth a worker thread.
+                    self._storage.save(rd.hard_state, rd.entries, None, sync=False)
             except StorageError as exc:
                 self._c["storage_errors"] += 1
                 self._storage_error = str(exc)
@@ -826,6 +903,7 @@ class RaftAdapter:
                 LOGGER.warning("raft_storage_recovered node=%s", self.me)
                 self._storage_error = None
             self._c["saves"] += 1
+            self._c["entries_saved"] += len(rd.entries)
             return
 
     async def _maybe_snapshot(self) -> None:
@@ -845,6 +923,7 @@ class RaftAdapter:
             LOGGER.error("raft_snapshot_failed node=%s index=%s reason=%s", self.me, applied, exc)
             return
         self._c["snapshots_created"] += 1
+        self._c["snapshot_bytes"] = len(data)
         LOGGER.info(
             "raft_snapshot_created node=%s term=%s index=%s bytes=%s",
             self.me,
@@ -939,7 +1018,7 @@ class RaftAdapter:
             return None
         try:
             with trio.fail_after(self._cfg.dial_timeout_s):
-                stream = await self._dialer.open_stream(addr)
+                stream = await self._dialer.open_stream(addr, expect=peer.node)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError,
                 RemoteProtocolError) as exc:
             # RemoteProtocolError: the link was refused (TLS: revoked, wrong CA...).
@@ -969,6 +1048,13 @@ class RaftAdapter:
         peer.backoff_s = min(2 * peer.backoff_s, self._cfg.reconnect_max_s)
         self._core.report_unreachable(peer.node)
         self._kick()
+
+
+def _timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
+    """Run ``fn`` (in the worker thread) and return how long it took, in seconds."""
+    started = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - started
 
 
 __all__: Sequence[str] = (

@@ -193,6 +193,13 @@ class Ready:
     must_sync: bool
     """Whether the write must be fsynced (term, vote or entries changed); a
     commit-index-only change may be written lazily."""
+    send_before_persist: bool = False
+    """Whether ``messages`` may leave before (or while) the write is persisted:
+    true on a leader whose term and vote are already durable, so every message
+    is the leader's own (AppendEntries, heartbeats, snapshots, answers) and
+    none promises anything about this Ready's writes (dissertation §10.2.1:
+    the leader writes its log in parallel with replicating it; it counts
+    itself toward a commit only after :meth:`RaftCore.advance`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,7 +764,8 @@ class RaftCore:
         1. Persist ``snapshot`` (if any), then ``entries``, then ``hard_state``
            with one ``storage.save(...)``, fsynced when ``must_sync``.
         2. Only then send ``messages`` (votes and acknowledgements promise
-           that state is durable). A message that cannot be sent is simply
+           that state is durable), unless ``send_before_persist`` says they
+           may go first (a leader's). A message that cannot be sent is simply
            lost; call :meth:`report_unreachable`.
         3. Then, if ``snapshot`` is set, load it into the state machine, and
            apply ``committed_entries`` in order; answer ``read_states`` once
@@ -779,6 +787,7 @@ class RaftCore:
         soft = self._soft_state()
         hard = self._hard_state()
         entries = tuple(self._log.unstable.entries)
+        term_or_vote_changed = hard.term != self._prev_hard.term or hard.vote != self._prev_hard.vote
         rd = Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hard if hard != self._prev_hard else None,
@@ -789,9 +798,8 @@ class RaftCore:
                 self._log.next_committed_entries(self._cfg.max_committed_bytes_per_ready)
             ),
             read_states=tuple(self._read_states),
-            must_sync=bool(entries)
-            or hard.term != self._prev_hard.term
-            or hard.vote != self._prev_hard.vote,
+            must_sync=bool(entries) or term_or_vote_changed,
+            send_before_persist=self._role is Role.LEADER and not term_or_vote_changed,
         )
         self._msgs = []
         self._read_states = []

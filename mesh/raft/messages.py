@@ -89,6 +89,21 @@ class Entry:
             RemoteProtocolError: wrong shape or out-of-range field, or a
                 CONF_CHANGE entry whose payload is not a ConfChange.
         """
+        if type(raw) is list and len(raw) == 4:
+            # The common case, checked inline: a replicated or replayed command
+            # (followers and WAL recovery decode every entry).
+            term, index, kind, data = raw
+            if (
+                kind == 0
+                and type(kind) is int
+                and type(term) is int
+                and type(index) is int
+                and type(data) is bytes
+                and 0 <= term <= MAX_INDEX
+                and 1 <= index <= MAX_INDEX
+                and len(data) <= wire.DEFAULT_MAX_FRAME_BYTES
+            ):
+                return cls(term, index, data, EntryKind.NORMAL)
         term, index, kind, data = _array(raw, 4, "entry")
         entry = cls(
             term=_uint(term, "entry.term"),
