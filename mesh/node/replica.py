@@ -14,13 +14,14 @@ Raft messages travel over ``mesh-raft/1`` on the gossip port, so a peer's identi
 comes from its certificate and the peer's address from membership. Writes reaching
 a node that is not the leader are forwarded to the leader over ``mesh-rpc/1``
 (once: a forwarded call that lands on a non-leader again fails with a message to
-retry) over a small pool of kept-open links. Reads are linearizable (ReadIndex)
-unless ``stale`` is asked for.
+retry) over one kept-open link per node that carries many calls at once
+(:class:`~mesh.node.api.RpcLink`). Reads are linearizable (ReadIndex) unless
+``stale`` is asked for.
 
 Resource handling:
     :meth:`Replica.open` opens the WAL (blocking, in a thread); :meth:`Replica.aclose`
-    closes it and the pooled links to the leader. The adapter's tasks run in the
-    node's nursery.
+    closes it and the links to other nodes. The adapter's tasks and the links run
+    in the node's nursery.
 
 Error handling:
     NotLeader without a reachable leader, dropped proposals and storage failures
@@ -68,10 +69,6 @@ FORWARD_TIMEOUT_S = 15.0
 READ_LEADER_WAIT_S = 5.0
 """How long a linearizable read waits for a leader to be known (an election)."""
 
-FORWARD_POOL_SIZE = 16
-"""Idle mutual-TLS links to the leader kept for forwarded writes; a handshake per
-write would cost more than the write (about 2 ms of CPU on each side)."""
-
 
 @dataclass(frozen=True, slots=True)
 class ReplicaSettings:
@@ -100,7 +97,9 @@ class Replica:
         self._core = core
         self._trust = trust
         self._settings = settings
-        self._idle: dict[NodeId, list[tls.SSLStreamT]] = {}
+        self._links: dict[NodeId, api.RpcLink] = {}
+        self._dialing: dict[NodeId, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
 
     @classmethod
     async def open(cls, config: NodeConfig, core: Membership, trust: Trust,
@@ -127,17 +126,15 @@ class Replica:
         return cls(raft, state, storage, core, trust, settings)
 
     async def aclose(self) -> None:
-        """Close the pooled links to the leader and the WAL (shielded: runs during
-        shutdown)."""
-        with trio.CancelScope(shield=True):
-            for pool in self._idle.values():
-                for stream in pool:
-                    await trio.aclose_forcefully(stream)
-            self._idle.clear()
+        """Close the links to other nodes and the WAL."""
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
         self._storage.close()
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the adapter and the voter management in ``nursery``."""
+        self._nursery = nursery
         await nursery.start(self.raft.run)
 
         def members() -> list[voters.Candidate]:
@@ -248,7 +245,8 @@ class Replica:
         return result
 
     async def call_node(self, node: NodeId, method: str, params: dict[str, Any]) -> Any:
-        """Call API ``method`` on another node over ``mesh-rpc/1`` (pooled links).
+        """Call API ``method`` on another node over ``mesh-rpc/1`` (one shared link
+        per node, many calls in flight).
 
         Raises:
             ApiError: the node is not reachable, or its answer is an error.
@@ -256,44 +254,31 @@ class Replica:
         view = self._core.member(node)
         if view is None or view.status > Status.SUSPECT:
             raise api.ApiError(f"node {node} is not alive (see `meshctl members`)")
-        while True:
-            pooled = self._idle.get(view.node)
-            stream = pooled.pop() if pooled else None
-            reused = stream is not None
-            try:
-                with trio.fail_after(FORWARD_TIMEOUT_S):
-                    if stream is None:
-                        stream, _ = await tls.open_tls_stream(
-                            view.addr, self._trust.client_ctx, tls.ALPN_RPC, expect=view.node,
-                            revoked=self._trust.revoked)
-                    result = await api.call_stream(stream, method, params)
-            except (trio.BrokenResourceError, trio.ClosedResourceError,
-                    RemoteProtocolError) as exc:
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                if reused:
-                    continue  # the leader closed an idle pooled link: use a fresh one
-                raise api.ApiError(f"cannot reach {view.node} at {view.addr} "
-                                   f"({exc}); retry") from None
-            except (OSError, trio.TooSlowError) as exc:
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                raise api.ApiError(f"cannot reach {view.node} at {view.addr} "
-                                   f"({exc}); retry") from None
-            except MeshError as exc:  # the leader answered with an error: the link is fine
-                if stream is not None:
-                    await self._release(view.node, stream)
-                raise api.ApiError(str(exc)) from None
-            await self._release(view.node, stream)
-            return result
+        try:
+            with trio.fail_after(FORWARD_TIMEOUT_S):
+                link = await self._link_to(view.node, view.addr)
+                return await link.call(method, params)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError,
+                RemoteProtocolError) as exc:
+            raise api.ApiError(f"cannot reach {view.node} at {view.addr} ({exc}); "
+                               "retry") from None
+        except MeshError as exc:  # the node answered with an error: the link is fine
+            raise api.ApiError(str(exc)) from None
 
-    async def _release(self, node: NodeId, stream: tls.SSLStreamT) -> None:
-        """Keep a healthy link to the leader for the next forwarded write."""
-        pool = self._idle.setdefault(node, [])
-        if len(pool) < FORWARD_POOL_SIZE:
-            pool.append(stream)
-        else:
-            await trio.aclose_forcefully(stream)
+    async def _link_to(self, node: NodeId, addr: Addr) -> api.RpcLink:
+        """The link to ``node`` that calls share (opened on first use, and again
+        after it broke)."""
+        async with self._dialing.setdefault(node, trio.Lock()):
+            link = self._links.get(node)
+            if link is None or link.broken:
+                stream, _ = await tls.open_tls_stream(
+                    addr, self._trust.client_ctx, tls.ALPN_RPC, expect=node,
+                    revoked=self._trust.revoked)
+                link = api.RpcLink(stream)
+                assert self._nursery is not None, "start() the replica before calling nodes"
+                await self._nursery.start(link.run)
+                self._links[node] = link
+            return link
 
     @staticmethod
     def _key(params: dict[str, Any]) -> str:
