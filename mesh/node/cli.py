@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     raft_sub = raft.add_subparsers(dest="raft_command", required=True)
     status = raft_sub.add_parser("status", help="term, leader, voters, indexes, lag")
     status.add_argument("--json", action="store_true", help="print JSON")
+    recover = raft_sub.add_parser(
+        "recover", help="after losing a majority of voters for good: make this STOPPED "
+        "node the only voter, from its own data (writes beyond its log are lost)")
+    recover.add_argument("--data-dir", required=True, help="the stopped node's data dir")
+    recover.add_argument("--yes", action="store_true",
+                         help="do it (without it: only say what would happen)")
     transfer = raft_sub.add_parser("transfer", help="hand leadership to another voter")
     transfer.add_argument("--to", default=None, help="the voter (default: any other)")
     transfer.add_argument("--json", action="store_true", help="print JSON")
@@ -228,6 +234,16 @@ async def _run(args: argparse.Namespace) -> str:
         return "\n".join(lines)
     if args.command == "kv":
         return await _kv(client, args)
+    if args.command == "raft" and args.raft_command == "recover":
+        data_dir = Path(args.data_dir)
+        try:
+            await api.call(data_dir / "meshd.sock", "info")
+        except (OSError, MeshError):
+            pass  # nobody answers there: the node is stopped, as it must be
+        else:
+            raise MeshError(f"meshd is running on {data_dir}: stop it first (recovery "
+                            "rewrites its Raft log)")
+        return await trio.to_thread.run_sync(raft_recover, data_dir, args.yes)
     if args.command == "raft":
         method = "raft_status" if args.raft_command == "status" else "raft_transfer"
         params = {"to": args.to} if args.raft_command == "transfer" and args.to else {}
@@ -264,6 +280,46 @@ async def _kv(client: Client, args: argparse.Namespace) -> str:
         return json.dumps(entries, indent=2)
     return format_table(["KEY", "VALUE", "MODIFY INDEX"],
                         [[e["key"], str(e["value"])[:60], str(e["mod_index"])] for e in entries])
+
+
+def raft_recover(data_dir: Path, yes: bool) -> str:
+    """``meshctl raft recover``: rewrite a stopped node's Raft configuration so that
+    it is the only voter (see :func:`mesh.raft.storage.force_new_configuration`).
+
+    Raises:
+        MeshError: the data dir holds no Raft state.
+    """
+    import json as json_
+
+    from mesh.raft.storage import FileStorage, force_new_configuration
+    from mesh.types import NodeId
+
+    try:
+        name = NodeId(json_.loads((data_dir / "node.json").read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MeshError(f"{data_dir} is not a meshd data dir ({exc})") from None
+    storage = FileStorage(data_dir / "raft")
+    try:
+        rec = force_new_configuration(storage, name, apply=yes)
+    finally:
+        storage.close()
+    lost = [n for n in (*rec.voters, *rec.learners) if n != name]
+    lines = [
+        f"{'recovered' if yes else 'would recover'} {name} as the only Raft voter (term "
+        f"{rec.term}); voters before: {', '.join(rec.voters) or '-'}",
+        f"kept: every entry of this node's log, up to index {rec.last_index}; "
+        f"{rec.uncommitted} of them were not known committed and now are",
+        "lost: any write the cluster acknowledged after index "
+        f"{rec.last_index} (it never reached this node)",
+        f"removed from the group: {', '.join(lost) or '-'}; do NOT restart them on their "
+        "old data dirs: wipe those and join again (`meshd start --join ... --token ...`)",
+    ]
+    if not yes:
+        lines.append("nothing was changed: re-run with --yes to do it, then start meshd")
+        raise PartialFailure("\n".join(lines), "dry run: re-run with --yes")
+    lines.append("start meshd on this data dir: it leads alone, and adds members back "
+                 "as they join")
+    return "\n".join(lines)
 
 
 def raft_text(st: dict[str, Any]) -> str:

@@ -343,6 +343,86 @@ def bootstrap(storage: RaftStorage, voters: Sequence[NodeId]) -> None:
     storage.save(HardState(term=1, vote=None, commit=len(entries)), entries, None)
 
 
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :func:`force_new_configuration` did (or would do).
+
+    Attributes:
+        node: the node that becomes the only voter.
+        voters: the voters before.
+        learners: the learners before.
+        last_index: the last entry of this node's log before recovery.
+        commit_before: this node's commit index before recovery.
+        term: the new term.
+        new_last_index: the last entry after the configuration entries.
+    """
+
+    node: NodeId
+    voters: tuple[NodeId, ...]
+    learners: tuple[NodeId, ...]
+    last_index: int
+    commit_before: int
+    term: int
+    new_last_index: int
+
+    @property
+    def uncommitted(self) -> int:
+        """Entries that were in this node's log but not known committed, and that
+        recovery commits (they may never have been acknowledged to anyone)."""
+        return self.last_index - self.commit_before
+
+
+def force_new_configuration(storage: RaftStorage, node: NodeId, *, apply: bool) -> Recovery:
+    """Make ``node`` the only voter of its group, from what its storage holds
+    (etcd's ``--force-new-cluster``): the way back when a majority of voters is lost
+    for good.
+
+    Every entry in this node's log is treated as committed, then configuration
+    entries remove every other member, in a new term, committed at once. Writes
+    the lost voters committed beyond this node's log are lost; entries here that
+    were never committed become committed. The other members must not come back
+    with their old data (their old configuration could elect a leader of its own):
+    wipe their data dirs and let them join again.
+
+    Args:
+        storage: the node's storage (the daemon must not be running).
+        node: this node's id.
+        apply: write the change (``False``: only say what it would do).
+
+    Raises:
+        LocalProtocolError: the storage is empty (nothing to recover).
+    """
+    hard, conf = storage.initial_state()
+    last = storage.last_index()
+    if last == 0 and not conf.voters:
+        raise LocalProtocolError("this data dir holds no Raft state: nothing to recover")
+    voters, learners = set(conf.voters), set(conf.learners)
+    first = storage.snapshot().meta.index + 1
+    for e in storage.entries(first, last + 1) if last >= first else []:
+        if e.kind is not EntryKind.CONF_CHANGE:
+            continue
+        cc = ConfChange.decode(e.data)
+        if cc.kind in (ConfChangeKind.ADD_VOTER, ConfChangeKind.PROMOTE):
+            learners.discard(cc.node)
+            voters.add(cc.node)
+        elif cc.kind is ConfChangeKind.ADD_LEARNER:
+            learners.add(cc.node)
+        else:
+            voters.discard(cc.node)
+            learners.discard(cc.node)
+    term = max(hard.term, storage.term(last) if last else 0) + 1
+    changes = [ConfChange(ConfChangeKind.REMOVE, n) for n in sorted((voters | learners) - {node})]
+    if node not in voters:
+        changes.append(ConfChange(ConfChangeKind.ADD_VOTER, node))
+    entries = [Entry(term, last + i, c.encode(), EntryKind.CONF_CHANGE)
+               for i, c in enumerate(changes, start=1)]
+    new_last = last + len(entries)
+    if apply:
+        storage.save(HardState(term=term, vote=node, commit=new_last), entries, None)
+    return Recovery(node, tuple(sorted(voters)), tuple(sorted(learners)), last,
+                    hard.commit, term, new_last)
+
+
 # ---------------------------------------------------------------------- file storage
 
 _HEADER: Final = struct.Struct(">III")
