@@ -221,6 +221,17 @@ def test_a_job_runs_to_completion_and_a_crash_loop_backs_off(four: Cluster) -> N
     out = meshctl(n2, "logs", "once")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("hello from once-") == 2
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "mesh.node.cli", "--socket", str(n2.socket_path), "logs", "-f",
+         "once"], stdout=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MESH_")})
+    try:
+        assert follow.stdout is not None
+        first = [follow.stdout.readline() for _ in range(2)]
+        assert all("hello from once-" in line for line in first)
+    finally:
+        follow.kill()
+        follow.communicate()
 
     # a command that exits at once: restarts back off instead of burning the node
     bad = meshctl(n2, "run", "--driver", "process", "--name", "crashy", "--timeout", "4",

@@ -68,3 +68,13 @@ def test_seeded_records_do_not_repeat_and_the_ring_is_bounded() -> None:
         log.member(float(i), f"n{i}", "alive", "x")
     assert [e.seq for e in log.since(0)] == [3, 4, 5]
     assert log.since(0, limit=1)[0].seq == 3
+
+
+def test_logs_follow_prints_only_new_lines() -> None:
+    from mesh.node.cli_workloads import new_lines
+
+    assert new_lines([], ["a", "b"]) == ["a", "b"]
+    assert new_lines(["a", "b", "c"], ["b", "c", "d", "e"]) == ["d", "e"]
+    assert new_lines(["x", "y", "y"], ["x", "y", "y", "y"]) == ["y"]
+    assert new_lines(["a", "b"], ["a", "b"]) == []
+    assert new_lines(["gone"], ["fresh"]) == ["fresh"]  # rotated: the whole tail

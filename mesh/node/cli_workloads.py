@@ -132,6 +132,8 @@ def add_commands(sub: Any, node_sub: Any) -> None:
     logs = sub.add_parser("logs", help="output of a service's or an allocation's workloads")
     logs.add_argument("target", help="service name or allocation id")
     logs.add_argument("--tail", type=int, default=100, help="lines per allocation")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new output (of allocations that come and go too)")
 
     events = sub.add_parser("events", help="membership, leader, placement, start/stop/"
                             "restart/health events seen by this node")
@@ -418,16 +420,53 @@ async def run_command(call: Call, args: argparse.Namespace) -> str:
     if cmd == "events":
         return await _events(call, args)
     if cmd == "logs":
+        if args.follow:
+            return await _follow_logs(call, args.target, args.tail)
         parts = await call("service_logs", {"target": args.target, "tail": args.tail})
-        out = []
+        out: list[str] = []
         for p in parts:
-            text = p["output"].decode("utf-8", "replace") if isinstance(p["output"], bytes) \
-                else str(p["output"])
+            lines = _lines(p["output"])
             if len(parts) > 1:
-                text = "".join(f"{p['alloc']} | {line}\n" for line in text.splitlines())
-            out.append(text if not p["error"] else f"{p['alloc']}: error: {p['error']}\n")
-        return "".join(out).rstrip("\n")
+                lines = [f"{p['alloc']} | {line}" for line in lines]
+            out.extend(lines if not p["error"] else [f"{p['alloc']}: error: {p['error']}"])
+        return "\n".join(out)
     raise AssertionError(cmd)
+
+
+def _lines(output: Any) -> list[str]:
+    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else str(output)
+    return text.splitlines()
+
+
+def new_lines(before: Sequence[str], after: Sequence[str]) -> list[str]:
+    """The lines of ``after`` (a later tail of the same output) that ``before`` did
+    not have: found by where ``before``'s last lines reappear in ``after``."""
+    if not before:
+        return list(after)
+    for anchor in (3, 2, 1):
+        tail = list(before[-anchor:])
+        if len(tail) < anchor:
+            continue
+        for i in range(len(after) - anchor, -1, -1):
+            if list(after[i:i + anchor]) == tail:
+                return list(after[i + anchor:])
+    return list(after)  # rotated or too much new output: print the whole tail
+
+
+async def _follow_logs(call: Call, target: str, tail: int) -> str:
+    """``logs -f``: poll the tails and print what is new, until interrupted."""
+    seen: dict[str, list[str]] = {}
+    while True:
+        for p in await call("service_logs", {"target": target, "tail": max(tail, 200)}):
+            if p["error"]:
+                continue  # its node is unreachable right now: try again next round
+            lines = _lines(p["output"])
+            fresh = new_lines(seen.get(p["alloc"], []), lines) if p["alloc"] in seen \
+                else lines[-tail:]
+            for line in fresh:
+                print(f"{p['alloc']} | {line}", flush=True)
+            seen[p["alloc"]] = lines
+        await trio.sleep(1.0)
 
 
 def event_line(e: dict[str, Any], as_json: bool) -> str:
