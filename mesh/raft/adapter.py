@@ -62,7 +62,7 @@ from mesh.errors import (
 from mesh.raft import voters as voter_selection
 from mesh.raft.config import RaftConfig
 from mesh.raft.core import RaftCore, Ready, Role
-from mesh.raft.messages import ConfChange, Entry, RaftMessage, from_wire
+from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, RaftMessage, from_wire
 from mesh.raft.metrics import LatencySummary, LatencyWindow
 from mesh.raft.storage import RaftStorage
 from mesh.types import Addr, NodeId
@@ -646,8 +646,10 @@ class RaftAdapter:
             ConfigError: ``desired`` is not allowed.
         """
         voter_selection.check_desired(desired)
+        pause = interval_s
         while True:
-            await trio.sleep(interval_s)
+            await trio.sleep(pause)
+            pause = interval_s
             if not self._core.is_leader or self._closed:
                 continue
             st = self._core.status()
@@ -678,6 +680,10 @@ class RaftAdapter:
             )
             try:
                 await self.propose_conf_change(step)
+                if step.kind is ConfChangeKind.ADD_LEARNER:
+                    # a learner only receives the log: add the next one at once, so
+                    # every member of a new cluster has its replica within moments
+                    pause = 0.0
             except (NotLeader, ProposalDropped, LocalProtocolError, StorageError) as exc:
                 LOGGER.info(
                     "raft_voter_step_failed node=%s change=%s peer=%s reason=%s",
