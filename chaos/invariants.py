@@ -226,6 +226,18 @@ def dns_node_violations(t: float, server: str, answers: Mapping[str, tuple[str, 
     return out
 
 
+def unreadable_services(t: float, node: str, exc: BaseException) -> Violation:
+    """The services could not be read through ``node``'s API socket.
+
+    Names the node asked and the error's type, which is all a timeout
+    (``trio.TooSlowError``, empty text) says.
+    """
+    text = str(exc)
+    return Violation(t, "services_converge",
+                     f"cannot read services through {node}'s API: {type(exc).__name__}"
+                     + (f": {text}" if text else ""))
+
+
 def service_violations(t: float, services: Sequence[Mapping[str, Any]],
                        allocs: Sequence[Mapping[str, Any]], live: Iterable[str],
                        declared: Iterable[str]) -> list[Violation]:

@@ -684,11 +684,11 @@ class Runner:
         deadline = start + max(s.converge_s for s in declared)
         while True:
             self.checks["services_converge"] += 1
+            asked = (self.live() or ["-"])[0]  # the node _service_views asks
             try:
                 services, allocs = await self._service_views()
             except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                found = [inv.Violation(self.now(), "services_converge",
-                                       f"{what}: cannot read services: {exc}")]
+                found = [inv.unreadable_services(self.now(), asked, exc)]
             else:
                 found = inv.service_violations(self.now(), services, allocs, self.live(),
                                                [s.name for s in declared])

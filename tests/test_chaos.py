@@ -265,6 +265,14 @@ def test_service_violations_flag_short_missing_and_orphaned() -> None:
     assert any("a2 of web runs on n5, which is not live" in m for m in messages)
 
 
+def test_unreadable_services_names_the_node_and_an_empty_timeout() -> None:
+    timeout = inv.unreadable_services(4.0, "n1", trio.TooSlowError())
+    assert (timeout.t, timeout.invariant) == (4.0, "services_converge")
+    assert timeout.message == "cannot read services through n1's API: TooSlowError"
+    refused = inv.unreadable_services(5.0, "n2", MeshError("no leader"))
+    assert refused.message == "cannot read services through n2's API: MeshError: no leader"
+
+
 def test_service_dns_violations() -> None:
     allocs = [_alloc(1, "n1"), _alloc(2, "n2", healthy=False)]
     ips = {"n1": "10.0.0.1", "n2": "10.0.0.2"}
