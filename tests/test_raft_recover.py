@@ -63,3 +63,32 @@ def test_entries_never_committed_become_committed_and_are_counted() -> None:
 def test_nothing_to_recover_in_an_empty_storage() -> None:
     with pytest.raises(LocalProtocolError, match="nothing to recover"):
         force_new_configuration(MemoryStorage(), NodeId("a"), apply=False)
+
+
+def test_a_follower_restored_from_an_old_copy_catches_up_without_a_leader_change() -> None:
+    import copy
+
+    net = Network(["a", "b", "c"], seed=11)
+    lead = net.wait_leader()
+    stale = next(n for n in ("a", "b", "c") if n != lead)
+    net.propose_until_committed(b"early")
+    net.tick(3)
+    net.deliver_all()
+    old_copy = copy.deepcopy(net.nodes[NodeId(stale)].storage)
+    for i in range(30):
+        net.propose_until_committed(b"late%d" % i)
+    net.tick(3)
+    net.deliver_all()
+    term = net.core(lead).term
+    net.crash(stale)
+    net._mem[NodeId(stale)] = old_copy  # the node comes back from an old backup
+    net.restart(stale)
+    for _ in range(100):
+        net.tick(1)
+        net.deliver_all()
+        if net.core(stale).applied_index >= net.core(lead).commit_index:
+            break
+    assert net.leader() == lead
+    assert net.core(lead).term == term  # no election was needed
+    assert net.core(stale).applied_index >= net.core(lead).commit_index
+    assert net.nodes[NodeId(stale)].sm.commands()[-1] == b"late29"

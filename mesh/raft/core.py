@@ -338,12 +338,20 @@ class _Progress:
 
     def maybe_decr_to(self, rejected: int, match_hint: int) -> bool:
         if self.state is ProgressState.REPLICATE:
-            if rejected <= self.match:
+            if rejected < self.match or (rejected == self.match and match_hint >= self.match):
                 return False  # stale rejection of an entry already matched
+            if rejected == self.match:
+                # The follower no longer has an entry it acknowledged: it was restored
+                # from an old copy of its data dir. Go back to what it has, or it would
+                # be probed at the same index forever (the leader's commit index never
+                # goes back, so this only costs resending entries).
+                self.match = match_hint
             self.next = self.match + 1
             return True
         if self.next - 1 != rejected:
             return False  # stale: answers an older probe
+        if match_hint < self.match:
+            self.match = match_hint  # lost acknowledged entries (see above)
         self.next = max(min(rejected, match_hint + 1), self.match + 1)
         self.paused = False
         return True
@@ -1134,9 +1142,20 @@ class RaftCore:
         )
 
     def _handle_heartbeat(self, m: Heartbeat) -> None:
-        # The leader sends min(its commit, our match), so this never passes our
-        # log; the clamp only guards against a buggy peer.
-        self._log.commit_to(min(m.commit, self._log.last_index()))
+        # The leader sends min(its commit, our match), so this passes our log only
+        # if we lost entries we acknowledged (restored from an old copy of the data
+        # dir): say so with a rejection, so that the leader backs up and resends
+        # (its heartbeats alone would never tell it).
+        last = self._log.last_index()
+        if m.commit > last:
+            LOGGER.warning("raft_log_behind_acknowledged node=%s term=%s commit=%s last=%s; "
+                           "this node's log is older than what it acknowledged (restored "
+                           "from a backup?): catching up from the leader",
+                           self._id, self._term, m.commit, last)
+            self._send(AppendEntriesResponse(self._id, m.src, self._term, m.commit,
+                                             reject=True, reject_hint=last,
+                                             hint_term=self._log.term(last)))
+        self._log.commit_to(min(m.commit, last))
         self._send(HeartbeatResponse(self._id, m.src, self._term, m.context))
 
     def _handle_snapshot_chunk(self, m: InstallSnapshot) -> None:
