@@ -23,6 +23,7 @@ Error handling:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -57,6 +58,58 @@ PLAN_PERIOD_S = 2.0
 """The planner also decides this often without a change (update delays, safety)."""
 
 
+class Wakeup:
+    """A coalescing wake-up: any number of :meth:`set` calls between two waits wake
+    the waiter once (a loop that recomputes everything needs no more)."""
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[None](1)
+
+    def set(self) -> None:
+        """Wake the waiter (now, or at its next wait)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._send.send_nowait(None)
+
+    async def wait(self) -> None:
+        """Wait until :meth:`set` was called since the last wait."""
+        await self._recv.receive()
+
+
+async def wake_on_changes(replica: Replica, tables: frozenset[Table], wake: Wakeup,
+                          on_ready: Callable[[], None] | None = None) -> None:
+    """Set ``wake`` whenever a change of one of ``tables`` is applied on this node
+    (and when the change list was compacted past what was seen); ``on_ready`` runs
+    after every Ready the adapter handled (leadership checks). Runs until cancelled."""
+    raft, state = replica.raft, replica.state
+    seen = state.applied_index
+    while True:
+        await raft.wait_changed()
+        if on_ready is not None:
+            on_ready()
+        if state.applied_index == seen:
+            continue
+        try:
+            changes = state.changes_since(seen)
+        except MeshError:
+            changes = []
+            wake.set()
+        seen = state.applied_index
+        if any(c.table in tables for c in changes):
+            wake.set()
+
+
+async def wake_on_members(subscribe: Callable[[], trio.MemoryReceiveChannel[Any]],
+                          wake: Wakeup) -> None:
+    """Set ``wake`` on every membership event (and on every resubscription: a
+    subscriber that fell behind is closed). Runs until cancelled."""
+    while True:
+        events = subscribe()
+        async with events:
+            wake.set()
+            async for _ in events:
+                wake.set()
+
+
 def run_spec(alloc: AllocRecord, spec: WorkloadSpec, node: NodeId) -> RunSpec:
     """What the driver needs to start ``alloc``."""
     return RunSpec(
@@ -88,25 +141,21 @@ class Agent:
         self._wall = wall_clock
         self._me = replica.raft.me
         self._rec = Reconciler(self._me, rng)
-        self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
-        self._reports_send, self._reports_recv = trio.open_memory_channel[None](1)
+        self._wake = Wakeup()
+        self._reports_due = Wakeup()
         self._cache: dict[tuple[ServiceId, int], ServiceView] = {}
         self._specs: dict[AllocId, WorkloadSpec] = {}
         self._lost_leader_at: float | None = None
         self.workloads: dict[AllocId, Workload] = {}
         """What the driver reported last (read by the API)."""
 
-    def _kick(self) -> None:
-        try:
-            self._kick_send.send_nowait(None)
-        except trio.WouldBlock:
-            pass
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Reconcile until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_state)
+            nursery.start_soon(wake_on_changes, self._replica,
+                               frozenset({Table.SERVICE, Table.ALLOC}), self._wake,
+                               self._check_leader)
             nursery.start_soon(self._follow_driver)
             nursery.start_soon(self._send_reports)
             task_status.started()
@@ -117,33 +166,21 @@ class Agent:
                 if nxt is not None:
                     deadline = min(deadline, nxt)
                 with trio.move_on_at(deadline):
-                    await self._kick_recv.receive()
+                    await self._wake.wait()
 
-    async def _follow_state(self) -> None:
-        raft, state = self._replica.raft, self._replica.state
-        seen = state.applied_index
-        while True:
-            await raft.wait_changed()
-            if raft.leader is None and self._lost_leader_at is None:
-                self._lost_leader_at = trio.current_time()
-            elif raft.leader is not None and self._lost_leader_at is not None:
-                self._lost_leader_at = None
-                self._kick()
-            if state.applied_index == seen:
-                continue
-            try:
-                changes = state.changes_since(seen)
-            except MeshError:
-                changes = []
-                self._kick()
-            seen = state.applied_index
-            if any(c.table in (Table.SERVICE, Table.ALLOC) for c in changes):
-                self._kick()
+    def _check_leader(self) -> None:
+        """Note when this node loses and regains a leader (self-fencing)."""
+        leader = self._replica.raft.leader
+        if leader is None and self._lost_leader_at is None:
+            self._lost_leader_at = trio.current_time()
+        elif leader is not None and self._lost_leader_at is not None:
+            self._lost_leader_at = None
+            self._wake.set()
 
     async def _follow_driver(self) -> None:
         while True:
             await self._driver.wait_changed()
-            self._kick()
+            self._wake.set()
 
     def _desired(self) -> tuple[dict[AllocId, tuple[AllocRecord, WorkloadSpec]],
                                 list[AllocRecord], dict[AllocId, float]]:
@@ -182,13 +219,7 @@ class Agent:
                                  disconnected_s=disconnected, stop_grace=grace)
         for action in actions:
             nursery.start_soon(self._act, action)
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            self._reports_send.send_nowait(None)
-        except trio.WouldBlock:
-            pass
+        self._reports_due.set()
 
     async def _act(self, action: Action) -> None:
         try:
@@ -208,7 +239,7 @@ class Agent:
                              "the driver: please report it", self._me, type(action).__name__)
             self._unstick(action)
         finally:
-            self._kick()
+            self._wake.set()
 
     def _unstick(self, action: Action) -> None:
         """Tell the reconciler an action ended without a result."""
@@ -235,7 +266,7 @@ class Agent:
                            self._me, alloc.id, exc)
             self._rec.start_failed(alloc, action.spec, str(exc), trio.current_time(),
                                    self._wall())
-            self._flush()
+            self._reports_due.set()
             return
         self._rec.started(alloc.id, workload, trio.current_time(), self._wall())
 
@@ -265,11 +296,11 @@ class Agent:
             exec_fn=functools.partial(self._driver.exec, action.alloc))
         self._rec.probed(action.alloc, action.run, result.ok, result.detail,
                          trio.current_time(), self._wall())
-        self._flush()
+        self._reports_due.set()
 
     async def _send_reports(self) -> None:
         while True:
-            await self._reports_recv.receive()
+            await self._reports_due.wait()
             await trio.sleep(REPORT_BATCH_S)  # coalesce a burst into one command
             reports = self._rec.take_reports()
             if not reports:
@@ -277,7 +308,7 @@ class Agent:
             if not await self.report(reports):
                 self._rec.requeue(reports)
                 await trio.sleep(0.5)
-                self._flush()
+                self._reports_due.set()
 
     async def report(self, reports: list[Report]) -> bool:
         """Send reports to the leader; False if they could not be committed."""
@@ -304,21 +335,18 @@ class Planner:
         self._replica = replica
         self._core = core
         self._subscribe = adapter_subscribe
-        self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
+        self._wake = Wakeup()
+        self._led = replica.raft.is_leader
         self.orchestrator = Orchestrator()
-
-    def _kick(self) -> None:
-        try:
-            self._kick_send.send_nowait(None)
-        except trio.WouldBlock:
-            pass
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Plan until cancelled (idle while not the leader)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_members)
-            nursery.start_soon(self._follow_state)
+            nursery.start_soon(wake_on_members, self._subscribe, self._wake)
+            nursery.start_soon(wake_on_changes, self._replica,
+                               frozenset({Table.SERVICE, Table.ALLOC, Table.NODE}), self._wake,
+                               self._check_leadership)
             task_status.started()
             while True:
                 if self._replica.raft.is_leader:
@@ -328,33 +356,13 @@ class Planner:
                 if nxt is not None:
                     deadline = min(deadline, nxt)
                 with trio.move_on_at(deadline):
-                    await self._kick_recv.receive()
+                    await self._wake.wait()
                     await trio.sleep(PLAN_DEBOUNCE_S)
 
-    async def _follow_members(self) -> None:
-        while True:
-            events = self._subscribe()
-            async with events:
-                async for _ in events:
-                    self._kick()
-
-    async def _follow_state(self) -> None:
-        raft, state = self._replica.raft, self._replica.state
-        seen, led = state.applied_index, raft.is_leader
-        while True:
-            await raft.wait_changed()
-            if raft.is_leader != led:
-                led = raft.is_leader
-                self._kick()
-            if state.applied_index != seen:
-                try:
-                    changes = state.changes_since(seen)
-                except MeshError:
-                    changes = []
-                    self._kick()
-                seen = state.applied_index
-                if any(c.table in (Table.SERVICE, Table.ALLOC, Table.NODE) for c in changes):
-                    self._kick()
+    def _check_leadership(self) -> None:
+        if self._replica.raft.is_leader != self._led:
+            self._led = self._replica.raft.is_leader
+            self._wake.set()
 
     async def _plan_once(self) -> None:
         state = self._replica.state

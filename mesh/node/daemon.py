@@ -51,7 +51,7 @@ from mesh.gossip.adapter import (
 from mesh.gossip.core import MemberChanged, Membership, MemberView
 from mesh.gossip.messages import Meta, Status
 from mesh.node import api, trust
-from mesh.node.agent import Agent, Planner
+from mesh.node.agent import Agent, Planner, Wakeup, wake_on_changes, wake_on_members
 from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
@@ -337,40 +337,16 @@ async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None
     endpoint appears as soon as the report that it is ready is applied here."""
     assert node.replica is not None
     replica = node.replica
-    kick_send, kick_recv = trio.open_memory_channel[None](1)
-
-    def kick() -> None:
-        with contextlib.suppress(trio.WouldBlock):
-            kick_send.send_nowait(None)
-
-    async def follow_members() -> None:
-        while True:  # a subscriber that falls behind is closed: resubscribe
-            events = node.adapter.subscribe()
-            async with events:
-                kick()
-                async for _ in events:
-                    kick()
-
-    async def follow_state() -> None:
-        seen = -1
-        while True:
-            if replica.state.applied_index != seen:
-                try:
-                    changes = replica.state.changes_since(max(seen, 0))
-                except MeshError:
-                    changes = []
-                    kick()
-                if seen < 0 or any(c.table in (Table.ALLOC, Table.SERVICE) for c in changes):
-                    kick()
-                seen = replica.state.applied_index
-            await replica.raft.wait_changed()
+    wake = Wakeup()
+    wake.set()  # build once at start
 
     cache: dict[Any, Any] = {}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(follow_members)
-        nursery.start_soon(follow_state)
+        nursery.start_soon(wake_on_members, node.adapter.subscribe, wake)
+        nursery.start_soon(wake_on_changes, replica, frozenset({Table.ALLOC, Table.SERVICE}),
+                           wake)
         while True:
-            await kick_recv.receive()
+            await wake.wait()
             members = node.core.members()
             dns.set_catalog(builder.build(
                 members, service_endpoints(replica.state, members, cache)))
