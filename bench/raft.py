@@ -347,6 +347,25 @@ def drive(path: Path, proto: type[MeshProto] | type[LineProto], label: str, clie
     return result
 
 
+COUNTED = ("frames_out", "frames_in", "readies", "saves", "entries_saved")
+"""Raft adapter counters the throughput bench reports per acknowledged write."""
+
+
+def counters(cluster: Cluster) -> dict[str, dict[str, int]]:
+    return {d.name: status(d).get("counters", {}) for d in cluster}
+
+
+def per_write(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+              result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Counter increments per acknowledged write, per node (how well the leader
+    batches: frames sent and received, Readies, fsyncs)."""
+    writes = max(1, result["writes"])
+    out = {node: {k: round((after[node].get(k, 0) - before[node].get(k, 0)) / writes, 3)
+                  for k in COUNTED} for node in after}
+    print(f"  per write: {out}", flush=True)
+    return out
+
+
 def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
     exe = shutil.which("py-spy")
     if exe is None:
@@ -371,16 +390,23 @@ def meshd_throughput(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         pids = {("leader" if d is leader else d.name): d.pid for d in cluster}
         print(f"meshd: voters {st['voters']}, leader {leader.name} (pid {leader.pid}), "
               f"follower used {follower.name}", flush=True)
-        prof = None
+        profs = []
         if args.profile:
-            prof = start_profiler(leader.pid, Path(args.profile) / "meshd-leader.txt",
-                                  min(10, args.seconds))
+            profs = [start_profiler(leader.pid, Path(args.profile) / "meshd-leader.txt",
+                                    min(10, args.seconds)),
+                     start_profiler(follower.pid, Path(args.profile) / "meshd-follower.txt",
+                                    min(10, args.seconds))]
+        before = counters(cluster)
         via_leader = drive(leader.socket_path, MeshProto, "meshd via leader",
                            args.clients, args.seconds, pids, args.depth)
-        if prof is not None:
-            prof.wait()
+        via_leader["per_write"] = per_write(before, counters(cluster), via_leader)
+        for prof in profs:
+            if prof is not None:
+                prof.wait()
+        before = counters(cluster)
         via_follower = drive(follower.socket_path, MeshProto, "meshd via follower",
                              args.clients, args.seconds, pids, args.depth)
+        via_follower["per_write"] = per_write(before, counters(cluster), via_follower)
         end = status(leader)
         if end["leader"] != leader.name:
             print(f"warning: leadership moved to {end['leader']} during the run", flush=True)
@@ -607,7 +633,7 @@ def main() -> None:
     t.add_argument("--seconds", type=float, default=20)
     t.add_argument("--no-pysyncobj", action="store_true")
     t.add_argument("--no-meshd", action="store_true")
-    t.add_argument("--profile", metavar="DIR", help="py-spy the meshd leader (raw stacks)")
+    t.add_argument("--profile", metavar="DIR", help="py-spy the meshd leader and a follower (raw stacks)")
     rs = sub.add_parser("restart")
     rs.add_argument("--entries", type=int, default=1_000_000)
     rs.add_argument("--keys", type=int, default=100_000)

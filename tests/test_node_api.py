@@ -127,10 +127,10 @@ async def test_stale_socket_is_replaced_and_missing_socket_is_explained(tmp_path
                                                                          ) -> None:
     sock = tmp_path / "meshd.sock"
     listener = await api.bind_unix_socket(sock)
-    await listener.aclose()  # the file stays, nobody listens: a killed daemon
+    listener.close()  # the file stays, nobody listens: a killed daemon
     assert sock.exists()
     listener = await api.bind_unix_socket(sock)
-    await listener.aclose()
+    listener.close()
     with pytest.raises(MeshError, match="is meshd running"):
         await api.call(tmp_path / "absent.sock", "members")
 

@@ -237,6 +237,22 @@ def test_changes_since_resumes_and_filters() -> None:
     assert r.sm.changes_since(10) == []
 
 
+def test_last_change_per_table_tells_followers_what_moved() -> None:
+    r = Replica(max_events=2)
+    assert r.sm.last_change(Table.KV) == 0
+    r.apply(KvPut("a", b"1"))  # 1
+    r.apply(NodeSet.build(NodeId("n1"), drain=True))  # 2
+    r.apply(KvPut("b", b"2"))  # 3
+    r.apply(KvDelete("missing"))  # 4: no change recorded
+    assert r.sm.last_change(Table.KV) == 3
+    assert r.sm.last_change(Table.NODE) == 2
+    assert r.sm.last_change(Table.ALLOC) == 0
+    # A restored snapshot may have changed anything.
+    other = MeshState()
+    other.restore(r.sm.snapshot(), 4)
+    assert {other.last_change(t) for t in Table} == {4}
+
+
 def test_changes_since_a_dropped_index_raises_compacted() -> None:
     r = Replica(max_events=3)
     for i in range(6):

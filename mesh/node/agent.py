@@ -88,14 +88,9 @@ async def wake_on_changes(replica: Replica, tables: frozenset[Table], wake: Wake
             on_ready()
         if state.applied_index == seen:
             continue
-        try:
-            changes = state.changes_since(seen)
-        except MeshError:
-            changes = []
+        if any(state.last_change(t) > seen for t in tables):
             wake.set()
         seen = state.applied_index
-        if any(c.table in tables for c in changes):
-            wake.set()
 
 
 async def wake_on_members(subscribe: Callable[[], trio.MemoryReceiveChannel[Any]],

@@ -25,24 +25,49 @@ import collections
 import contextlib
 import errno
 import logging
-import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from mesh import wire
 from mesh.errors import MeshError, RemoteProtocolError, StartupError
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
-from mesh.streams import read_frame
+from mesh.streams import accept_direct, read_frame
 from mesh.types import Addr
 
 LOGGER = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class Pending(Protocol):
+    """An answer under way without a task of its own (e.g. a write proposed to
+    Raft, waiting to be applied): the connection waits for pending answers in
+    request order, so many of them cost one wake-up and one write."""
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`outcome` may be called."""
+
+    async def wait(self) -> None:
+        """Return once :attr:`done`."""
+
+    def outcome(self) -> Any:
+        """The result (once :attr:`done`).
+
+        Raises:
+            ApiError: the call failed (its message is the answer).
+        """
+
+
+Starter = Callable[[dict[str, Any]], Pending | None]
+"""Begins a call without awaiting (validation and the proposal happen at once);
+returns ``None`` when the call needs its :data:`Handler` (e.g. it must be
+forwarded to another node), and raises :class:`ApiError` for a bad call."""
 
 API_TIMEOUT_S = 30.0
 """How long one API connection may stay idle."""
@@ -52,8 +77,9 @@ class ApiError(MeshError):
     """A request failed in a way the caller should be told about (bad params...)."""
 
 
-async def bind_unix_socket(path: Path) -> trio.SocketListener:
-    """Bind the API socket at ``path``, owner-only.
+async def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind the API socket at ``path``, owner-only; returns the listening socket
+    (non-blocking) for :func:`serve_api`.
 
     A stale socket file (no daemon behind it) is replaced; a live one means another
     meshd uses this data dir.
@@ -72,10 +98,11 @@ async def bind_unix_socket(path: Path) -> trio.SocketListener:
                                "(its API socket answers): stop it or use another --data-dir")
         finally:
             probe.close()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
     old_umask = os.umask(0o177)
     try:
-        await sock.bind(str(path))
+        sock.bind(str(path))
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot create API socket {path}: {exc.strerror}") from None
@@ -83,7 +110,7 @@ async def bind_unix_socket(path: Path) -> trio.SocketListener:
         os.umask(old_umask)
     os.chmod(path, 0o600)
     sock.listen(64)
-    return trio.SocketListener(sock)
+    return sock
 
 
 MAX_PIPELINED = 256
@@ -93,12 +120,32 @@ MAX_PIPELINED = 256
 class _Slot:
     """One request's place in a connection's answer order."""
 
-    __slots__ = ("data", "last")
+    __slots__ = ("data", "last", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, pending: Pending | None = None) -> None:
         self.data: bytes | None = None
         self.last = False
         """Close the connection once this answer is sent (a malformed request)."""
+        self.pending = pending
+        """The answer under way, when a :data:`Starter` began the call."""
+
+    def fill_from_pending(self) -> bool:
+        """Take the pending answer if it is ready; whether :attr:`data` is set."""
+        if self.data is None and self.pending is not None and self.pending.done:
+            self.data = _framed(_outcome(self.pending))
+            self.pending = None
+        return self.data is not None
+
+
+def _outcome(pending: Pending) -> Response:
+    try:
+        return Response(True, result=pending.outcome())
+    except ApiError as exc:
+        return Response(False, error=str(exc))
+
+
+def _framed(response: Response) -> bytes:
+    return wire.frame(response.encode(), MAX_API_FRAME_BYTES)
 
 
 class _ApiConnection:
@@ -106,14 +153,18 @@ class _ApiConnection:
 
     A request that arrives alone on an idle connection (the common
     one-at-a-time client) is answered inline. Requests that arrive together,
-    or while others are in progress, each run in their own task, and answers
-    that are ready together leave in one ``send_all``.
+    or while others are in progress, are begun at once: a method with a
+    :data:`Starter` (a Raft write) leaves a :class:`Pending` answer in its slot
+    and costs no task; any other runs its handler in a task of its own. The
+    writer sends the answers at the head of the line that are ready together
+    in one ``send_all``.
     """
 
     def __init__(self, stream: trio.abc.Stream, handlers: Mapping[str, Handler],
-                 node: str) -> None:
+                 starters: Mapping[str, Starter], node: str) -> None:
         self._stream = stream
         self._handlers = handlers
+        self._starters = starters
         self._node = node
         self._slots: collections.deque[_Slot] = collections.deque()
         self._progress = trio.Event()
@@ -121,15 +172,36 @@ class _ApiConnection:
         or when answers were sent (wakes a reader waiting for room)."""
         self._reading = True
         self._broken = False
+        self._idle_since: float | None = None
+        """When the reader began waiting for a request with none in progress
+        (``None`` while requests are in progress)."""
+        self._read_scope = trio.CancelScope()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_answers, nursery.cancel_scope)
+            idle_timer = trio.CancelScope()
+            nursery.start_soon(self._close_when_idle, idle_timer)
             try:
-                await self._read_requests(nursery)
+                with self._read_scope:
+                    await self._read_requests(nursery)
             finally:
+                idle_timer.cancel()
                 self._reading = False
                 self._wake()
+
+    async def _close_when_idle(self, scope: trio.CancelScope) -> None:
+        """Stop reading once the reader has waited :data:`API_TIMEOUT_S` for a
+        request with none in progress (one timer per connection instead of a
+        deadline moved twice per request)."""
+        with scope:
+            while True:
+                since = self._idle_since
+                now = trio.current_time()
+                if since is not None and now - since >= API_TIMEOUT_S:
+                    self._read_scope.cancel()
+                    return
+                await trio.sleep_until((since if since is not None else now) + API_TIMEOUT_S)
 
     def _wake(self) -> None:
         self._progress.set()
@@ -137,76 +209,109 @@ class _ApiConnection:
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
-        with trio.CancelScope() as idle:
-            while not self._broken:
-                idle.deadline = trio.current_time() + API_TIMEOUT_S
+        while not self._broken:
+            if not self._slots:
+                self._idle_since = trio.current_time()
+            try:
+                chunk = await self._stream.receive_some(65_536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self._idle_since = None  # the idle limit is for reading only
+            if not chunk:
+                return  # the client closed
+            decoder.receive_data(bytes(chunk))
+            payloads: list[bytes] = []
+            try:
+                while isinstance(payload := decoder.next_payload(), bytes):
+                    payloads.append(payload)
+            except RemoteProtocolError as exc:  # oversized: the stream is unusable
+                LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
+                payloads.append(b"")  # answered with an error below, then closed
+            if len(payloads) == 1 and not self._slots:
+                slot, call = self._begin(payloads[0])
+                if call is not None:
+                    slot.data = _framed(await self._call(*call))
+                elif slot.pending is not None:
+                    await slot.pending.wait()
+                    slot.fill_from_pending()
+                assert slot.data is not None
                 try:
-                    chunk = await self._stream.receive_some(65_536)
+                    await self._stream.send_all(slot.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                idle.deadline = math.inf  # the idle limit is for reading only
-                if not chunk:
-                    return  # the client closed
-                decoder.receive_data(bytes(chunk))
-                payloads: list[bytes] = []
-                try:
-                    while isinstance(payload := decoder.next_payload(), bytes):
-                        payloads.append(payload)
-                except RemoteProtocolError as exc:  # oversized: the stream is unusable
-                    LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
-                    payloads.append(b"")  # answered with an error below, then closed
-                if len(payloads) == 1 and not self._slots and payloads[0]:
-                    data, last = await self._answer(payloads[0])
-                    try:
-                        await self._stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                    if last:
-                        return
-                    continue
-                for payload in payloads:
-                    slot = _Slot()
-                    self._slots.append(slot)
-                    nursery.start_soon(self._fill, slot, payload)
-                    if not payload:
-                        return
-                while len(self._slots) >= MAX_PIPELINED and not self._broken:
-                    await self._progress.wait()
-
-    async def _fill(self, slot: _Slot, payload: bytes) -> None:
-        slot.data, slot.last = await self._answer(payload)
-        if slot is self._slots[0]:
+                if slot.last:
+                    return
+                continue
+            for payload in payloads:
+                slot, call = self._begin(payload)
+                self._slots.append(slot)
+                if call is not None:
+                    nursery.start_soon(self._fill, slot, *call)
+                if slot.last:
+                    break
             self._wake()
+            if self._slots and self._slots[-1].last:
+                return
+            while len(self._slots) >= MAX_PIPELINED and not self._broken:
+                await self._progress.wait()
 
-    async def _answer(self, payload: bytes) -> tuple[bytes, bool]:
-        """The framed response to one request, and whether to close afterwards."""
+    def _begin(self, payload: bytes
+               ) -> tuple[_Slot, tuple[Handler, dict[str, Any]] | None]:
+        """Start answering one request: a slot (answered already, or with a
+        :class:`Pending` answer), and the handler call still to make, if any."""
+        slot = _Slot()
         try:
             if not payload:
                 raise RemoteProtocolError("request frame too large")
             request = Request.decode(payload)
         except RemoteProtocolError as exc:
             LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
-            return wire.frame(Response(False, error=str(exc)).encode()), True
+            slot.data, slot.last = _framed(Response(False, error=str(exc))), True
+            return slot, None
+        starter = self._starters.get(request.method)
+        if starter is not None:
+            try:
+                slot.pending = starter(request.params)
+            except ApiError as exc:
+                slot.data = _framed(Response(False, error=str(exc)))
+                return slot, None
+            if slot.pending is not None:
+                return slot, None
         handler = self._handlers.get(request.method)
         if handler is None:
-            response = Response(False, error=f"unknown method {request.method!r}: "
-                                "is meshctl newer than this meshd?")
-        else:
-            try:
-                response = Response(True, result=await handler(request.params))
-            except ApiError as exc:
-                response = Response(False, error=str(exc))
-        return wire.frame(response.encode(), MAX_API_FRAME_BYTES), False
+            slot.data = _framed(Response(False, error=f"unknown method {request.method!r}: "
+                                         "is meshctl newer than this meshd?"))
+            return slot, None
+        return slot, (handler, request.params)
+
+    @staticmethod
+    async def _call(handler: Handler, params: dict[str, Any]) -> Response:
+        try:
+            return Response(True, result=await handler(params))
+        except ApiError as exc:
+            return Response(False, error=str(exc))
+
+    async def _fill(self, slot: _Slot, handler: Handler, params: dict[str, Any]) -> None:
+        slot.data = _framed(await self._call(handler, params))
+        if slot is self._slots[0]:
+            self._wake()
 
     async def _write_answers(self, connection: trio.CancelScope) -> None:
         slots = self._slots
         while self._reading or slots:
-            if not slots or slots[0].data is None:
+            if not slots:
                 await self._progress.wait()
+                continue
+            head = slots[0]
+            if not head.fill_from_pending():
+                if head.pending is not None:
+                    await head.pending.wait()
+                else:
+                    await self._progress.wait()
                 continue
             batch: list[bytes] = []
             last = False
-            while slots and slots[0].data is not None and not last:
+            while slots and not last and slots[0].fill_from_pending():
                 slot = slots.popleft()
                 assert slot.data is not None
                 batch.append(slot.data)
@@ -224,23 +329,32 @@ class _ApiConnection:
 
 
 async def serve_api_stream(stream: trio.abc.Stream, handlers: Mapping[str, Handler],
-                           node: str) -> None:
+                           node: str, starters: Mapping[str, Starter] | None = None) -> None:
     """Answer API requests on one stream (unix socket or ``mesh-rpc/1`` TLS link)
     until the client closes it or stays idle for :data:`API_TIMEOUT_S`; closes it
     afterwards. Requests may be pipelined (up to :data:`MAX_PIPELINED` in
-    progress); answers come back in request order."""
+    progress); answers come back in request order. A method in ``starters`` is
+    begun without a task (see :data:`Starter`); its handler is the fallback."""
     async with stream:
-        await _ApiConnection(stream, handlers, node).run()
+        await _ApiConnection(stream, handlers, starters or {}, node).run()
 
 
-async def serve_api(listener: trio.SocketListener, handlers: Mapping[str, Handler], node: str,
+async def serve_api(listener: socket.socket, handlers: Mapping[str, Handler], node: str,
+                    starters: Mapping[str, Starter] | None = None,
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve API requests on ``listener`` until cancelled."""
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            stream = await listener.accept()
-            nursery.start_soon(serve_api_stream, stream, handlers, node)
+    """Serve API requests on the listening unix ``listener`` (from
+    :func:`bind_unix_socket`) until cancelled; closes it. Connections are
+    :class:`~mesh.streams.DirectSocketStream`: a request answered at once costs
+    no scheduler pass for its receive and its send."""
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await accept_direct(listener)
+                nursery.start_soon(serve_api_stream, stream, handlers, node, starters)
+    finally:
+        trio.lowlevel.notify_closing(listener)
+        listener.close()
 
 
 async def call(socket_path: Path, method: str, params: dict[str, Any] | None = None,

@@ -221,6 +221,11 @@ class Node:
                 **(self.services.handlers() if self.services is not None else {}),
                 **({"events": self.events.api_events} if self.events is not None else {})}
 
+    def starters(self) -> dict[str, api.Starter]:
+        """The API methods begun without a task of their own (Raft writes)."""
+        assert self.replica is not None, "open the replica before serving the API"
+        return self.replica.starters()
+
     async def local_logs(self, alloc: AllocId, tail: int) -> bytes:
         """The last ``tail`` lines of a workload's output on this node."""
         if self.driver is None:
@@ -359,6 +364,9 @@ class EventFeed:
     MAX_WAIT_S = 30.0
     """The longest an ``events`` call waits for a new event."""
 
+    TABLES = (Table.ALLOC, Table.SERVICE, Table.NODE)
+    """The replicated tables whose changes are events."""
+
     def __init__(self, node: Node, wall: Callable[[], float]) -> None:
         self.log = EventLog()
         self._node = node
@@ -400,6 +408,9 @@ class EventFeed:
                 self._added()
             if state.applied_index == seen:
                 continue
+            if all(state.last_change(t) <= seen for t in self.TABLES):
+                seen = state.applied_index  # key-value writes only: nothing to log
+                continue
             try:
                 self.log.changes(self._wall(), state.changes_since(seen))
             except MeshError:  # compacted: start over from the state as it is
@@ -440,13 +451,13 @@ async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
 def _link_handlers(node: Node) -> dict[str, tls.Handler]:
     """What each ALPN on the gossip port leads to."""
     adapter, credentials = node.adapter, node.trust
-    api_handlers = node.handlers()
+    api_handlers, api_starters = node.handlers(), node.starters()
 
     async def gossip(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
         await adapter.serve_push_pull(stream, peer.addr)
 
     async def rpc(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
-        await api.serve_api_stream(stream, api_handlers, node.core.me)
+        await api.serve_api_stream(stream, api_handlers, node.core.me, api_starters)
 
     handlers: dict[str, tls.Handler] = {tls.ALPN_GOSSIP: gossip, tls.ALPN_RPC: rpc}
     if node.replica is not None:
@@ -551,7 +562,8 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await nursery.start(Planner(node.replica, core, adapter.subscribe).run)
                 if config.dns is not None and dns_sockets is not None:
                     await _start_dns(node, config.dns, dns_sockets, rng, nursery)
-                await nursery.start(api.serve_api, api_listener, node.handlers(), config.name)
+                await nursery.start(api.serve_api, api_listener, node.handlers(), config.name,
+                                    node.starters())
                 if metrics_listener is not None:
                     await nursery.start(api.serve_metrics, metrics_listener,
                                         node.render_metrics)

@@ -47,7 +47,7 @@ from mesh.node.config import NodeConfig
 from mesh.node.metrics import Metric, gauge
 from mesh.node.trust import Trust
 from mesh.raft import voters
-from mesh.raft.adapter import RaftAdapter
+from mesh.raft.adapter import Proposal, RaftAdapter
 from mesh.raft.config import RaftConfig
 from mesh.raft.state import (
     Command,
@@ -194,6 +194,12 @@ class Replica:
             "propose": self.propose,
         }
 
+    def starters(self) -> dict[str, api.Starter]:
+        """The writes begun without a task when this node leads (see
+        :data:`mesh.node.api.Starter`); elsewhere their handlers forward them."""
+        return {"kv_put": self._start_kv_put, "kv_del": self._start_kv_del,
+                "propose": self._start_propose}
+
     async def write_command(self, command: Command) -> dict[str, Any]:
         """Commit ``command`` through the leader (forwarded if this node does not
         lead); returns its result.
@@ -206,6 +212,13 @@ class Replica:
 
     async def propose(self, params: dict[str, Any]) -> dict[str, Any]:
         """API: commit an encoded state command (what :meth:`write_command` forwards)."""
+        return await self._write("propose", params, self._proposed_command(params))
+
+    def _start_propose(self, params: dict[str, Any]) -> api.Pending | None:
+        return self._start_write(self._proposed_command(params))
+
+    @staticmethod
+    def _proposed_command(params: dict[str, Any]) -> bytes:
         data = params.get("command")
         if not isinstance(data, bytes):
             raise api.ApiError("propose needs the encoded command")
@@ -213,24 +226,38 @@ class Replica:
             decode_command(data)
         except RemoteProtocolError as exc:
             raise api.ApiError(f"not a command this meshd understands: {exc}") from None
-        return await self._write("propose", params, data)
+        return data
 
     async def _write(self, method: str, params: dict[str, Any], command: bytes
                      ) -> dict[str, Any]:
         try:
-            result = await self.raft.propose(command)
+            pending = self._begin_write(command)
         except NotLeader as exc:
             hint = NodeId(exc.leader_hint) if exc.leader_hint else None
             return await self._forward(method, params, hint)
+        await pending.wait()
+        return pending.outcome()
+
+    def _start_write(self, command: bytes) -> api.Pending | None:
+        """Begin a write on the leader (``None`` elsewhere: the handler forwards it)."""
+        try:
+            return self._begin_write(command)
+        except NotLeader:
+            return None
+
+    def _begin_write(self, command: bytes) -> _PendingWrite:
+        """Propose ``command`` here.
+
+        Raises:
+            NotLeader: this node does not lead.
+            ApiError: refused at once (the message says what to do).
+        """
+        try:
+            return _PendingWrite(self.raft.propose_nowait(command))
         except ProposalDropped as exc:
-            raise api.ApiError(f"the write was not committed ({exc}); retry it (it is "
-                               "applied once however often it is retried)") from None
+            raise api.ApiError(_not_committed(exc)) from None
         except StorageError as exc:
             raise api.ApiError(f"this node cannot write: {exc}") from None
-        assert isinstance(result, Result)
-        if not result.ok:
-            raise api.ApiError(result.message or result.code.value)
-        return result.as_dict()
 
     async def _forward(self, method: str, params: dict[str, Any], leader: NodeId | None
                        ) -> dict[str, Any]:
@@ -302,25 +329,35 @@ class Replica:
         return rid
 
     async def kv_put(self, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._write("kv_put", params, self._kv_put_command(params))
+
+    def _start_kv_put(self, params: dict[str, Any]) -> api.Pending | None:
+        return self._start_write(self._kv_put_command(params))
+
+    def _kv_put_command(self, params: dict[str, Any]) -> bytes:
         value = params.get("value")
         if isinstance(value, str):
             value = value.encode()
         if not isinstance(value, bytes):
             raise api.ApiError("give a value")
         try:
-            command = KvPut(self._key(params), value, cas=self._cas(params),
+            return KvPut(self._key(params), value, cas=self._cas(params),
+                         request_id=self._request_id(params)).encode()
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+
+    async def kv_del(self, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._write("kv_del", params, self._kv_del_command(params))
+
+    def _start_kv_del(self, params: dict[str, Any]) -> api.Pending | None:
+        return self._start_write(self._kv_del_command(params))
+
+    def _kv_del_command(self, params: dict[str, Any]) -> bytes:
+        try:
+            return KvDelete(self._key(params), cas=self._cas(params),
                             request_id=self._request_id(params)).encode()
         except MeshError as exc:
             raise api.ApiError(str(exc)) from None
-        return await self._write("kv_put", params, command)
-
-    async def kv_del(self, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            command = KvDelete(self._key(params), cas=self._cas(params),
-                               request_id=self._request_id(params)).encode()
-        except MeshError as exc:
-            raise api.ApiError(str(exc)) from None
-        return await self._write("kv_del", params, command)
 
     async def read_point(self, params: dict[str, Any]) -> None:
         """Wait until a linearizable read may be served here (ReadIndex), unless
@@ -417,3 +454,34 @@ class Replica:
             total(r + "snapshots_restored_total", "Snapshots received from a leader.",
                   stats.snapshots_restored),
         ]
+
+
+def _not_committed(exc: ProposalDropped) -> str:
+    return (f"the write was not committed ({exc}); retry it (it is applied once however "
+            "often it is retried)")
+
+
+class _PendingWrite:
+    """A write proposed on this node, as the API waits for it (:class:`api.Pending`)."""
+
+    __slots__ = ("_proposal",)
+
+    def __init__(self, proposal: Proposal) -> None:
+        self._proposal = proposal
+
+    @property
+    def done(self) -> bool:
+        return self._proposal.done
+
+    async def wait(self) -> None:
+        await self._proposal.event.wait()
+
+    def outcome(self) -> dict[str, Any]:
+        try:
+            result = self._proposal.outcome()
+        except ProposalDropped as exc:
+            raise api.ApiError(_not_committed(exc)) from None
+        assert isinstance(result, Result)
+        if not result.ok:
+            raise api.ApiError(result.message or result.code.value)
+        return result.as_dict()

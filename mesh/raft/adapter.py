@@ -163,20 +163,66 @@ class RaftAdapterStatistics:
 
 
 class _Waiter:
-    """One client call waiting for the ready loop."""
+    """One read waiting for the ready loop (ReadIndex)."""
 
-    __slots__ = ("event", "term", "leader", "result", "error", "index", "deadline")
+    __slots__ = ("event", "leader", "error", "index")
 
-    def __init__(self, term: int = 0, leader: NodeId | None = None,
-                 deadline: float = float("inf")) -> None:
+    def __init__(self, leader: NodeId | None) -> None:
         self.event = trio.Event()
-        self.term = term
         self.leader = leader
-        self.result: object = None
         self.error: BaseException | None = None
         self.index = 0
+
+    def resolve(self) -> None:
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+class Proposal:
+    """An entry this node proposed, waiting to be applied here
+    (:meth:`RaftAdapter.propose_nowait`).
+
+    Many proposals can be in flight while one task waits for them in order: the
+    ready loop resolves every proposal of an applied batch at once.
+    """
+
+    __slots__ = ("event", "term", "result", "error", "deadline", "started")
+
+    def __init__(self, term: int, started: float, deadline: float) -> None:
+        self.event = trio.Event()
+        self.term = term
+        self.started = started
         self.deadline = deadline
-        """When a proposal gives up (checked every tick: one timer for all of them)."""
+        """When it gives up (checked every tick: one timer for all of them)."""
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        """Applied, or failed."""
+        return self.event.is_set()
+
+    def outcome(self) -> object:
+        """What the state machine's ``apply`` returned for the entry (once :attr:`done`).
+
+        Raises:
+            ProposalDropped: lost (leadership lost, replaced after a leader change,
+                not applied within the timeout, adapter stopped); the outcome is
+                unknown: retry with the same request id.
+        """
+        assert self.event.is_set(), "the proposal is still in flight"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    async def wait(self) -> object:
+        """Wait until applied; returns (or raises) like :meth:`outcome`."""
+        await self.event.wait()
+        return self.outcome()
 
     def resolve(self, result: object) -> None:
         if not self.event.is_set():
@@ -251,7 +297,7 @@ class RaftAdapter:
         self._closed = False
         self._peers: dict[NodeId, _Peer] = {}
         self._inbound: set[trio.abc.Stream] = set()
-        self._proposals: dict[int, _Waiter] = {}
+        self._proposals: dict[int, Proposal] = {}
         self._reads: dict[bytes, _Waiter] = {}
         self._applied_waiters: list[tuple[int, int, trio.Event]] = []
         self._applied_seq = itertools.count()
@@ -352,7 +398,9 @@ class RaftAdapter:
         ``leader_changes``, ``snapshot_bytes`` (latest snapshot's state image),
         ``commit_latency`` and ``wal_sync_latency`` (:meth:`LatencySummary.as_dict
         <mesh.raft.metrics.LatencySummary.as_dict>`: count, sum and recent
-        quantiles in seconds), ``entries_per_fsync`` (mean batch written per fsync).
+        quantiles in seconds), ``entries_per_fsync`` (mean batch written per fsync),
+        ``counters`` (what :class:`RaftAdapterStatistics` counts: frames, bytes,
+        readies, saves, entries saved and applied, proposals...).
         """
         st = self._core.status()
         peers = {
@@ -390,6 +438,7 @@ class RaftAdapter:
             "entries_per_fsync": round(
                 self._c["entries_saved"] / max(1, self._wal_sync_latency.count), 2
             ),
+            "counters": dict(self._c),
         }
 
     # ------------------------------------------------------------------ running
@@ -502,9 +551,20 @@ class RaftAdapter:
                 id so that a command that did commit is not applied twice.
             StorageError: this node's storage is failing; writes are stopped.
         """
+        return await self.propose_nowait(command, timeout_s=timeout_s).wait()
+
+    def propose_nowait(self, command: bytes, *, timeout_s: float | None = None) -> Proposal:
+        """Append ``command`` to the log and return at once: the :class:`Proposal`
+        resolves when the entry is applied here (or fails like :meth:`propose`).
+
+        Raises:
+            NotLeader: this node is not the leader (``leader_hint`` says who is).
+            ProposalDropped: refused (leadership transfer, too many bytes in flight).
+            StorageError: this node's storage is failing; writes are stopped.
+        """
         self._check_writable()
         eid = self._core.propose(command)
-        return await self._wait_entry(eid.index, eid.term, timeout_s)
+        return self._track(eid.index, eid.term, timeout_s)
 
     async def propose_conf_change(
         self, change: ConfChange, *, timeout_s: float | None = None
@@ -519,7 +579,7 @@ class RaftAdapter:
         """
         self._check_writable()
         eid = self._core.propose_conf_change(change)
-        await self._wait_entry(eid.index, eid.term, timeout_s)
+        await self._track(eid.index, eid.term, timeout_s).wait()
 
     async def read_index(self, *, timeout_s: float | None = None) -> int:
         """A linearizable read point (dissertation §6.4): returns once the local
@@ -701,22 +761,13 @@ class RaftAdapter:
                 "it recovers: free disk space or fix the disk"
             )
 
-    async def _wait_entry(self, index: int, term: int, timeout_s: float | None) -> object:
-        started = trio.current_time()
+    def _track(self, index: int, term: int, timeout_s: float | None) -> Proposal:
+        now = trio.current_time()
         timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
-        waiter = _Waiter(term, deadline=started + timeout)
-        self._proposals[index] = waiter
+        proposal = Proposal(term, now, now + timeout)
+        self._proposals[index] = proposal
         self._kick()
-        try:
-            await waiter.event.wait()
-        finally:
-            self._proposals.pop(index, None)
-        if waiter.error is not None:
-            self._c["proposals_lost"] += 1
-            raise waiter.error
-        self._c["proposals_committed"] += 1
-        self._commit_latency.observe(trio.current_time() - started)
-        return waiter.result
+        return proposal
 
     # ------------------------------------------------------------------ the loops
 
@@ -794,28 +845,32 @@ class RaftAdapter:
             "the same request id"
         )
         for i in [i for i in self._proposals if i <= index]:
-            self._proposals.pop(i).fail(lost)
+            self._lose(self._proposals.pop(i), lost)
 
     def _apply(self, rd: Ready) -> None:
+        now = trio.current_time() if self._proposals else 0.0
         for e in rd.committed_entries:
             result = self._state.apply(e)
             self._c["entries_applied"] += 1
-            waiter = self._proposals.pop(e.index, None)
-            if waiter is not None:
-                if e.term == waiter.term:
-                    waiter.resolve(result)
+            proposal = self._proposals.pop(e.index, None)
+            if proposal is not None:
+                if e.term == proposal.term:
+                    self._c["proposals_committed"] += 1
+                    self._commit_latency.observe(now - proposal.started)
+                    proposal.resolve(result)
                 else:
-                    waiter.fail(
+                    self._lose(
+                        proposal,
                         ProposalDropped(
                             f"entry {e.index} was replaced after a leader change; retry with "
                             "the same request id"
-                        )
+                        ),
                     )
         for rs in rd.read_states:
             read = self._reads.get(rs.context)
             if read is not None:
                 read.index = rs.index
-                read.resolve(None)
+                read.resolve()
 
     def _on_soft_state(self, leader: NodeId | None, role: Role) -> None:
         if leader != self._last_leader:
@@ -842,18 +897,23 @@ class RaftAdapter:
         cancel scope per proposal)."""
         expired = [i for i, w in self._proposals.items() if w.deadline <= now]
         for index in expired:
-            waiter = self._proposals.pop(index)
-            waiter.fail(
+            self._lose(
+                self._proposals.pop(index),
                 ProposalDropped(
                     f"entry {index} was not applied within the propose timeout; the outcome "
                     "is unknown: retry with the same request id"
-                )
+                ),
             )
 
     def _fail_proposals(self, error: ProposalDropped) -> None:
-        waiters, self._proposals = self._proposals, {}
-        for waiter in waiters.values():
-            waiter.fail(error)
+        proposals, self._proposals = self._proposals, {}
+        for proposal in proposals.values():
+            self._lose(proposal, error)
+
+    def _lose(self, proposal: Proposal, error: ProposalDropped) -> None:
+        """Fail a proposal whose entry may or may not commit (counted as lost)."""
+        self._c["proposals_lost"] += 1
+        proposal.fail(error)
 
     def _fail_reads(self, error: ProposalDropped) -> None:
         waiters, self._reads = self._reads, {}
@@ -1066,6 +1126,7 @@ def _timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
 __all__: Sequence[str] = (
     "ALPN",
     "PeerAddr",
+    "Proposal",
     "RaftAdapter",
     "RaftAdapterStatistics",
     "StateMachine",

@@ -727,6 +727,9 @@ Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRem
                       | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport)
 
 
+_COMMAND_KINDS: Final = {int(k): k for k in CommandKind}
+
+
 def decode_command(data: bytes) -> Command:
     """Parse a command from an untrusted log entry payload.
 
@@ -741,10 +744,7 @@ def decode_command(data: bytes) -> Command:
         raise RemoteProtocolError(
             f"command format {fmt!r:.20} is not {COMMAND_FORMAT}; upgrade this meshd"
         )
-    try:
-        ck = CommandKind(kind) if isinstance(kind, int) and not isinstance(kind, bool) else None
-    except ValueError:
-        ck = None
+    ck = _COMMAND_KINDS.get(kind) if type(kind) is int else None
     if ck is None:
         raise RemoteProtocolError(
             f"command kind {kind!r:.20} is not supported by this meshd version; upgrade it"
@@ -752,9 +752,9 @@ def decode_command(data: bytes) -> Command:
     try:
         rid = _bytes(request_id, "request_id", MAX_REQUEST_ID_BYTES)
         cmd: Command
-        if ck is CommandKind.KV_PUT:
+        if ck is CommandKind.KV_PUT:  # the hot path: KvPut validates its fields itself
             key, value, cas = _array(fields, 3, "kv_put")
-            cmd = KvPut(_key(key), _bytes(value, "value", MAX_VALUE_BYTES), _cas(cas), rid)
+            cmd = KvPut(key, value, cas, rid)
         elif ck is CommandKind.KV_DELETE:
             key, cas = _array(fields, 2, "kv_delete")
             cmd = KvDelete(_key(key), _cas(cas), rid)
@@ -827,6 +827,8 @@ class MeshState:
         self._events: deque[Change] = deque()
         self._events_floor = 0
         """Every change with an index above this is in ``_events``."""
+        self._table_changed: dict[Table, int] = {}
+        """Per table, the index of its latest change (see :meth:`last_change`)."""
 
     # ------------------------------------------------------------------ reads
 
@@ -834,6 +836,13 @@ class MeshState:
     def applied_index(self) -> int:
         """Index of the last entry applied (or restored from a snapshot)."""
         return self._applied
+
+    def last_change(self, table: Table) -> int:
+        """Index of the latest change to ``table`` (a restored snapshot counts as a
+        change of every table; 0: none yet). A follower that saw the state at
+        index ``i`` has news of ``table`` exactly when this is above ``i``; cheaper
+        than :meth:`changes_since` when most changes are of other tables."""
+        return self._table_changed.get(table, 0)
 
     def get(self, key: str) -> KvEntry | None:
         """The entry for ``key``, or ``None``."""
@@ -1106,6 +1115,7 @@ class MeshState:
             self._record(Change(index, Table.ALLOC, op.alloc, new))
 
     def _record(self, change: Change) -> None:
+        self._table_changed[change.table] = change.index
         self._events.append(change)
         while len(self._events) > self._max_events:
             self._events_floor = self._events.popleft().index
@@ -1161,6 +1171,7 @@ class MeshState:
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
+        self._table_changed = dict.fromkeys(Table, index)  # anything may have changed
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
         raw = wire.unpack_body(data, max(len(data), 1))
