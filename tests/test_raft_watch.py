@@ -193,13 +193,16 @@ def test_server_sends_a_snapshot_to_a_watcher_behind_its_buffer_and_reuses_it() 
 
     first = server.answer(WatchRequest(N("a"), 3, HISTORY.entries[2].term), view("v"), take, 0)
     second = server.answer(WatchRequest(N("b"), 0), view("v"), take, 0)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first.kind is second.kind is AnswerKind.SNAPSHOT
     assert taken == [30]
     assert first.chunk is not None
     nxt = server.answer(WatchRequest(N("a"), 3, 1, SnapshotCursor(30, first.chunk.term, 16)),
                         view("v"), take, 0)
-    assert nxt is not None and nxt.chunk is not None and nxt.chunk.offset == 16
+    assert nxt is not None
+    assert nxt.chunk is not None
+    assert nxt.chunk.offset == 16
 
 
 def test_server_answers_another_history_with_a_snapshot_once_past_it() -> None:
@@ -207,7 +210,8 @@ def test_server_answers_another_history_with_a_snapshot_once_past_it() -> None:
     wrong = HISTORY.entries[8].term + 5
     assert server.answer(WatchRequest(N("w"), 10, wrong), view("v"), image_at, 0) is None
     ans = server.answer(WatchRequest(N("w"), 9, wrong), view("v"), lambda: image_at(10), 0)
-    assert ans is not None and ans.kind is AnswerKind.SNAPSHOT
+    assert ans is not None
+    assert ans.kind is AnswerKind.SNAPSHOT
 
 
 # ------------------------------------------------------------------ client
@@ -232,7 +236,8 @@ def test_client_asks_anyone_first_and_learns_voters_from_a_redirect() -> None:
     c = WatchClient(N("w"), SMALL)
     live = {N("a"), N("b"), N("v1"), N("w")}
     first = c.choose(live, 0.0)
-    assert first is not None and first != N("w")
+    assert first is not None
+    assert first != N("w")
     c.handle_answer(first, WatchRequest(N("w"), 0),
                     WatchAnswer(AnswerKind.REDIRECT, view(str(first), voters=("v1",))), 0.0)
     assert c.choose(live, 0.0) == N("v1")
