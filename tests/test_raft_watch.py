@@ -10,6 +10,7 @@ moving backwards, never applying an index twice, and the Raft adapter's view
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -99,6 +100,10 @@ def fed_buffer(upto: int, config: WatchConfig = SMALL) -> WatchBuffer:
     return buf
 
 
+def no_image() -> SnapshotImage:
+    pytest.fail("no snapshot image should be needed")
+
+
 def image_at(index: int) -> SnapshotImage:
     term = HISTORY.entries[index - 1].term if index else 0
     return SnapshotImage(index, term, HISTORY.images[index])
@@ -168,7 +173,7 @@ def test_buffer_keeps_the_newest_within_bounds() -> None:
 def test_server_serves_entries_bounded_in_bytes() -> None:
     server = WatchServer(SMALL, fed_buffer(10))
     ans = server.answer(WatchRequest(N("w"), 5, HISTORY.entries[4].term), view("v2"),
-                        lambda: pytest.fail("no image needed"), 0.0)
+                        no_image, 0.0)
     assert ans is not None
     assert ans.kind is AnswerKind.ENTRIES
     assert ans.entries[0].index == 6
@@ -179,8 +184,8 @@ def test_server_serves_entries_bounded_in_bytes() -> None:
 def test_server_waits_when_nothing_is_new_or_it_is_behind() -> None:
     server = WatchServer(SMALL, fed_buffer(10))
     term = HISTORY.entries[9].term
-    assert server.answer(WatchRequest(N("w"), 10, term), view("v"), image_at, 0.0) is None
-    assert server.answer(WatchRequest(N("w"), 12, 9), view("v"), image_at, 0.0) is None
+    assert server.answer(WatchRequest(N("w"), 10, term), view("v"), no_image, 0.0) is None
+    assert server.answer(WatchRequest(N("w"), 12, 9), view("v"), no_image, 0.0) is None
 
 
 def test_server_sends_a_snapshot_to_a_watcher_behind_its_buffer_and_reuses_it() -> None:
@@ -208,7 +213,7 @@ def test_server_sends_a_snapshot_to_a_watcher_behind_its_buffer_and_reuses_it() 
 def test_server_answers_another_history_with_a_snapshot_once_past_it() -> None:
     server = WatchServer(SMALL, fed_buffer(10))
     wrong = HISTORY.entries[8].term + 5
-    assert server.answer(WatchRequest(N("w"), 10, wrong), view("v"), image_at, 0) is None
+    assert server.answer(WatchRequest(N("w"), 10, wrong), view("v"), no_image, 0) is None
     ans = server.answer(WatchRequest(N("w"), 9, wrong), view("v"), lambda: image_at(10), 0)
     assert ans is not None
     assert ans.kind is AnswerKind.SNAPSHOT
@@ -424,7 +429,7 @@ def test_any_interleaving_keeps_the_readers_exact_and_monotonic(ops: list[tuple[
             req = client.request(voters[i], gate.readers_index, gate.readers_term)
             v = vstate[i]
             ans = servers[i].answer(
-                req, view(str(voters[i]), commit=v), lambda i=i, v=v: image_at(v), now)
+                req, view(str(voters[i]), commit=v), functools.partial(image_at, v), now)
             if ans is None:
                 continue
             try:
@@ -464,7 +469,7 @@ def test_watching_one_voter_reaches_its_state(commits: list[int]) -> None:
             buf.append(HISTORY.entries[voter - 1])
         for _ in range(200):
             req = client.request(N("v2"), gate.readers_index, gate.readers_term)
-            ans = server.answer(req, view("v2"), lambda v=voter: image_at(v), 0.0)
+            ans = server.answer(req, view("v2"), functools.partial(image_at, voter), 0.0)
             if ans is None:
                 break
             for out in client.handle_answer(N("v2"), req, ans, 0.0):
