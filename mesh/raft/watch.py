@@ -787,6 +787,11 @@ class StateGate:
         return self._state
 
     @property
+    def buffer(self) -> WatchBuffer:
+        """The entries kept for this node's watchers."""
+        return self._buffer
+
+    @property
     def readers_index(self) -> int:
         """The readers' applied index (the watch stream resumes after it)."""
         return self._state.applied_index
