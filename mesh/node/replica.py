@@ -246,10 +246,12 @@ class Replica:
         return "learner" if self.raft.me in conf.learners else "watcher"
 
     def raft_feeds(self) -> bool:
-        """Whether Raft feeds this node now (else the watch stream does)."""
+        """Whether Raft feeds this node now (else the watch stream does): it leads,
+        or it is a member that knew a leader within :data:`RAFT_QUIET_S` (an
+        election does not start the watch stream)."""
         if self.raft.is_leader:
             return True
-        return (self.membership() != "watcher" and self.raft.leader is not None
+        return (self.membership() != "watcher"
                 and trio.current_time() - self._fed_at <= RAFT_QUIET_S)
 
     @property
