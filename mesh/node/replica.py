@@ -622,8 +622,10 @@ class Replica:
         """ReadIndex for a watcher: a voter confirms the read index with its
         leader; the watch stream then brings the readers' state to it."""
         client = self.watch_client
-        live = [m.node for m in self._core.members() if m.status <= Status.SUSPECT]
-        voter = client.source or client.choose(live, trio.current_time())
+        with trio.move_on_after(READ_LEADER_WAIT_S):  # just started: no voter answered yet
+            while client.source is None:
+                await self.wait_changed()
+        voter = client.source
         if voter is None:
             raise api.ApiError("no voter is reachable for a linearizable read; retry, or "
                                "read this node's replica with --stale")
