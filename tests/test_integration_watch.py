@@ -10,6 +10,7 @@ fixed time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -40,6 +41,10 @@ def stale_get(d: Daemon, key: str) -> str | None:
         return str(d.api("kv_get", {"key": key, "stale": True})["value"].decode())
     except Exception:  # noqa: BLE001 - not there yet (an ApiError), polled again
         return None
+
+
+def has(d: Daemon, key: str, value: str) -> bool:
+    return stale_get(d, key) == value
 
 
 @pytest.fixture
@@ -121,5 +126,5 @@ def test_watcher_survives_its_voter_and_a_watcher_becomes_a_voter(five: Cluster)
     put = meshctl(promoted, "kv", "put", "from", "new-voter")
     assert put.returncode == 0, put.stderr
     for d in five.running():
-        assert five.wait_until(lambda d=d: stale_get(d, "from") == "new-voter", 10,
+        assert five.wait_until(functools.partial(has, d, "from", "new-voter"), 10,
                                f"the write on {d.name}")
