@@ -1,6 +1,7 @@
 """Integration: the Raft group of real ``meshd`` processes.
 
-Voters are chosen automatically (3), other nodes become learners (read replicas),
+Voters are chosen automatically (3), other nodes watch a voter (read replicas, no
+learners once settled),
 writes through any node are forwarded to the leader, and the leader's SIGKILL is
 survived: a new leader takes writes and the dead voter is replaced by a member with
 no operator action. Daemons run on 127.0.0.140-127.0.0.149; every test kills what it
@@ -53,9 +54,17 @@ def settled(cluster: Cluster, observer: Daemon, voters: int, learners: int) -> A
     return cluster.wait_until(check, 30, f"{voters} voters and {learners} learners")
 
 
-def test_voters_learners_forwarding_and_linearizable_reads(four: Cluster) -> None:
-    st = settled(four, four["n0"], voters=3, learners=1)
-    learner = four[st["learners"][0]]
+def watcher_of(cluster: Cluster, st: dict[str, Any]) -> Daemon:
+    """The node that is not a voter, once it watches one."""
+    (name,) = [d.name for d in cluster if d.name not in st["voters"]]
+    cluster.wait_until(lambda: raft_status(cluster[name])["feed"] == "watch", 30,
+                       f"{name} to watch a voter")
+    return cluster[name]
+
+
+def test_voters_watcher_forwarding_and_linearizable_reads(four: Cluster) -> None:
+    st = settled(four, four["n0"], voters=3, learners=0)
+    learner = watcher_of(four, st)
     put = meshctl(learner, "kv", "put", "app/color", "blue", "--json")
     assert put.returncode == 0, put.stderr   # forwarded to the leader
     index = json.loads(put.stdout)["index"]
@@ -72,9 +81,9 @@ def test_voters_learners_forwarding_and_linearizable_reads(four: Cluster) -> Non
 
 
 def test_leader_sigkill_new_leader_takes_writes_and_voter_is_replaced(four: Cluster) -> None:
-    st = settled(four, four["n0"], voters=3, learners=1)
+    st = settled(four, four["n0"], voters=3, learners=0)
     leader = four[st["leader"]]
-    spare = four[st["learners"][0]]
+    spare = watcher_of(four, st)
     leader.kill()
     put = four.wait_until(
         lambda: meshctl(spare, "kv", "put", "after", "failover").returncode == 0, 30,

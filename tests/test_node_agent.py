@@ -1,7 +1,7 @@
 """The node agent: committed allocations run through the driver, reports go back.
 
 The agent runs against :class:`~mesh.testing.fakes.FakeDriver` and a small fake of
-the replica surface it uses (``raft.me``, ``raft.leader``, ``raft.wait_changed``,
+the replica surface it uses (``raft.me``, ``leader``, ``wait_changed``,
 ``state``, ``write_command``), on trio's ``autojump_clock``: times asserted are
 exact virtual times. ``wall_clock`` is ``trio.current_time`` too, so a workload's
 ``started_at`` says when the driver started it.
@@ -85,6 +85,13 @@ class FakeReplica:
         if isinstance(command, AllocReport):
             self.reports.append((trio.current_time(), command))
         return {}
+
+    @property
+    def leader(self) -> NodeId | None:
+        return self.raft.leader
+
+    async def wait_changed(self) -> None:
+        await self.raft.wait_changed()
 
     async def wait_for(self, pred: Callable[[], bool]) -> None:
         """Wait until ``pred()`` holds after a commit."""

@@ -22,13 +22,14 @@ from mesh import wire
 from mesh.errors import NotLeader, ProposalDropped, RemoteProtocolError, StorageError
 from mesh.gossip.adapter import MemoryNetwork, MemoryTransport
 from mesh.node.metrics import render
-from mesh.node.replica import Replica
+from mesh.node.replica import Replica, ReplicaSettings
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
 from mesh.raft.messages import Heartbeat
 from mesh.raft.state import KvPut, MeshState, Result
 from mesh.raft.storage import FileStorage, MemoryStorage, bootstrap
 from mesh.raft.voters import Candidate
+from mesh.raft.watch import StateGate, WatchBuffer, WatchConfig
 from mesh.types import Addr, NodeId
 
 CONFIG = RaftConfig.lan()  # 50 ms ticks, elections after 10-19 ticks
@@ -725,7 +726,9 @@ async def test_metrics_commit_latency_fsync_apply_lag_and_snapshots(
     assert stats.snapshots_created >= 1
     assert stats.wal_sync_latency.count >= 6
     assert status["entries_per_fsync"] >= 1
-    replica = Replica(adapter, adapter.state, storage, None, None, None)  # type: ignore[arg-type]
+    gate = StateGate(adapter.state, WatchBuffer(WatchConfig()))  # type: ignore[arg-type]
+    replica = Replica(adapter, gate, storage, None, None,  # type: ignore[arg-type]
+                      ReplicaSettings(RaftConfig.local()))
     text = render(replica.metrics(), {"node": "solo"})
     assert 'meshd_raft_commits_total{node="solo"} 6' in text
     assert 'meshd_raft_commit_latency_seconds{node="solo",quantile="0.99"}' in text

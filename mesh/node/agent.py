@@ -77,13 +77,14 @@ class Wakeup:
 
 async def wake_on_changes(replica: Replica, tables: frozenset[Table], wake: Wakeup,
                           on_ready: Callable[[], None] | None = None) -> None:
-    """Set ``wake`` whenever a change of one of ``tables`` is applied on this node
-    (and when the change list was compacted past what was seen); ``on_ready`` runs
-    after every Ready the adapter handled (leadership checks). Runs until cancelled."""
-    raft, state = replica.raft, replica.state
+    """Set ``wake`` whenever a change of one of ``tables`` is applied on this node,
+    by Raft or by the watch stream (and when the change list was compacted past what
+    was seen: a snapshot restore); ``on_ready`` runs after every such wake-up of the
+    replica (leadership checks). Runs until cancelled."""
+    state = replica.state
     seen = state.applied_index
     while True:
-        await raft.wait_changed()
+        await replica.wait_changed()
         if on_ready is not None:
             on_ready()
         if state.applied_index == seen:
@@ -165,7 +166,7 @@ class Agent:
 
     def _check_leader(self) -> None:
         """Note when this node loses and regains a leader (self-fencing)."""
-        leader = self._replica.raft.leader
+        leader = self._replica.leader
         if leader is None and self._lost_leader_at is None:
             self._lost_leader_at = trio.current_time()
         elif leader is not None and self._lost_leader_at is not None:

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read this node's replica without asking the leader")
     raft = sub.add_parser("raft", help="the Raft group that holds the desired state")
     raft_sub = raft.add_subparsers(dest="raft_command", required=True)
-    status = raft_sub.add_parser("status", help="term, leader, voters, indexes, lag")
+    status = raft_sub.add_parser("status", help="term, leader, voters, this node's role "
+                                 "(voter, learner, watcher), indexes, lag, watchers")
     status.add_argument("--json", action="store_true", help="print JSON")
     recover = raft_sub.add_parser(
         "recover", help="after losing a majority of voters for good: make this STOPPED "
@@ -324,12 +325,25 @@ def raft_recover(data_dir: Path, yes: bool) -> str:
 
 def raft_text(st: dict[str, Any]) -> str:
     """``meshctl raft status`` for people."""
+    membership = st.get("membership", "voter")
+    this = f"{st['id']} ({membership}, {st['role']})"
+    watch = st.get("watch") or {}
+    if st.get("feed") == "watch":
+        this = f"{st['id']} (watcher of {watch.get('source') or 'no voter yet'})"
     lines = [f"leader:   {st.get('leader') or 'none'} (term {st['term']})",
-             f"this:     {st['id']} ({st['role']})",
+             f"this:     {this}",
              f"voters:   {', '.join(st['voters']) or '-'}",
-             f"learners: {', '.join(st['learners']) or '-'}",
-             f"indexes:  commit {st['commit_index']}, applied {st['applied_index']}, "
-             f"last {st['last_index']}"]
+             f"learners: {', '.join(st['learners']) or '-'}"]
+    if st.get("feed") == "watch":
+        lines.append(f"indexes:  applied {st['applied_index']} of leader commit "
+                     f"{watch.get('leader_commit', 0)} (lag {st.get('apply_lag', 0)}); "
+                     f"snapshots {watch.get('snapshots', 0)}, voter switches "
+                     f"{watch.get('switches', 0)}")
+    else:
+        lines.append(f"indexes:  commit {st['commit_index']}, applied {st['applied_index']}, "
+                     f"last {st['last_index']}")
+    if st.get("watchers"):
+        lines.append(f"watchers: {', '.join(st['watchers'])}")
     if st.get("peers"):
         rows = [[n, "learner" if p["learner"] else "voter", str(p["match"]), str(p["lag"]),
                  "yes" if p["active"] else "no"] for n, p in sorted(st["peers"].items())]

@@ -397,14 +397,15 @@ class EventFeed:
 
     async def _follow_raft(self) -> None:
         assert self._node.replica is not None
-        raft, state = self._node.replica.raft, self._node.replica.state
+        replica = self._node.replica
+        state = replica.state
         self.log.seed([*state.services(), *state.allocs()])
-        seen, leader = state.applied_index, raft.leader
+        seen, leader = state.applied_index, replica.leader
         while True:
-            await raft.wait_changed()
-            if raft.leader != leader:
-                leader = raft.leader
-                self.log.leader(self._wall(), leader, int(raft.status()["term"]))
+            await replica.wait_changed()
+            if replica.leader != leader:
+                leader = replica.leader
+                self.log.leader(self._wall(), leader, int(replica.status()["term"]))
                 self._added()
             if state.applied_index == seen:
                 continue

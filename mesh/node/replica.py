@@ -1,14 +1,32 @@
-"""The node's replica of the desired state: Raft storage, adapter, voters and API.
+"""The node's replica of the desired state: Raft storage, adapter, voters, watch and API.
 
 Every node runs a :class:`~mesh.raft.adapter.RaftAdapter` over ``DIR/raft``. The node
 that created the cluster bootstraps a one-voter configuration; every other node
-starts empty and is added by the leader, first as a learner (a read replica that
-receives the log), then promoted while the group has fewer voters than wanted
-(``--raft-voters``, 3 by default). A dead voter is replaced the same way, one
-membership change at a time (:mod:`mesh.raft.voters`). Every other live member stays
-a learner: its local replica serves DNS, ``--stale`` reads and (later) its
-reconciler. (DESIGN's resumable watch stream from a voter would scale further than
-one learner per node; this is the interim.)
+starts empty. The leader keeps ``--raft-voters`` voters (3 by default): it adds a
+member it is about to promote as a learner, catches it up, promotes it, and
+replaces a dead voter the same way, one membership change at a time
+(:mod:`mesh.raft.voters`). Only the voters (and a learner for the moments of its
+catch-up) receive the log.
+
+Every other node is a *watcher*: it keeps its read replica through the resumable
+watch stream of :mod:`mesh.raft.watch` (DESIGN.md, State). The watch loop picks a
+live voter (rendezvous hash on the node names, followers before the leader), asks
+it over a dedicated ``mesh-rpc/1`` link for the entries after the local applied
+index (a long poll) or a snapshot when it is too far behind, and moves to another
+voter when a call fails or the voter has no leader. The loop idles while Raft
+feeds this node: it is a voter or learner in its own configuration, it leads or
+knows a leader, and it heard from the group within :data:`RAFT_QUIET_S`; so a
+node removed from the configuration (which never hears of its removal) goes back
+to watching by itself. Both feeds go through one
+:class:`~mesh.raft.watch.StateGate`, the adapter's state machine, which applies
+each index once and only forward (see its hand-over notes). Every node keeps the
+last committed entries it applied for watchers; only voters that Raft feeds
+serve them (the ``watch`` API method), others redirect.
+
+Readers (agent, planner, DNS, events, deny list) follow :meth:`Replica.wait_changed`
+and :attr:`Replica.leader`, which cover both feeds; a snapshot restore resets the
+state's change list, which they already handle (``changes_since`` raises
+``Compacted``).
 
 Raft messages travel over ``mesh-raft/1`` on the gossip port, so a peer's identity
 comes from its certificate and the peer's address from membership. Writes reaching
@@ -16,7 +34,8 @@ a node that is not the leader are forwarded to the leader over ``mesh-rpc/1``
 (once: a forwarded call that lands on a non-leader again fails with a message to
 retry) over one kept-open link per node that carries many calls at once
 (:class:`~mesh.node.api.RpcLink`). Reads are linearizable (ReadIndex) unless
-``stale`` is asked for.
+``stale`` is asked for; on a watcher a linearizable read asks a voter for a read
+index (``raft_read_index``) and waits until the watch stream has applied it.
 
 Resource handling:
     :meth:`Replica.open` opens the WAL (blocking, in a thread); :meth:`Replica.aclose`
@@ -25,7 +44,9 @@ Resource handling:
 
 Error handling:
     NotLeader without a reachable leader, dropped proposals and storage failures
-    become :class:`~mesh.node.api.ApiError` with what to do next.
+    become :class:`~mesh.node.api.ApiError` with what to do next. A watch call that
+    fails (link, timeout, malformed answer, bad snapshot image) backs that voter off
+    and the loop asks another; nothing a voter answers can end the loop.
 """
 
 from __future__ import annotations
@@ -59,6 +80,19 @@ from mesh.raft.state import (
     decode_command,
 )
 from mesh.raft.storage import FileStorage, bootstrap
+from mesh.raft.watch import (
+    AnswerKind,
+    ApplyEntries,
+    ClusterView,
+    SnapshotImage,
+    StateGate,
+    WatchAnswer,
+    WatchBuffer,
+    WatchClient,
+    WatchConfig,
+    WatchRequest,
+    WatchServer,
+)
 from mesh.types import Addr, NodeId
 
 LOGGER = logging.getLogger(__name__)
@@ -68,6 +102,17 @@ FORWARD_TIMEOUT_S = 15.0
 
 READ_LEADER_WAIT_S = 5.0
 """How long a linearizable read waits for a leader to be known (an election)."""
+
+READ_APPLY_WAIT_S = 10.0
+"""How long a linearizable read on a watcher waits for the watch stream to reach
+the read index."""
+
+RAFT_QUIET_S = 2.0
+"""A member that heard nothing from its group for this long (and is not the
+leader) watches a voter instead: it was removed, or is cut off from the leader."""
+
+WATCHERS_RECENT_S = 30.0
+"""A voter lists the watchers that asked it within this many seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +124,32 @@ class ReplicaSettings:
         voters: wanted voters (3 or 5; fewer in smaller clusters).
         stable_s: seconds a member must have been alive before it may become a
             voter (autopilot's stabilization time).
+        watch: bounds and timings of the watch stream.
     """
 
     raft: RaftConfig
     voters: int = 3
     stable_s: float = 10.0
+    watch: WatchConfig = WatchConfig()
 
 
 class Replica:
-    """The running Raft member of this node and its API."""
+    """The running Raft member (or watcher) of this node and its API.
 
-    def __init__(self, raft: RaftAdapter, state: MeshState, storage: FileStorage,
+    Args:
+        raft: the adapter, whose state machine is ``gate``.
+        gate: the readers' state and its two feeds.
+        storage: the adapter's storage (closed by :meth:`aclose`).
+        core: gossip membership (who is alive, where).
+        trust: TLS material for links to other nodes.
+        settings: how this node takes part.
+    """
+
+    def __init__(self, raft: RaftAdapter, gate: StateGate, storage: FileStorage,
                  core: Membership, trust: Trust, settings: ReplicaSettings) -> None:
         self.raft = raft
-        self.state = state
+        self.gate = gate
+        self.state = gate.state
         self._storage = storage
         self._core = core
         self._trust = trust
@@ -100,6 +157,12 @@ class Replica:
         self._links: dict[NodeId, api.RpcLink] = {}
         self._dialing: dict[NodeId, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+        self._fed_at = -float("inf")
+        """When Raft last fed this node (a Ready while a member that knows a leader)."""
+        self.watch_client = WatchClient(raft.me, settings.watch)
+        self._watch_server = WatchServer(settings.watch, gate.buffer)
+        self._watch_link: tuple[NodeId, api.RpcLink] | None = None
 
     @classmethod
     async def open(cls, config: NodeConfig, core: Membership, trust: Trust,
@@ -114,22 +177,29 @@ class Replica:
         if trust.created_cluster and storage.last_index() == 0:
             await trio.to_thread.run_sync(bootstrap, storage, [config.name])
             LOGGER.info("raft_bootstrapped node=%s voters=%s", config.name, config.name)
-        state = MeshState()
+        buffer = WatchBuffer(settings.watch)
+
+        def term_of(index: int) -> int | None:
+            meta = storage.snapshot().meta
+            return meta.term if meta.index == index else None
+
+        gate = StateGate(MeshState(), buffer, term_of)
 
         def peer_addr(node: NodeId) -> Addr | None:
             view = core.member(node)
             return view.addr if view is not None and view.status <= Status.SUSPECT else None
 
         dialer = tls.TlsDialer(trust.client_ctx, tls.ALPN_RAFT, revoked=trust.revoked)
-        raft = RaftAdapter.create(settings.raft, config.name, storage, state, dialer,
+        raft = RaftAdapter.create(settings.raft, config.name, storage, gate, dialer,
                                   peer_addr, rng=rng)
-        return cls(raft, state, storage, core, trust, settings)
+        return cls(raft, gate, storage, core, trust, settings)
 
     async def aclose(self) -> None:
         """Close the links to other nodes and the WAL."""
         for link in self._links.values():
             link.close()
         self._links.clear()
+        self._close_watch_link()
         self._storage.close()
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -142,9 +212,210 @@ class Replica:
                                      stable_s=self._settings.stable_s)
 
         nursery.start_soon(functools.partial(self.raft.manage_voters, members,
-                                             desired=self._settings.voters,
-                                             read_replicas=True))
+                                             desired=self._settings.voters))
+        nursery.start_soon(self._follow_raft)
+        nursery.start_soon(self._watch_loop)
         nursery.start_soon(self._follow_deny_list)
+
+    # --- which feed, who leads --------------------------------------------------------
+
+    async def wait_changed(self) -> None:
+        """Wait until either feed moved the state, or the Raft adapter handled a
+        Ready (leadership may have changed)."""
+        await self._changed.wait()
+
+    def _signal_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _follow_raft(self) -> None:
+        """Relay the adapter's Readies to :meth:`wait_changed` and note when Raft
+        last fed this node."""
+        while True:
+            await self.raft.wait_changed()
+            if self.raft.leader is not None and self.membership() != "watcher":
+                self._fed_at = trio.current_time()
+            self._signal_changed()
+
+    def membership(self) -> str:
+        """``voter`` or ``learner`` (in this node's Raft configuration), else
+        ``watcher``."""
+        conf = self.raft.core.conf_state
+        if self.raft.me in conf.voters:
+            return "voter"
+        return "learner" if self.raft.me in conf.learners else "watcher"
+
+    def raft_feeds(self) -> bool:
+        """Whether Raft feeds this node now (else the watch stream does): it leads,
+        or it is a member that knew a leader within :data:`RAFT_QUIET_S` (an
+        election does not start the watch stream)."""
+        if self.raft.is_leader:
+            return True
+        return (self.membership() != "watcher"
+                and trio.current_time() - self._fed_at <= RAFT_QUIET_S)
+
+    @property
+    def leader(self) -> NodeId | None:
+        """The leader as this node knows it: from Raft while Raft feeds it, else
+        from the voters' watch answers (``None`` once they stop coming)."""
+        if self.raft_feeds():
+            return self.raft.leader
+        return self.watch_client.leader(trio.current_time())
+
+    def status(self) -> dict[str, Any]:
+        """The ``raft status`` document: the adapter's (see
+        :meth:`RaftAdapter.status`), with ``membership`` (``voter``, ``learner`` or
+        ``watcher``), ``feed`` (``raft`` or ``watch``), ``applied_index`` of the
+        readers' state, ``raft_applied_index`` (the adapter's), ``watch`` (the
+        voter followed, its leader's commit index as last heard, snapshots and
+        voter switches) and on a voter ``watchers`` (nodes that watched it
+        recently). While the watch stream feeds this node, ``term``, ``leader``,
+        ``voters``, ``learners`` and ``commit_index`` are the freshest a voter
+        told it."""
+        st = self.raft.status()
+        now = trio.current_time()
+        feeds = self.raft_feeds()
+        client = self.watch_client
+        view = client.view
+        st["membership"] = self.membership()
+        st["feed"] = "raft" if feeds else "watch"
+        st["raft_applied_index"] = st["applied_index"]
+        st["applied_index"] = self.gate.readers_index
+        if not feeds and view is not None:
+            st["term"], st["leader"] = view.term, client.leader(now)
+            st["voters"], st["learners"] = list(view.voters), list(view.learners)
+            st["commit_index"] = max(view.commit, self.gate.readers_index)
+        st["apply_lag"] = max(0, st["commit_index"] - st["applied_index"])
+        st["watch"] = {"source": client.source if not feeds else None,
+                       "leader_commit": view.commit if view is not None else 0,
+                       "snapshots": client.snapshots, "switches": client.switches}
+        st["watchers"] = self._watch_server.watchers(now, WATCHERS_RECENT_S)
+        return st
+
+    # --- the watch stream: serving ------------------------------------------------------
+
+    def _view(self) -> ClusterView:
+        """What this node tells a watcher about the group."""
+        if self.raft_feeds():
+            st = self.raft.core.status()
+            return ClusterView(self.raft.me, st.term, st.leader, st.voters, st.learners,
+                               st.commit_index)
+        view = self.watch_client.view
+        if view is None:
+            return ClusterView(self.raft.me)
+        return ClusterView(self.raft.me, view.term,
+                           self.watch_client.leader(trio.current_time()), view.voters,
+                           view.learners, view.commit)
+
+    def _image(self) -> SnapshotImage:
+        return SnapshotImage(self.gate.readers_index, self.gate.readers_term,
+                             self.state.snapshot())
+
+    async def watch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API (voters): the next committed entries after ``after``, a snapshot
+        chunk, or nothing within the long poll; other nodes redirect."""
+        try:
+            request = WatchRequest.from_params(params)
+        except RemoteProtocolError as exc:
+            raise api.ApiError(f"bad watch request: {exc}") from None
+        if self.membership() != "voter" or not self.raft_feeds():
+            return WatchAnswer(AnswerKind.REDIRECT, self._view()).to_wire()
+        wait_s = min(request.wait_s, self._settings.watch.long_poll_s)
+        deadline = trio.current_time() + wait_s
+        while True:
+            answer = self._watch_server.answer(request, self._view(), self._image,
+                                               trio.current_time())
+            if answer is not None:
+                return answer.to_wire()
+            if trio.current_time() >= deadline:
+                return WatchAnswer(AnswerKind.NOTHING, self._view()).to_wire()
+            with trio.move_on_at(deadline):
+                await self.wait_changed()
+
+    async def raft_read_index(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API (members): a linearizable read point, for a watcher's read."""
+        if not self.raft_feeds():
+            raise api.ApiError(f"{self.raft.me} is not a Raft member right now; ask a voter")
+        try:
+            index = await self.raft.read_index()
+        except (NotLeader, ProposalDropped) as exc:
+            raise api.ApiError(f"no linearizable read possible now ({exc}); retry") from None
+        return {"index": index}
+
+    # --- the watch stream: watching -----------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        """Keep the readers' state up to date from a voter while Raft does not feed
+        this node (runs until cancelled)."""
+        client = self.watch_client
+        while True:
+            if self.raft_feeds():
+                self._close_watch_link()
+                with trio.move_on_after(RAFT_QUIET_S / 2):
+                    await self.wait_changed()
+                continue
+            now = trio.current_time()
+            live = [m.node for m in self._core.members() if m.status <= Status.SUSPECT]
+            target = client.choose(live, now)
+            if target is None:
+                wake = client.next_wake(live, now)
+                await trio.sleep_until(min(wake if wake is not None else now + 1.0, now + 1.0))
+                continue
+            request = client.request(target, self.gate.readers_index, self.gate.readers_term)
+            try:
+                raw = await self._watch_call(target, request)
+                answer = WatchAnswer.from_wire(raw)
+                outputs = client.handle_answer(target, request, answer, trio.current_time())
+                moved = False
+                for out in outputs:
+                    if isinstance(out, ApplyEntries):
+                        moved |= self.gate.watch_apply(out.entries) > 0
+                    else:
+                        moved |= self.gate.watch_restore(out.data, out.index, out.term)
+                        LOGGER.info("watch_snapshot_restored node=%s voter=%s index=%s bytes=%s",
+                                    self.raft.me, target, out.index, len(out.data))
+            except (api.ApiError, RemoteProtocolError, StorageError) as exc:
+                LOGGER.info("watch_failed node=%s voter=%s reason=%s; asking another voter",
+                            self.raft.me, target, exc)
+                client.handle_failure(target, trio.current_time())
+                self._close_watch_link()
+                continue
+            if moved or answer.kind is not AnswerKind.REDIRECT:
+                self._signal_changed()  # also: the leader as a voter names it may have moved
+
+    async def _watch_call(self, node: NodeId, request: WatchRequest) -> Any:
+        """One watch call on the link dedicated to the voter watched (a long poll
+        must not hold up other calls to that node).
+
+        Raises:
+            ApiError: the node is unreachable, the call timed out or failed.
+        """
+        view = self._core.member(node)
+        if view is None or view.status > Status.SUSPECT:
+            raise api.ApiError(f"node {node} is not alive")
+        try:
+            with trio.fail_after(self._settings.watch.long_poll_s + FORWARD_TIMEOUT_S):
+                held = self._watch_link
+                if held is None or held[0] != node or held[1].broken:
+                    self._close_watch_link()
+                    stream, _ = await tls.open_tls_stream(
+                        view.addr, self._trust.client_ctx, tls.ALPN_RPC, expect=node,
+                        revoked=self._trust.revoked)
+                    link = api.RpcLink(stream)
+                    assert self._nursery is not None, "start() the replica before watching"
+                    await self._nursery.start(link.run)
+                    held = self._watch_link = (node, link)
+                return await held[1].call("watch", request.to_params())
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError,
+                RemoteProtocolError) as exc:
+            raise api.ApiError(f"cannot reach {node} at {view.addr} ({exc!r})") from None
+        except MeshError as exc:
+            raise api.ApiError(str(exc)) from None
+
+    def _close_watch_link(self) -> None:
+        if self._watch_link is not None:
+            self._watch_link[1].close()
+            self._watch_link = None
 
     async def _follow_deny_list(self) -> None:
         """Apply the replicated deny list to this node's live TLS deny set, so every
@@ -155,7 +426,7 @@ class Replica:
             if new:
                 LOGGER.warning("certificates_revoked node=%s count=%d source=raft",
                                self.raft.me, new)
-            await self.raft.wait_changed()
+            await self.wait_changed()
 
     async def deny(self, serials: list[str], node: NodeId, reason: str) -> list[int]:
         """Commit serials to the replicated deny list; returns their log indexes."""
@@ -190,6 +461,8 @@ class Replica:
             "kv_ls": self.kv_ls,
             "raft_status": self.raft_status,
             "raft_transfer": self.raft_transfer,
+            "raft_read_index": self.raft_read_index,
+            "watch": self.watch,
             "deny_add": self.deny_add,
             "propose": self.propose,
         }
@@ -234,6 +507,8 @@ class Replica:
             pending = self._begin_write(command)
         except NotLeader as exc:
             hint = NodeId(exc.leader_hint) if exc.leader_hint else None
+            if not self.raft_feeds():
+                hint = self.leader  # a watcher knows the leader from the voters
             return await self._forward(method, params, hint)
         await pending.wait()
         return pending.outcome()
@@ -368,6 +643,9 @@ class Replica:
         """
         if params.get("stale"):
             return
+        if not self.raft_feeds():
+            await self._watcher_read_point()
+            return
         if self.raft.leader is None:  # e.g. just joined, or an election is under way
             with trio.move_on_after(READ_LEADER_WAIT_S):
                 await self.raft.wait_leader()
@@ -376,6 +654,28 @@ class Replica:
         except (NotLeader, ProposalDropped) as exc:
             raise api.ApiError(f"no linearizable read possible now ({exc}); retry, or read "
                                "this node's replica with --stale") from None
+
+    async def _watcher_read_point(self) -> None:
+        """ReadIndex for a watcher: a voter confirms the read index with its
+        leader; the watch stream then brings the readers' state to it."""
+        client = self.watch_client
+        with trio.move_on_after(READ_LEADER_WAIT_S):  # just started: no voter answered yet
+            while client.source is None:
+                await self.wait_changed()
+        voter = client.source
+        if voter is None:
+            raise api.ApiError("no voter is reachable for a linearizable read; retry, or "
+                               "read this node's replica with --stale")
+        result = await self.call_node(voter, "raft_read_index", {})
+        index = result.get("index") if isinstance(result, dict) else None
+        if type(index) is not int:
+            raise api.ApiError(f"{voter} gave no read index; retry")
+        with trio.move_on_after(READ_APPLY_WAIT_S):
+            while self.gate.readers_index < index:
+                await self.wait_changed()
+        if self.gate.readers_index < index:
+            raise api.ApiError(f"this node's replica did not reach index {index} within "
+                               f"{READ_APPLY_WAIT_S:g}s; retry, or read it with --stale")
 
     async def kv_get(self, params: dict[str, Any]) -> dict[str, Any]:
         key = self._key(params)
@@ -393,12 +693,12 @@ class Replica:
         return [e.as_dict() for e in self.state.items(prefix, limit=10_000)]
 
     async def raft_status(self, params: dict[str, Any]) -> dict[str, Any]:
-        return self.raft.status()
+        return self.status()
 
     async def raft_transfer(self, params: dict[str, Any]) -> dict[str, Any]:
         target = params.get("to")
         if not self.raft.is_leader:
-            return await self._forward("raft_transfer", params, self.raft.leader)
+            return await self._forward("raft_transfer", params, self.leader)
         if target is None:
             others = [v for v in self.raft.status()["voters"] if v != self.raft.me]
             if not others:
@@ -411,8 +711,10 @@ class Replica:
         return self.raft.status()
 
     def metrics(self) -> list[Metric]:
-        """Raft metric families (latencies as summaries over the recent window)."""
-        st = self.raft.status()
+        """Raft and watch metric families (latencies as summaries over the recent
+        window)."""
+        st = self.status()
+        gate = self.gate.statistics()
         stats = self.raft.statistics()
         r = "meshd_raft_"
 
@@ -427,7 +729,16 @@ class Replica:
             gauge(r + "term", "Current Raft term.", st["term"]),
             gauge(r + "is_leader", "1 on the leader.", 1 if self.raft.is_leader else 0),
             gauge(r + "commit_index", "Highest committed log index.", st["commit_index"]),
-            gauge(r + "applied_index", "Highest applied log index.", st["applied_index"]),
+            gauge(r + "applied_index", "Highest log index applied to this node's replica.",
+                  st["applied_index"]),
+            gauge(r + "watcher", "1 while the watch stream (not Raft) feeds this node.",
+                  1 if st["feed"] == "watch" else 0),
+            gauge(r + "watchers", "Nodes that watched this voter recently.",
+                  len(st["watchers"])),
+            total(r + "watch_entries_applied_total", "Entries the watch stream applied here.",
+                  gate.watch_applied),
+            total(r + "watch_snapshots_restored_total", "Snapshots the watch stream "
+                  "restored here.", gate.watch_restores),
             gauge(r + "apply_lag", "Committed entries not yet applied on this node.",
                   st["apply_lag"]),
             gauge(r + "voters", "Voters in the configuration.", len(st["voters"])),

@@ -331,8 +331,8 @@ class ServiceApi:
         for a in state.allocs():
             if a.desired == "run":
                 counts[a.node] = counts.get(a.node, 0) + 1
-        leader = self._replica.raft.leader
-        voters = set(self._replica.raft.status()["voters"])
+        leader = self._replica.leader
+        voters = set(self._replica.status()["voters"])
         out = []
         for m in self._core.members():
             override = state.node_override(m.node)

@@ -45,6 +45,13 @@ Which step first
 4. Only when every target member votes: remove the voters outside the target,
    dead ones first, then suspect ones, then the others, the leader last.
 
+Only the target voters are ever added as learners (a learner is a voter being
+caught up): meshd's other nodes keep their replica through the watch stream of
+:mod:`mesh.raft.watch`, so the leader replicates to the voters only. Step 1
+also removes learners left from an earlier configuration (or from
+``read_replicas``, which keeps every live member as a learner; meshd no longer
+asks for it).
+
 Adding and promoting the replacement *before* removing a dead voter is the
 order of DESIGN.md ("adds a healthy member as learner, catches it up, promotes
 it and removes the dead voter"); removing dead voters before live ones when
@@ -248,7 +255,8 @@ def next_step(
         leader: the leader (this node, when called on the leader).
         caught_up: learners whose log is close enough to the leader's to be
             promoted.
-        read_replicas: keep every other live member as a learner.
+        read_replicas: keep every other live member as a learner (the leader
+            then replicates to every node; meshd's non-voters watch instead).
 
     Raises:
         ConfigError: ``desired`` is not allowed.
