@@ -205,6 +205,7 @@ class Replica:
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the adapter and the voter management in ``nursery``."""
         self._nursery = nursery
+        self._fed_at = trio.current_time()  # a member gets a moment to hear from a leader
         await nursery.start(self.raft.run)
 
         def members() -> list[voters.Candidate]:
@@ -643,7 +644,9 @@ class Replica:
         """
         if params.get("stale"):
             return
-        if not self.raft_feeds():
+        if self.membership() == "watcher" and not self.raft.is_leader:
+            # A member asks its own Raft group even while it is quiet (just
+            # restarted, or an election is under way): it may be the only voter.
             await self._watcher_read_point()
             return
         if self.raft.leader is None:  # e.g. just joined, or an election is under way
