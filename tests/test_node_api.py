@@ -19,6 +19,7 @@ from mesh.node.config import parse_label
 from mesh.node.daemon import build_parser, config_from_args, parse_size, prepare_data_dir
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
 from mesh.node.metrics import Metric, counter, render
+from mesh.streams import read_frame
 from mesh.types import Addr
 
 
@@ -80,6 +81,77 @@ async def test_pipelined_requests_run_together_and_answer_in_order(
     assert trio.current_time() - t0 < api.API_TIMEOUT_S  # closed because the client did
 
 
+class _Later:
+    """A :class:`api.Pending` resolved by the test."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+    def outcome(self) -> Any:
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+    def resolve(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+
+async def test_started_calls_answer_in_order_without_tasks_and_fall_back_to_handlers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    begun: list[_Later] = []
+
+    def start(params: dict[str, Any]) -> api.Pending | None:
+        if params.get("bad"):
+            raise api.ApiError("bad write")
+        if params.get("elsewhere"):
+            return None  # e.g. not the leader: the handler takes it
+        later = _Later()
+        begun.append(later)
+        return later
+
+    async def handler(params: dict[str, Any]) -> str:
+        await trio.sleep(1)
+        return "handled"
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {"w": handler}, "n1", {"w": start})
+        await client.send_all(b"".join(wire.frame(Request("w", params).encode()) for params in (
+            {}, {"bad": True}, {"elsewhere": True}, {}, {})))
+        await trio.sleep(5)
+        assert len(begun) == 3  # begun at once; nothing answered before the first resolves
+        begun[2].resolve("third")
+        begun[1].resolve(api.ApiError("not committed"))
+        begun[0].resolve("first")
+        decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
+        answers: list[Response] = []
+        while len(answers) < 5:
+            decoder.receive_data(bytes(await client.receive_some()))
+            while isinstance(payload := decoder.next_payload(), bytes):
+                answers.append(Response.decode(payload))
+        assert [(a.ok, a.result or a.error) for a in answers] == [
+            (True, "first"), (False, "bad write"), (True, "handled"),
+            (False, "not committed"), (True, "third")]
+        # One at a time: a started call is answered inline.
+        await client.send_all(wire.frame(Request("w", {}).encode()))
+        await trio.sleep(1)
+        assert len(begun) == 4
+        begun[3].resolve({"index": 7})
+        assert Response.decode(await read_frame(client, MAX_API_FRAME_BYTES)).result == \
+            {"index": 7}
+        await client.aclose()
+
+
 async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -121,6 +193,38 @@ async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
             await link.call("slow", {"s": 1})
     assert link.broken
     assert failed == ["the server closed the link"]
+
+
+async def test_rpc_link_gives_up_a_call_without_an_answer_and_keeps_the_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(params: dict[str, Any]) -> int:
+        await trio.sleep(params["s"])
+        return int(params["s"])
+
+    client, server = trio.testing.memory_stream_pair()
+    link = api.RpcLink(client, call_timeout_s=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {"slow": slow}, "n1")
+        await nursery.start(link.run)
+        t0 = trio.current_time()
+        late = link.start_call("slow", {"s": 30})
+        quick = link.start_call("slow", {"s": 1})
+        assert not late.done
+        await late.wait()
+        assert trio.current_time() - t0 == pytest.approx(10)
+        with pytest.raises(trio.BrokenResourceError, match="no answer within 10s"):
+            late.outcome()
+        # Answers come in request order: the quick call is answered with the late one,
+        # which also gave up (10 s after it was made), and the link stays up.
+        await quick.wait()
+        with pytest.raises(trio.BrokenResourceError, match="no answer within 10s"):
+            quick.outcome()
+        await trio.sleep(25)  # the late answers arrive and are dropped
+        assert link.in_flight == 0
+        assert not link.broken
+        assert await link.call("slow", {"s": 2}) == 2
+        link.close()
 
 
 async def test_stale_socket_is_replaced_and_missing_socket_is_explained(tmp_path: Path

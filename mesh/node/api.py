@@ -401,15 +401,53 @@ async def call_stream(stream: trio.abc.Stream, method: str,
     return response.result
 
 
-class _Call:
-    """One call of an :class:`RpcLink` waiting for its answer."""
+class RpcCall:
+    """One call of an :class:`RpcLink`, from the moment it is queued until its
+    answer (or the link's failure, or its timeout) arrives."""
 
-    __slots__ = ("done", "response", "error")
+    __slots__ = ("event", "response", "error", "deadline")
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    def __init__(self, deadline: float) -> None:
+        self.event = trio.Event()
         self.response: Response | None = None
         self.error: str | None = None
+        """Why no answer will come (the link broke, or the call timed out)."""
+        self.deadline = deadline
+
+    @property
+    def done(self) -> bool:
+        """Answered, or given up."""
+        return self.event.is_set()
+
+    async def wait(self) -> None:
+        """Return once :attr:`done`."""
+        await self.event.wait()
+
+    def outcome(self) -> Any:
+        """The server's result (once :attr:`done`).
+
+        Raises:
+            MeshError: the server answered with an error.
+            trio.BrokenResourceError: no answer came (the link broke or the call
+                timed out): the outcome is unknown; retry a write with the same
+                request id.
+        """
+        assert self.event.is_set(), "the call is still in flight"
+        if self.response is None:
+            raise trio.BrokenResourceError(self.error or "the link closed")
+        if not self.response.ok:
+            raise MeshError(self.response.error)
+        return self.response.result
+
+    def _answer(self, response: Response) -> None:
+        if not self.event.is_set():  # else it timed out: the late answer is dropped
+            self.response = response
+            self.event.set()
+
+    def _give_up(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.error = reason
+            self.event.set()
 
 
 class RpcLink:
@@ -419,7 +457,13 @@ class RpcLink:
     in progress leave together in the next ``send_all``); the server answers in
     request order (:func:`serve_api_stream`), so answers are matched to calls
     in order. One link to the leader replaces a pool of links used one call at
-    a time.
+    a time. A call is begun without waiting (:meth:`start_call`) or made and
+    awaited (:meth:`call`).
+
+    Args:
+        stream: the connected stream (owned by the link from now on).
+        call_timeout_s: a call not answered within this fails (its late answer
+            is dropped when it comes; the link stays up).
 
     Resource handling:
         :meth:`run` owns the stream: start it in a nursery; it returns (and
@@ -428,15 +472,18 @@ class RpcLink:
 
     Error handling:
         :meth:`call` raises ``trio.BrokenResourceError`` when the link broke
-        before its answer came (the outcome is unknown: retry a write with the
-        same request id), and :class:`MeshError` with the server's message.
+        before its answer came or the call timed out (the outcome is unknown:
+        retry a write with the same request id), and :class:`MeshError` with
+        the server's message.
     """
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, call_timeout_s: float = API_TIMEOUT_S) -> None:
         self._stream = stream
+        self._call_timeout_s = call_timeout_s
         self._outbox: list[bytes] = []
-        self._calls: collections.deque[_Call] = collections.deque()
+        self._calls: collections.deque[RpcCall] = collections.deque()
         self._wake_writer = trio.Event()
+        self._wake_timer = trio.Event()
         self._broken: str | None = None
         self._scope = trio.CancelScope()
 
@@ -447,28 +494,34 @@ class RpcLink:
 
     @property
     def in_flight(self) -> int:
-        """Calls written or queued and not yet answered."""
+        """Calls written or queued and not yet answered (or timed out)."""
         return len(self._calls)
+
+    def start_call(self, method: str, params: dict[str, Any] | None = None) -> RpcCall:
+        """Queue a call and return it at once (see :meth:`RpcCall.outcome`).
+
+        Raises:
+            trio.BrokenResourceError: the link is broken.
+        """
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        call = RpcCall(trio.current_time() + self._call_timeout_s)
+        self._outbox.append(wire.frame(Request(method, params or {}).encode()))
+        self._calls.append(call)
+        self._wake_timer.set()
+        self._wake_writer.set()
+        return call
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Call ``method`` and wait for its answer.
 
         Raises:
             MeshError: the server answered with an error.
-            trio.BrokenResourceError: the link broke first.
+            trio.BrokenResourceError: the link broke first, or the call timed out.
         """
-        if self._broken is not None:
-            raise trio.BrokenResourceError(self._broken)
-        call = _Call()
-        self._outbox.append(wire.frame(Request(method, params or {}).encode()))
-        self._calls.append(call)
-        self._wake_writer.set()
-        await call.done.wait()
-        if call.response is None:
-            raise trio.BrokenResourceError(call.error or "the link closed")
-        if not call.response.ok:
-            raise MeshError(call.response.error)
-        return call.response.result
+        call = self.start_call(method, params)
+        await call.wait()
+        return call.outcome()
 
     def close(self) -> None:
         """Stop :meth:`run` (calls still waiting fail)."""
@@ -481,6 +534,7 @@ class RpcLink:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_requests)
+                    nursery.start_soon(self._expire_calls)
                     task_status.started()
                     await self._read_answers()
         finally:
@@ -493,8 +547,23 @@ class RpcLink:
         self._scope.cancel()
         calls, self._calls = self._calls, collections.deque()
         for call in calls:
-            call.error = self._broken
-            call.done.set()
+            call._give_up(self._broken)
+
+    async def _expire_calls(self) -> None:
+        """Give up calls past their deadline (the calls are in deadline order;
+        one that timed out keeps its place until its late answer comes)."""
+        while True:
+            waiting = next((c for c in self._calls if not c.done), None)
+            if waiting is None:
+                self._wake_timer = trio.Event()
+                await self._wake_timer.wait()
+                continue
+            await trio.sleep_until(waiting.deadline)
+            now = trio.current_time()
+            for call in self._calls:
+                if call.deadline > now:
+                    break
+                call._give_up(f"no answer within {self._call_timeout_s:g}s")
 
     async def _write_requests(self) -> None:
         while True:
@@ -527,9 +596,7 @@ class RpcLink:
                     response = Response.decode(payload)
                     if not self._calls:
                         raise RemoteProtocolError("an answer nobody asked for")
-                    call = self._calls.popleft()
-                    call.response = response
-                    call.done.set()
+                    self._calls.popleft()._answer(response)
             except RemoteProtocolError as exc:
                 self._break(f"bad answer on the link: {exc}")
                 return

@@ -61,7 +61,7 @@ import trio
 
 from mesh import tls
 from mesh.errors import MeshError, NotLeader, ProposalDropped, RemoteProtocolError, StorageError
-from mesh.gossip.core import Membership
+from mesh.gossip.core import Membership, MemberView
 from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
@@ -489,7 +489,7 @@ class Replica:
         return await self._write("propose", params, self._proposed_command(params))
 
     def _start_propose(self, params: dict[str, Any]) -> api.Pending | None:
-        return self._start_write(self._proposed_command(params))
+        return self._start_write("propose", params, self._proposed_command(params))
 
     @staticmethod
     def _proposed_command(params: dict[str, Any]) -> bytes:
@@ -507,19 +507,23 @@ class Replica:
         try:
             pending = self._begin_write(command)
         except NotLeader as exc:
-            hint = NodeId(exc.leader_hint) if exc.leader_hint else None
-            if not self.raft_feeds():
-                hint = self.leader  # a watcher knows the leader from the voters
-            return await self._forward(method, params, hint)
+            return await self._forward(method, params, self._leader_hint(exc))
         await pending.wait()
         return pending.outcome()
 
-    def _start_write(self, command: bytes) -> api.Pending | None:
-        """Begin a write on the leader (``None`` elsewhere: the handler forwards it)."""
+    def _leader_hint(self, exc: NotLeader) -> NodeId | None:
+        if not self.raft_feeds():
+            return self.leader  # a watcher knows the leader from the voters
+        return NodeId(exc.leader_hint) if exc.leader_hint else None
+
+    def _start_write(self, method: str, params: dict[str, Any], command: bytes
+                     ) -> api.Pending | None:
+        """Begin a write: proposed here on the leader, elsewhere forwarded over the
+        open link to the leader (``None`` if there is none yet: the handler dials)."""
         try:
             return self._begin_write(command)
-        except NotLeader:
-            return None
+        except NotLeader as exc:
+            return self._start_forward(method, params, self._leader_hint(exc))
 
     def _begin_write(self, command: bytes) -> _PendingWrite:
         """Propose ``command`` here.
@@ -537,15 +541,29 @@ class Replica:
 
     async def _forward(self, method: str, params: dict[str, Any], leader: NodeId | None
                        ) -> dict[str, Any]:
+        view = self._leader_view(params, leader)
+        result: dict[str, Any] = await self.call_node(view.node, method,
+                                                      {**params, "forwarded": True})
+        return result
+
+    def _start_forward(self, method: str, params: dict[str, Any], leader: NodeId | None
+                       ) -> api.Pending | None:
+        """Forward a write over the open link to the leader without a task of its
+        own (``None`` when no link is open yet: the handler dials it)."""
+        view = self._leader_view(params, leader)
+        link = self._links.get(view.node)
+        if link is None or link.broken:
+            return None
+        return _ForwardedWrite(link.start_call(method, {**params, "forwarded": True}), view)
+
+    def _leader_view(self, params: dict[str, Any], leader: NodeId | None) -> MemberView:
         if params.get("forwarded"):
             raise api.ApiError("the leader changed while the write was forwarded; retry it")
         view = self._core.member(leader) if leader else None
         if view is None or view.status > Status.SUSPECT:
             raise api.ApiError("the cluster has no Raft leader right now (see `meshctl raft "
                                "status`); retry in a few seconds")
-        result: dict[str, Any] = await self.call_node(view.node, method,
-                                                      {**params, "forwarded": True})
-        return result
+        return view
 
     async def call_node(self, node: NodeId, method: str, params: dict[str, Any]) -> Any:
         """Call API ``method`` on another node over ``mesh-rpc/1`` (one shared link
@@ -563,8 +581,7 @@ class Replica:
                 return await link.call(method, params)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError,
                 RemoteProtocolError) as exc:
-            raise api.ApiError(f"cannot reach {view.node} at {view.addr} ({exc}); "
-                               "retry") from None
+            raise api.ApiError(_unreachable(view, exc)) from None
         except MeshError as exc:  # the node answered with an error: the link is fine
             raise api.ApiError(str(exc)) from None
 
@@ -577,7 +594,7 @@ class Replica:
                 stream, _ = await tls.open_tls_stream(
                     addr, self._trust.client_ctx, tls.ALPN_RPC, expect=node,
                     revoked=self._trust.revoked)
-                link = api.RpcLink(stream)
+                link = api.RpcLink(stream, call_timeout_s=FORWARD_TIMEOUT_S)
                 assert self._nursery is not None, "start() the replica before calling nodes"
                 await self._nursery.start(link.run)
                 self._links[node] = link
@@ -608,7 +625,7 @@ class Replica:
         return await self._write("kv_put", params, self._kv_put_command(params))
 
     def _start_kv_put(self, params: dict[str, Any]) -> api.Pending | None:
-        return self._start_write(self._kv_put_command(params))
+        return self._start_write("kv_put", params, self._kv_put_command(params))
 
     def _kv_put_command(self, params: dict[str, Any]) -> bytes:
         value = params.get("value")
@@ -626,7 +643,7 @@ class Replica:
         return await self._write("kv_del", params, self._kv_del_command(params))
 
     def _start_kv_del(self, params: dict[str, Any]) -> api.Pending | None:
-        return self._start_write(self._kv_del_command(params))
+        return self._start_write("kv_del", params, self._kv_del_command(params))
 
     def _kv_del_command(self, params: dict[str, Any]) -> bytes:
         try:
@@ -773,6 +790,35 @@ class Replica:
 def _not_committed(exc: ProposalDropped) -> str:
     return (f"the write was not committed ({exc}); retry it (it is applied once however "
             "often it is retried)")
+
+
+def _unreachable(view: MemberView, exc: BaseException) -> str:
+    return f"cannot reach {view.node} at {view.addr} ({exc}); retry"
+
+
+class _ForwardedWrite:
+    """A write forwarded to the leader, as the API waits for it (:class:`api.Pending`)."""
+
+    __slots__ = ("_call", "_view")
+
+    def __init__(self, call: api.RpcCall, view: MemberView) -> None:
+        self._call = call
+        self._view = view
+
+    @property
+    def done(self) -> bool:
+        return self._call.done
+
+    async def wait(self) -> None:
+        await self._call.wait()
+
+    def outcome(self) -> Any:
+        try:
+            return self._call.outcome()
+        except trio.BrokenResourceError as exc:
+            raise api.ApiError(_unreachable(self._view, exc)) from None
+        except MeshError as exc:  # the leader answered with an error
+            raise api.ApiError(str(exc)) from None
 
 
 class _PendingWrite:
