@@ -799,6 +799,9 @@ class RaftAdapter:
             if rd is None:
                 self._wake = trio.Event()
                 await self._wake.wait()
+                # Let the other tasks woken by the same I/O poll (requests that
+                # arrived together) propose before this Ready is cut.
+                await trio.lowlevel.checkpoint()
                 continue
             await self._handle_ready(rd)
 
