@@ -372,7 +372,8 @@ class CatalogBuilder:
 
     def build(self, members: Iterable[MemberView], endpoints: Iterable[Endpoint]) -> Catalog:
         """Build a snapshot from everything (at start, or when the inputs were
-        replaced wholesale); the same object as before if the content is unchanged.
+        replaced wholesale); the same object as before if the content is unchanged
+        (a copy with the same generation if only :attr:`Catalog.skipped` changed).
         The cached answers of names whose records differ are dropped, as after an
         :meth:`update`."""
         members = list(members)
@@ -382,7 +383,9 @@ class CatalogBuilder:
                                   local_node=self._local_node)
         self._load(candidate, members, endpoints)
         if candidate.same_content(old):
-            return old
+            if candidate.problems != old.problems:  # what to log changed, not answers
+                self._current = dataclasses.replace(old, problems=candidate.problems)
+            return self._current
         changes = _index_changes(
             old, candidate.node_index, candidate.service_index, candidate.alloc_index,
             old.node_index.keys() | candidate.node_index.keys(),
@@ -476,7 +479,9 @@ class CatalogBuilder:
 
         Returns:
             The snapshot, equal to :func:`build_catalog` of the same members and
-            endpoints, with a :class:`CatalogDelta` against the previous one.
+            endpoints, with a :class:`CatalogDelta` against the previous one. When
+            only :attr:`Catalog.skipped` changed, a copy of the previous snapshot
+            with the same generation.
         """
         if members is not None:
             self._update_members(members)
@@ -488,11 +493,11 @@ class CatalogBuilder:
                 continue
             kept = self._kept.get(alloc, ())
             self._drop(alloc)
-            for ep in old:
-                on = self._on_node[ep.node]
+            for node in {ep.node for ep in old}:
+                on = self._on_node[node]
                 on.discard(alloc)
                 if not on:
-                    del self._on_node[ep.node]
+                    del self._on_node[node]
             if new:
                 self._inputs[alloc] = new
                 for ep in new:
@@ -651,7 +656,9 @@ class CatalogBuilder:
         self._nodes_changed = self._endpoints_changed = False
         old = self._current
         if not (nodes_changed or endpoints_changed):
-            return old
+            if self._problems != old.problems:  # what to log changed, not what to answer
+                self._current = dataclasses.replace(old, problems=dict(self._problems))
+            return self._current
         nodes, services, allocs = _index_changes(old, self._node_index, self._service_index,
                                                  self._alloc_index, *touched)
         self._current = Catalog(
