@@ -272,6 +272,14 @@ def build_catalog(
     Returns:
         The snapshot. Inputs that cannot be answered are listed in ``skipped``.
     """
+    return _build_catalog(members, endpoints, generation, local_node)[0]
+
+
+def _build_catalog(members: Iterable[MemberView], endpoints: Iterable[Endpoint],
+                   generation: int, local_node: NodeId | None
+                   ) -> tuple[Catalog, list[Endpoint]]:
+    """:func:`build_catalog`, and the endpoints given, normalised, without
+    duplicates, in endpoint order (what :class:`CatalogBuilder` indexes)."""
     problems: dict[ProblemKey, str] = {}
     nodes: list[NodeRecord] = []
     node_index: dict[bytes, NodeRecord] = {}
@@ -291,7 +299,8 @@ def build_catalog(
             node_index[key] = record
 
     kept: list[Endpoint] = []
-    for ep in sorted({_normalised(ep) for ep in endpoints}, key=_endpoint_order):
+    given = sorted({_normalised(ep) for ep in endpoints}, key=_endpoint_order)
+    for ep in given:
         if ep.node not in alive:
             continue  # freshness: a dead, left or unknown node's endpoints vanish
         problem = _endpoint_problem(ep)
@@ -320,7 +329,7 @@ def build_catalog(
         node_index=node_index,
         service_index={k: tuple(v) for k, v in service_lists.items()},
         alloc_index=alloc_index,
-    )
+    ), given
 
 
 def _endpoint_order(ep: Endpoint) -> tuple[str, str, str, str, int, str, str,
@@ -377,11 +386,10 @@ class CatalogBuilder:
         The cached answers of names whose records differ are dropped, as after an
         :meth:`update`."""
         members = list(members)
-        endpoints = list(endpoints)
         old = self._current
-        candidate = build_catalog(members, endpoints, generation=old.generation + 1,
-                                  local_node=self._local_node)
-        self._load(candidate, members, endpoints)
+        candidate, given = _build_catalog(members, endpoints, old.generation + 1,
+                                          self._local_node)
+        self._load(candidate, members, given)
         if candidate.same_content(old):
             if candidate.problems != old.problems:  # what to log changed, not answers
                 self._current = dataclasses.replace(old, problems=candidate.problems)
@@ -396,8 +404,9 @@ class CatalogBuilder:
         return self._current
 
     def _load(self, catalog: Catalog, members: Iterable[MemberView],
-              endpoints: Iterable[Endpoint]) -> None:
-        """Take ``catalog`` (built from these inputs) as the state to update from."""
+              endpoints: Sequence[Endpoint]) -> None:
+        """Take ``catalog`` as the state to update from; it was built from
+        ``members`` and ``endpoints`` (normalised, unique, in endpoint order)."""
         self._members: dict[NodeId, tuple[str, bool]] = {
             m.node: (m.addr.host, m.status <= Status.SUSPECT) for m in members}
         self._records: dict[NodeId, NodeRecord] = {r.name: r for r in catalog.nodes}
@@ -413,24 +422,23 @@ class CatalogBuilder:
             self._names.setdefault(key, set()).add(record.name)
             if record.alive:
                 self._groups.setdefault(key, []).append(record.name)
-        self._inputs: dict[AllocId, tuple[Endpoint, ...]] = {}
-        """Endpoints as given, normalised, by allocation (sorted, no duplicates)."""
-        grouped: dict[AllocId, set[Endpoint]] = {}
-        for ep in endpoints:
-            grouped.setdefault(ep.alloc, set()).add(_normalised(ep))
+        grouped: dict[AllocId, list[Endpoint]] = {}
         self._on_node: dict[NodeId, set[AllocId]] = {}
-        for alloc, eps in grouped.items():
-            self._inputs[alloc] = tuple(sorted(eps, key=_endpoint_order))
-            for ep in eps:
-                self._on_node.setdefault(ep.node, set()).add(alloc)
-        self._kept: dict[AllocId, tuple[Endpoint, ...]] = {}
-        """The endpoints of each allocation in the snapshot (alive node, valid)."""
+        for ep in endpoints:
+            grouped.setdefault(ep.alloc, []).append(ep)
+            self._on_node.setdefault(ep.node, set()).add(ep.alloc)
+        self._inputs: dict[AllocId, tuple[Endpoint, ...]] = {
+            alloc: tuple(eps) for alloc, eps in grouped.items()}
+        """Endpoints as given, normalised, by allocation (sorted, no duplicates)."""
+        kept: dict[AllocId, list[Endpoint]] = {}
         self._ready_by_alloc: dict[bytes, list[Endpoint]] = {}
         """Ready endpoints by lower-case allocation id, sorted: the first is answered."""
         for ep in catalog.endpoints:
-            self._kept[ep.alloc] = self._kept.get(ep.alloc, ()) + (ep,)
+            kept.setdefault(ep.alloc, []).append(ep)
             if ep.ready:
                 self._ready_by_alloc.setdefault(label_key(ep.alloc) or b"", []).append(ep)
+        self._kept = {alloc: tuple(eps) for alloc, eps in kept.items()}
+        """The endpoints of each allocation in the snapshot (alive node, valid)."""
         self._problem_keys: dict[AllocId, list[ProblemKey]] = {}
         """The problems of each allocation's endpoints (kind 1)."""
         self._case_nodes: dict[bytes, list[NodeId]] = {}
