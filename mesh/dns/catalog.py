@@ -24,9 +24,13 @@ matched case-insensitively); service names, tags, port names and allocation ids 
 one label each, node names may hold dots. Anything else is left out and reported in
 :attr:`Catalog.skipped`, so the daemon can log it once.
 
-:class:`CatalogBuilder` numbers the snapshots: the generation only moves when the
-content changes, so rebuilding after a membership event that DNS does not care about
-(an incarnation bump, a metadata change) keeps the answer cache warm.
+:class:`CatalogBuilder` makes the snapshots: in full (:meth:`CatalogBuilder.build`)
+or by applying only the members and allocations that changed
+(:meth:`CatalogBuilder.update`), with the same result. The generation only moves
+when the content changes, so a membership event that DNS does not care about (an
+incarnation bump, a metadata change) keeps the answer cache warm; and each new
+snapshot carries a :class:`CatalogDelta` naming the services, allocations and
+nodes whose answers may differ, so the answer cache keeps every other answer.
 """
 
 from __future__ import annotations
