@@ -41,6 +41,19 @@ health=healthy`` log line, when each node's SRV answer holds it; then scales bac
 Every daemon and every workload is killed by PID on the way out (``--keep`` keeps
 the data dirs and logs).
 
+Catalogue maintenance, in process (no sockets)::
+
+    python bench/dns.py catalog --endpoints 300,3000,9000
+
+``catalog``: a replica state with N endpoints (N/3 services of 3 replicas, one port
+each, on N/30 nodes, at least 10) and a responder whose cache holds the A, AAAA and
+SRV answers of every service and the A answer of every node. For one allocation's
+health change and for one member's death it times bringing the catalogue up to
+date the way meshd did before (``service_endpoints`` over every allocation, then
+``CatalogBuilder.build``; the whole answer cache was dropped) and the way it does
+now (``CatalogFeed.refresh``: the changes since the last index, the membership
+difference, ``CatalogBuilder.update``), and counts the cached answers that survive.
+
 Each prints figures and, last, one JSON line with every figure and the load average
 during the run. Never passes or fails on a time.
 """
@@ -64,6 +77,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace as dataclasses_replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -866,6 +880,146 @@ def cmd_appear(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# --- catalogue maintenance ---------------------------------------------------------
+
+
+def _catalog_state(endpoints: int) -> tuple[Any, list[Any], list[bytes]]:
+    """A replica state with ``endpoints`` ready endpoints, its members and the
+    questions that fill the cache (see the module docstring)."""
+    from mesh.dns.fakes import member
+    from mesh.node.spec import PortSpec, WorkloadSpec
+    from mesh.raft.messages import Entry
+    from mesh.raft.state import AllocPlan, AllocReport, MeshState, Report, RunOp, ServicePut
+    from mesh.types import NodeId, ServiceId
+
+    state = MeshState()
+
+    def apply(cmd: Any) -> None:
+        result = state.apply(Entry(1, state.applied_index + 1, cmd.encode()))
+        assert result is not None
+        assert result.ok, result
+
+    nodes = max(10, endpoints // 30)
+    members = [member(f"n{j}", f"10.{j // 250}.{j % 250}.1") for j in range(nodes)]
+    ops = []
+    for i in range(endpoints // 3):
+        name = ServiceId(f"svc{i}")
+        apply(ServicePut(name, WorkloadSpec(name=name, command=("srv",), replicas=3,
+                                            ports=(PortSpec("http"),), tags=("v1",)).encode()))
+        ops += [RunOp(name, slot, NodeId(f"n{(3 * i + slot) % nodes}"), 1) for slot in range(3)]
+    for k in range(0, len(ops), 4096):
+        apply(AllocPlan(tuple(ops[k:k + 4096])))
+    by_node: dict[str, list[Any]] = {}
+    for a in state.allocs():
+        by_node.setdefault(a.node, []).append(
+            Report(a.id, "running", "healthy", (("http", 20000 + len(by_node.get(a.node, ()))),)))
+    for node, reports in by_node.items():
+        apply(AllocReport(NodeId(node), tuple(reports)))
+    questions = [query
+                 for i in range(endpoints // 3) for qtype in ("A", "AAAA", "SRV")
+                 for query in [_question(f"svc{i}.service.mesh", qtype)]]
+    questions += [_question(f"n{j}.node.mesh", "A") for j in range(nodes)]
+    return state, members, questions
+
+
+def _question(name: str, qtype: str) -> bytes:
+    return bytes(DNSRecord(DNSHeader(id=1), q=DNSQuestion(name, getattr(QTYPE, qtype))).pack())
+
+
+def _catalog_round(endpoints: int, repeat: int) -> dict[str, Any]:
+    from mesh.dns.answer import Responder
+    from mesh.dns.catalog import CatalogBuilder
+    from mesh.dns.config import DnsConfig
+    from mesh.gossip.messages import Status
+    from mesh.node.services import CatalogFeed, service_endpoints
+    from mesh.raft.messages import Entry
+    from mesh.raft.state import AllocReport, Report
+
+    state, members, questions = _catalog_state(endpoints)
+    target = state.allocs()[len(state.allocs()) // 2]
+    victim = members[len(members) // 2]
+    dead = [dataclasses_replace(m, status=Status.DEAD) if m is victim else m for m in members]
+
+    def flip(i: int) -> None:
+        health = "unhealthy" if i % 2 == 0 else "healthy"
+        report = Report(target.id, "running", health, target.ports)
+        state.apply(Entry(1, state.applied_index + 1,
+                          AllocReport(target.node, (report,)).encode()))
+
+    def timed(fn: Callable[..., Any], *args: Any) -> float:
+        started = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - started
+
+    def full(view: list[Any]) -> Any:
+        return builder.build(view, service_endpoints(state, view, cache))
+
+    out: dict[str, Any] = {"endpoints": endpoints, "nodes": len(members),
+                           "cached_answers": len(questions)}
+    # before: every change recomputed every endpoint and rebuilt the catalogue
+    builder = CatalogBuilder(members[0].node)
+    cache: dict[Any, Any] = {}
+    full(members)
+    health_s, death_s = [], []
+    for i in range(repeat):
+        flip(i)
+        health_s.append(timed(full, members))
+        death_s.append(timed(full, dead))
+        full(members)  # it comes back (not timed)
+    out["full_health_ms"] = round(statistics.median(health_s) * 1e3, 3)
+    out["full_death_ms"] = round(statistics.median(death_s) * 1e3, 3)
+    # now: the changes since the last refresh, applied in place
+    feed = CatalogFeed(CatalogBuilder(members[0].node))
+    feed.refresh(state, members)
+    health_s, death_s = [], []
+    for i in range(max(repeat, 20)):
+        flip(i)
+        health_s.append(timed(feed.refresh, state, members))
+        death_s.append(timed(feed.refresh, state, dead))
+        feed.refresh(state, members)
+    out["incremental_health_ms"] = round(statistics.median(health_s) * 1e3, 3)
+    out["incremental_death_ms"] = round(statistics.median(death_s) * 1e3, 3)
+    assert feed.rebuilds == 1, "the bench must measure incremental refreshes"
+    # cached answers that survive one change of each kind (before, none did)
+    for kind in ("health", "death"):
+        responder = Responder(DnsConfig(), random.Random(1))
+        catalog = feed.refresh(state, members)
+        for q in questions:
+            responder.respond(q, catalog)
+        out[f"cached_before_{kind}"] = responder.statistics().cache_entries
+        if kind == "health":
+            flip(0)
+        responder.set_catalog(feed.refresh(state, members if kind == "health" else dead))
+        out[f"kept_after_{kind}"] = responder.statistics().cache_entries
+        if kind == "health":
+            flip(1)
+    return out
+
+
+def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
+    """Catalogue maintenance per change, full rebuild vs incremental (module docstring)."""
+    rows = []
+    print(f"{'endpoints':>9} {'nodes':>5} | {'alloc health change':^27} | "
+          f"{'member death':^27} | {'cached answers kept':^27}")
+    print(f"{'':>9} {'':>5} | {'full ms':>8} {'incr ms':>8} {'x':>8} | "
+          f"{'full ms':>8} {'incr ms':>8} {'x':>8} | {'cached':>8} {'health':>8} {'death':>8}")
+    for n in (int(x) for x in args.endpoints.split(",")):
+        r = _catalog_round(n, args.repeat)
+        rows.append(r)
+        print(f"{n:>9} {r['nodes']:>5} | {r['full_health_ms']:>8} "
+              f"{r['incremental_health_ms']:>8} "
+              f"{r['full_health_ms'] / r['incremental_health_ms']:>7.0f}x | "
+              f"{r['full_death_ms']:>8} {r['incremental_death_ms']:>8} "
+              f"{r['full_death_ms'] / r['incremental_death_ms']:>7.0f}x | "
+              f"{r['cached_before_health']:>8} {r['kept_after_health']:>8} "
+              f"{r['kept_after_death']:>8}", flush=True)
+    print("full: service_endpoints + CatalogBuilder.build, what every change cost before "
+          "(and dropped the whole cache); now only at start, after compaction or a snapshot "
+          "restore. incr: CatalogFeed.refresh. Medians; 'cached answers kept' are those "
+          "still cached after the change")
+    return {"bench": "dns_catalog", "repeat": args.repeat, "rows": rows}
+
+
 # --- command line ------------------------------------------------------------------
 
 
@@ -920,6 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=cmd_qps)
     sub = parser.add_subparsers(dest="command", help="without one: queries/s and latency "
                                 "of one server core, with the options above")
+    p = sub.add_parser("catalog", help="catalogue update per change: full vs incremental")
+    p.set_defaults(func=cmd_catalog)
+    p.add_argument("--endpoints", default="300,3000,9000",
+                   help="comma-separated catalogue sizes (default 300,3000,9000)")
+    p.add_argument("--repeat", type=int, default=7,
+                   help="changes timed per size and path (median reported; default 7)")
     for name, func, what in (
             ("freshness", cmd_freshness, "SIGKILL a node -> every live node's DNS drops it"),
             ("appear", cmd_appear, "replica healthy -> every node's DNS answers with it")):

@@ -221,13 +221,15 @@ class DnsServer:
         return self._catalog
 
     def set_catalog(self, catalog: Catalog) -> None:
-        """Answer from ``catalog`` from the next message on. Non-blocking; the answer
-        cache is dropped on the next message if the generation changed."""
+        """Answer from ``catalog`` from the next message on. Non-blocking; the cached
+        answers it changes are dropped now (see :meth:`Responder.set_catalog`), so
+        pass every catalogue the builder makes, in order."""
         if catalog.generation != self._catalog.generation:
             LOGGER.debug("dns_catalog node=%s generation=%d nodes=%d endpoints=%d",
                          catalog.local_node, catalog.generation, len(catalog.nodes),
                          len(catalog.endpoints))
         self._catalog = catalog
+        self._responder.set_catalog(catalog)
 
     def statistics(self) -> DnsServerStatistics:
         """I/O counters, the latency histogram and the responder's counters."""

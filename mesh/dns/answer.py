@@ -49,8 +49,13 @@ shuffled, dropped and reassembled without repacking. The template is cached unde
 type, class, the size limit and the DO bit. A hit scans the query's header and
 question with ``struct`` (a strict subset of valid queries; anything else takes the
 slow path), and assembles the answer from the template, patching in the query id,
-the RD bit and the question bytes exactly as the client sent them. A cache
-belongs to one catalogue generation and is dropped when another arrives.
+the RD bit and the question bytes exactly as the client sent them.
+
+A cached answer outlives a catalogue change unless the change names its entry
+(:func:`subject_of`: the service, allocation or node the name is about; see
+:class:`~mesh.dns.catalog.CatalogDelta`). The SOA record, whose serial is the
+generation, is the only part of an answer that every change touches: templates
+record where its serial sits and write the current one into each answer.
 
 Nothing here does I/O, reads a clock or uses the module-level ``random``: the
 answer is a function of the query, the catalogue, the configuration and the
@@ -158,7 +163,11 @@ class AnswerStatistics:
         cache_misses: answers built from the catalogue.
         cache_entries: templates held now.
         cache_evictions: templates evicted because the cache was full.
-        cache_flushes: times the cache was dropped for a new catalogue.
+        cache_flushes: times the cache was dropped whole for a new catalogue.
+        cache_invalidated: templates dropped because a new catalogue changed
+            their name (see :class:`~mesh.dns.catalog.CatalogDelta`).
+        cache_kept: templates that outlived a catalogue change, summed over the
+            changes.
         generation: the generation of the catalogue last answered from.
     """
 
@@ -173,6 +182,8 @@ class AnswerStatistics:
     cache_entries: int
     cache_evictions: int
     cache_flushes: int
+    cache_invalidated: int
+    cache_kept: int
     generation: int
 
 
@@ -187,11 +198,13 @@ class _Template:
     """
 
     __slots__ = ("rcode", "forward", "_flags", "_answers", "_shuffle", "_authority",
-                 "_additional", "_opt", "_budget", "_fixed", "_all_fit_tail", "_mid")
+                 "_additional", "_opt", "_budget", "_fixed", "_all_fit_tail", "_mid", "_soa",
+                 "_serial_at", "_split")
 
     def __init__(self, *, rcode: int, flags: int, answers: Sequence[bytes], shuffle: bool,
                  authority: Sequence[bytes], additional: Sequence[bytes], opt: bytes,
-                 limit: int, question_bytes: int, forward: bool = False) -> None:
+                 limit: int, question_bytes: int, forward: bool = False,
+                 soa: bytes | None = None) -> None:
         self.rcode = rcode
         self.forward = forward
         self._flags = flags
@@ -204,9 +217,17 @@ class _Template:
         self._fixed: tuple[bytes, bytes, bytes, bool] | None = None
         self._all_fit_tail: bytes | None = None
         self._mid = b""
+        self._soa = soa
+        self._serial_at = -1
+        self._split: tuple[bytes, bytes] | None = None
         if not self._shuffle:
             self._fixed = self._layout(self._answers)
+            at = self._serial_at
+            if at >= 0:
+                body = self._fixed[2]
+                self._split = (body[:at], body[at + 4:])
         else:
+            assert soa is None, "a shuffled answer never holds the SOA"
             size = sum(map(len, self._answers)) + sum(map(len, self._authority)) \
                 + sum(map(len, self._additional))
             if size <= self._budget:
@@ -246,10 +267,17 @@ class _Template:
                     used += len(chunk)
         flags = self._flags | (_TC if truncated else 0)
         counts = _COUNTS.pack(1, len(an), len(ns), len(ar) + (1 if self._opt else 0))
+        offset = 0
+        for chunk in (*an, *ns):
+            offset += len(chunk)
+            if chunk is self._soa:
+                # The SOA's rdata ends with serial, refresh, retry, expire, minimum.
+                self._serial_at = offset - 20
         body = b"".join(an) + b"".join(ns) + b"".join(ar) + self._opt
         return flags.to_bytes(2, "big"), counts, body, truncated
 
-    def render(self, query: bytes, question: bytes, rng: random.Random) -> tuple[bytes, bool]:
+    def render(self, query: bytes, question: bytes, rng: random.Random,
+               serial: bytes) -> tuple[bytes, bool]:
         """The answer to ``query`` and whether it is truncated.
 
         Args:
@@ -257,10 +285,17 @@ class _Template:
             question: the question section to echo, exactly as the client wrote it
                 (uncompressed, as long as the one the template was built for).
             rng: shuffles the answer records when the template says so.
+            serial: the SOA serial (4 bytes, the catalogue generation) written into
+                the SOA record, if the answer holds one: a cached answer outlives
+                the catalogue it was built from when its names did not change.
         """
         rd = query[2] & 0x01
         if self._fixed is not None:
             flags, counts, body, truncated = self._fixed
+            if self._split is not None:
+                head, tail = self._split
+                return (query[:2] + bytes((flags[0] | rd, flags[1])) + counts + question
+                        + head + serial + tail), truncated
             return (query[:2] + bytes((flags[0] | rd, flags[1])) + counts + question
                     + body), truncated
         answers = list(self._answers)
@@ -389,6 +424,40 @@ def _lookup(rel: tuple[bytes, ...], catalog: Catalog) -> _Name:
     return _Name(exists=False)
 
 
+Subject = tuple[int, bytes]
+"""The catalogue entry an in-zone answer depends on: ``(SUBJECT_NODE, b"n1")``,
+``(SUBJECT_SERVICE, b"web")`` or ``(SUBJECT_ALLOC, b"web-0-1")``."""
+
+SUBJECT_NODE: Final = 0
+SUBJECT_SERVICE: Final = 1
+SUBJECT_ALLOC: Final = 2
+
+
+def subject_of(rel: tuple[bytes, ...]) -> Subject | None:
+    """Which entry of the catalogue decides the answers for a name (its lower-case
+    labels below the apex), as :func:`_lookup` reads it: the node of
+    ``<node>.node``, the allocation of ``<alloc>.alloc``, the service of every name
+    below ``<service>.service`` (SRV answers also name the nodes of the endpoints,
+    which :class:`~mesh.dns.catalog.CatalogDelta` accounts for). ``None``: the
+    answer depends on no entry (the apex, whose SOA and NS name only the local
+    node, the structural names and names that cannot exist)."""
+    if len(rel) < 2 or any(b"." in label for label in rel):
+        return None
+    kind = rel[-1]
+    if kind == b"node":
+        return (SUBJECT_NODE, b".".join(rel[:-1]))
+    if kind == b"alloc":
+        return (SUBJECT_ALLOC, rel[0]) if len(rel) == 2 else None
+    if kind == b"service" and len(rel) <= 4:
+        return (SUBJECT_SERVICE, rel[-2])
+    return None
+
+
+def _serial(catalog: Catalog) -> bytes:
+    """The SOA serial of answers from ``catalog``: its generation (RFC 1982 wraps)."""
+    return (catalog.generation & 0xFFFFFFFF).to_bytes(4, "big")
+
+
 # --- building -----------------------------------------------------------------------
 
 
@@ -426,6 +495,7 @@ class _Builder:
         self._prefix = bytes(prefix.data)
         self._prefix_names = dict(prefix.names)
         self._prefix_bytes = len(self._prefix)
+        self._soa_chunk: bytes | None = None
 
     def chunk(self, rr: RR) -> bytes:
         """One record packed as it will sit after the question: the buffer starts
@@ -445,7 +515,7 @@ class _Builder:
         return _Template(rcode=rcode, flags=flags, answers=answers, shuffle=shuffle,
                          authority=authority, additional=additional, opt=self.opt,
                          limit=self.limit, question_bytes=self._prefix_bytes - 12,
-                         forward=forward)
+                         forward=forward, soa=self._soa_chunk)
 
     # names of the zone
 
@@ -463,6 +533,12 @@ class _Builder:
         node = self.catalog.node_index.get(name.lower().encode("ascii", "replace"))
         return node if node is not None and node.name == name else None
 
+    def soa_chunk(self, ttl: int) -> bytes:
+        """The zone's SOA record, packed; the template patches its serial."""
+        assert self._soa_chunk is None, "one SOA per answer"
+        self._soa_chunk = self.chunk(self.soa(ttl))
+        return self._soa_chunk
+
     def soa(self, ttl: int) -> RR:
         local = self.local_node()
         mname = self.node_name(local) if local is not None \
@@ -476,7 +552,7 @@ class _Builder:
     def negative(self, rcode: int) -> _Template:
         # RFC 2308 §5: the SOA's TTL in a negative answer is min(its TTL, minimum).
         ttl = min(self.config.ttl_s, self.config.negative_ttl_s)
-        return self.template(rcode, authority=[self.chunk(self.soa(ttl))])
+        return self.template(rcode, authority=[self.soa_chunk(ttl)])
 
     # answers
 
@@ -491,7 +567,7 @@ class _Builder:
         shuffle = qtype in (TYPE_A, TYPE_AAAA, TYPE_SRV)
         if name.apex:
             if qtype in (TYPE_SOA, TYPE_ANY):
-                answers.append(self.chunk(self.soa(ttl)))
+                answers.append(self.soa_chunk(ttl))
             if qtype in (TYPE_NS, TYPE_ANY):
                 answers.extend(self._ns(owner, ttl, additional))
         elif name.node is not None:
@@ -594,11 +670,12 @@ from the struct, codec and range checks it calls. Anything else is a bug."""
 class _Built:
     """The slow path's decision: the query type (-1 if no sound question), and a
     template (cacheable), a final error, or ``None`` (no answer); plus the question
-    bytes to echo with a template."""
+    bytes to echo with a template and the catalogue entry its answer depends on."""
 
     qtype: int
     outcome: _Template | _Error | None
     question: bytes = b""
+    subject: Subject | None = None
 
 
 def _build(query: bytes, catalog: Catalog, config: DnsConfig, tcp: bool,
@@ -656,7 +733,7 @@ def _build(query: bytes, catalog: Catalog, config: DnsConfig, tcp: bool,
         template = builder.template(REFUSED, authoritative=False)
     else:
         template = builder.build(labels[:len(labels) - len(zone)], qtype)
-    return _Built(qtype, template, echo)
+    return _Built(qtype, template, echo, subject_of(labels[:len(labels) - len(zone)]))
 
 
 def answer(query: bytes, catalog: Catalog, config: DnsConfig, rng: random.Random, *,
@@ -682,7 +759,7 @@ def answer(query: bytes, catalog: Catalog, config: DnsConfig, rng: random.Random
     outcome = built.outcome
     if outcome is None or isinstance(outcome, _Error):
         return outcome.data if outcome is not None else None
-    return outcome.render(query, built.question, rng)[0]
+    return outcome.render(query, built.question, rng, _serial(catalog))[0]
 
 
 class Responder:
@@ -691,13 +768,24 @@ class Responder:
     The synchronous core that the DNS adapter drives: one :meth:`respond` per
     received message. Given the same config, rng state, catalogues and queries it
     returns the same bytes.
+
+    The cache outlives a catalogue change: when the new catalogue carries a
+    :class:`~mesh.dns.catalog.CatalogDelta` against the one answered from so far,
+    only the cached answers whose names depend on a changed service, allocation or
+    node are dropped (negative answers included: a name that starts to exist is
+    named by the delta), and the SOA serial of the answers kept is patched to the
+    new generation when they are sent. Without a delta, the cache is dropped.
     """
 
     def __init__(self, config: DnsConfig, rng: random.Random) -> None:
         self._config = config
         self._rng = rng
         self._cache: dict[bytes, _Template] = {}
+        self._subjects: dict[Subject, set[bytes]] = {}
+        """Cache keys by the catalogue entry their answer depends on."""
+        self._subject_of: dict[bytes, Subject] = {}
         self._catalog: Catalog | None = None
+        self._serial = b"\0\0\0\0"
         self._udp_bytes = config.max_udp_payload_bytes
         self._edns_bytes = config.edns_udp_payload_bytes
         self._max_entries = config.cache_max_entries
@@ -711,19 +799,28 @@ class Responder:
         self._misses = 0
         self._evictions = 0
         self._flushes = 0
+        self._invalidations = 0
+        self._kept = 0
 
     @property
     def config(self) -> DnsConfig:
         """The configuration answers follow."""
         return self._config
 
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Answer from ``catalog`` from now on, dropping the cached answers it
+        changes (all of them unless it carries a delta against the current one).
+        Call it for every catalogue in turn so that no delta is missed."""
+        if catalog is not self._catalog:
+            self._swap(catalog)
+
     def respond(self, query: bytes, catalog: Catalog, *, tcp: bool = False) -> Outcome:
         """Answer one message.
 
         Args:
             query: the message as received (untrusted; any bytes).
-            catalog: the snapshot to answer from. Passing another snapshot than the
-                previous call's drops the cache unless its content is the same.
+            catalog: the snapshot to answer from; another one than the current is
+                installed first, as by :meth:`set_catalog`.
             tcp: the message came over TCP.
 
         Returns:
@@ -756,17 +853,33 @@ class Responder:
             self._by_rcode[outcome.rcode] = self._by_rcode.get(outcome.rcode, 0) + 1
             return outcome.data
         if scanned is not None and self._max_entries:
-            if len(self._cache) >= self._max_entries:
-                del self._cache[next(iter(self._cache))]  # the oldest (insertion order)
-                self._evictions += 1
-            self._cache[scanned[0]] = outcome
+            self._store(scanned[0], outcome, built.subject)
         return self._finish(outcome, query, built.question)
+
+    def _store(self, key: bytes, template: _Template, subject: Subject | None) -> None:
+        if len(self._cache) >= self._max_entries:
+            oldest = next(iter(self._cache))  # insertion order
+            del self._cache[oldest]
+            self._unindex(oldest)
+            self._evictions += 1
+        self._cache[key] = template
+        if subject is not None:
+            self._subject_of[key] = subject
+            self._subjects.setdefault(subject, set()).add(key)
+
+    def _unindex(self, key: bytes) -> None:
+        subject = self._subject_of.pop(key, None)
+        if subject is not None:
+            keys = self._subjects[subject]
+            keys.discard(key)
+            if not keys:
+                del self._subjects[subject]
 
     def _finish(self, template: _Template, query: bytes, question: bytes) -> Outcome:
         if template.forward:
             self._forwarded += 1
             return Forward(query, _servfail(query, question))
-        data, truncated = template.render(query, question, self._rng)
+        data, truncated = template.render(query, question, self._rng, self._serial)
         if truncated:
             self._truncated += 1
         self._by_rcode[template.rcode] = self._by_rcode.get(template.rcode, 0) + 1
@@ -775,12 +888,28 @@ class Responder:
     def _swap(self, catalog: Catalog) -> None:
         old = self._catalog
         self._catalog = catalog
-        if old is not None and old.generation == catalog.generation \
-                and old.same_content(catalog):
+        self._serial = _serial(catalog)
+        if old is None or not self._cache:
             return
-        if self._cache:
+        if old.generation == catalog.generation and old.same_content(catalog):
+            return
+        delta = catalog.delta
+        if delta is None or delta.base != old.generation or catalog.lineage is None \
+                or catalog.lineage is not old.lineage:
             self._cache.clear()
+            self._subjects.clear()
+            self._subject_of.clear()
             self._flushes += 1
+            return
+        before = len(self._cache)
+        for kind, keys in ((SUBJECT_NODE, delta.nodes), (SUBJECT_SERVICE, delta.services),
+                           (SUBJECT_ALLOC, delta.allocs)):
+            for name in keys:
+                for key in self._subjects.pop((kind, name), ()):
+                    del self._cache[key]
+                    del self._subject_of[key]
+        self._invalidations += before - len(self._cache)
+        self._kept += len(self._cache)
 
     def statistics(self) -> AnswerStatistics:
         """Counters for metrics."""
@@ -801,5 +930,7 @@ class Responder:
             cache_entries=len(self._cache),
             cache_evictions=self._evictions,
             cache_flushes=self._flushes,
+            cache_invalidated=self._invalidations,
+            cache_kept=self._kept,
             generation=self._catalog.generation if self._catalog is not None else 0,
         )

@@ -65,7 +65,7 @@ from mesh.node.events import EventLog
 from mesh.node.metrics import Metric, counter, gauge, render
 from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
-from mesh.node.services import ServiceApi, service_endpoints
+from mesh.node.services import CatalogFeed, ServiceApi
 from mesh.raft.config import RaftConfig
 from mesh.raft.state import Table
 from mesh.security.pki import WallClock
@@ -339,22 +339,21 @@ async def _write_peers(node: Node,
 async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None:
     """Keep the DNS catalogue in step with membership and the local replica: a member
     SWIM declares dead leaves the answers the moment this node learns it, and an
-    endpoint appears as soon as the report that it is ready is applied here."""
+    endpoint appears as soon as the report that it is ready is applied here. Each
+    wake-up applies only what changed (:class:`CatalogFeed`), and the DNS server
+    drops only the cached answers of the names involved."""
     assert node.replica is not None
     replica = node.replica
+    feed = CatalogFeed(builder)
     wake = Wakeup()
     wake.set()  # build once at start
-
-    cache: dict[Any, Any] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wake_on_members, node.adapter.subscribe, wake)
         nursery.start_soon(wake_on_changes, replica, frozenset({Table.ALLOC, Table.SERVICE}),
                            wake)
         while True:
             await wake.wait()
-            members = node.core.members()
-            dns.set_catalog(builder.build(
-                members, service_endpoints(replica.state, members, cache)))
+            dns.set_catalog(feed.refresh(replica.state, node.core.members()))
 
 
 class EventFeed:

@@ -16,10 +16,10 @@ The JSON documents returned are contracts (``meshctl ls --json``, ``ps --json``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from mesh.dns.catalog import Endpoint
+from mesh.dns.catalog import Catalog, CatalogBuilder, Endpoint
 from mesh.errors import ConfigError, MeshError
 from mesh.gossip.core import Membership, MemberView
 from mesh.node import api
@@ -36,13 +36,16 @@ from mesh.node.replica import Replica
 from mesh.node.spec import WorkloadSpec, needs_restart, spec_diff
 from mesh.raft.state import (
     AllocRecord,
+    Change,
     MeshState,
     NodeSet,
     ResultCode,
     ServiceDelete,
     ServicePut,
     ServiceRecord,
+    Table,
 )
+from mesh.raft.storage import Compacted
 from mesh.types import AllocId, NodeId, ServiceId
 
 LOGGER = logging.getLogger(__name__)
@@ -401,20 +404,189 @@ def service_endpoints(state: MeshState, members: Iterable[MemberView],
     """
     hosts = {m.node: m.addr.host for m in members}
     views = decode_services(state, cache)
-    out = []
+    out: list[Endpoint] = []
     for a in state.allocs():
-        view = views.get(a.service)
-        host = hosts.get(a.node)
-        if a.desired != "run" or view is None or host is None:
-            continue
-        spec = spec_for(view, a.generation) or view.spec
-        ports = dict(a.ports)
-        for p in spec.ports:
-            port = ports.get(p.name) or p.host_port
-            if port:
-                out.append(Endpoint(a.id, a.service, a.node, host, port, p.name, p.protocol,
-                                    spec.tags, a.ready))
+        out.extend(_alloc_endpoints(a, views.get(a.service), hosts.get(a.node)))
     return out
+
+
+def _alloc_endpoints(a: AllocRecord, view: ServiceView | None,
+                     host: str | None) -> tuple[Endpoint, ...]:
+    """The endpoints of one allocation (see :func:`service_endpoints`)."""
+    if a.desired != "run" or view is None or host is None:
+        return ()
+    spec = spec_for(view, a.generation) or view.spec
+    ports = dict(a.ports)
+    out = []
+    for p in spec.ports:
+        port = ports.get(p.name) or p.host_port
+        if port:
+            out.append(Endpoint(a.id, a.service, a.node, host, port, p.name, p.protocol,
+                                spec.tags, a.ready))
+    return tuple(out)
+
+
+class EndpointIndex:
+    """The endpoints of :func:`service_endpoints`, kept by allocation and brought up
+    to date from the replica's change feed and membership, so that one change costs
+    work for the allocations it concerns, not for all of them (pure).
+
+    An allocation's endpoints depend on its record, its service's spec and its
+    node's address: an ALLOC change recomputes that allocation, a SERVICE change
+    every allocation of the service, a node's new address every allocation on it.
+    """
+
+    def __init__(self) -> None:
+        self._hosts: dict[NodeId, str] = {}
+        self._views: dict[ServiceId, ServiceView] = {}
+        self._view_cache: dict[tuple[ServiceId, int], ServiceView] = {}
+        self._endpoints: dict[AllocId, tuple[Endpoint, ...]] = {}
+        self._where: dict[AllocId, tuple[ServiceId, NodeId]] = {}
+        self._of_service: dict[ServiceId, set[AllocId]] = {}
+        self._on_node: dict[NodeId, set[AllocId]] = {}
+
+    def rebuild(self, state: MeshState, members: Iterable[MemberView]) -> list[Endpoint]:
+        """Index everything again (at start, or when the state was replaced) and
+        return every endpoint, as :func:`service_endpoints` does."""
+        self._hosts = {m.node: m.addr.host for m in members}
+        self._views = decode_services(state, self._view_cache)
+        self._endpoints.clear()
+        self._where.clear()
+        self._of_service.clear()
+        self._on_node.clear()
+        out: list[Endpoint] = []
+        for a in state.allocs():
+            self._place(a.id, a)
+            out.extend(self._endpoints.get(a.id, ()))
+        return out
+
+    def update(self, state: MeshState, changes: Iterable[Change],
+               members: Iterable[MemberView]) -> dict[AllocId, tuple[Endpoint, ...]]:
+        """Apply changes (those applied since the last call, any table) and the
+        current membership.
+
+        Args:
+            state: the replica's state, which the changes led to.
+            changes: the changes since the index of the last call.
+            members: every member now (their addresses are compared).
+
+        Returns:
+            The new endpoints of every allocation whose endpoints changed (empty:
+            it has none any more), for :meth:`CatalogBuilder.update`.
+        """
+        touched: set[AllocId] = set()
+        services: set[ServiceId] = set()
+        for change in changes:
+            if change.table is Table.ALLOC:
+                touched.add(AllocId(change.key))
+            elif change.table is Table.SERVICE:
+                services.add(ServiceId(change.key))
+        if services:
+            self._views = decode_services(state, self._view_cache)
+            for name in services:
+                touched.update(self._of_service.get(name, ()))
+        hosts = {m.node: m.addr.host for m in members}
+        if hosts != self._hosts:
+            for node in hosts.keys() | self._hosts.keys():
+                if hosts.get(node) != self._hosts.get(node):
+                    touched.update(self._on_node.get(node, ()))
+            self._hosts = hosts
+        out: dict[AllocId, tuple[Endpoint, ...]] = {}
+        for alloc in sorted(touched):
+            before = self._endpoints.get(alloc, ())
+            self._place(alloc, state.alloc(alloc))
+            after = self._endpoints.get(alloc, ())
+            if after != before:
+                out[alloc] = after
+        return out
+
+    def _place(self, alloc: AllocId, record: AllocRecord | None) -> None:
+        where = self._where.pop(alloc, None)
+        if where is not None:
+            _discard(self._of_service, where[0], alloc)
+            _discard(self._on_node, where[1], alloc)
+        self._endpoints.pop(alloc, None)
+        if record is None:
+            return
+        self._where[alloc] = (record.service, record.node)
+        self._of_service.setdefault(record.service, set()).add(alloc)
+        self._on_node.setdefault(record.node, set()).add(alloc)
+        endpoints = _alloc_endpoints(record, self._views.get(record.service),
+                                     self._hosts.get(record.node))
+        if endpoints:
+            self._endpoints[alloc] = endpoints
+
+
+_K = TypeVar("_K")
+
+
+def _discard(index: dict[_K, set[AllocId]], key: _K, alloc: AllocId) -> None:
+    allocs = index[key]
+    allocs.discard(alloc)
+    if not allocs:
+        del index[key]
+
+
+class CatalogFeed:
+    """Keeps a DNS catalogue in step with the replica and membership (pure; the
+    daemon calls :meth:`refresh` whenever either may have changed).
+
+    A refresh applies the replica's changes since the last one
+    (``MeshState.changes_since``) and the membership difference incrementally. It
+    builds everything again at the first call and whenever that history is not
+    available: the change list was compacted past the last index seen, or the
+    state was replaced by a snapshot restore (a learner catching up: the restore
+    empties the change list and moves its floor to the snapshot's index, beyond
+    what was seen, so ``changes_since`` raises ``Compacted``; an applied index
+    that went backwards counts the same).
+
+    Args:
+        builder: makes the snapshots (its local node names the SOA).
+    """
+
+    def __init__(self, builder: CatalogBuilder) -> None:
+        self._builder = builder
+        self._endpoints = EndpointIndex()
+        self._seen: int | None = None
+        self._rebuilds = 0
+        self._updates = 0
+
+    @property
+    def rebuilds(self) -> int:
+        """Full builds so far (the first one included)."""
+        return self._rebuilds
+
+    @property
+    def updates(self) -> int:
+        """Incremental refreshes so far."""
+        return self._updates
+
+    def refresh(self, state: MeshState, members: Sequence[MemberView]) -> Catalog:
+        """The catalogue for ``state`` and ``members`` now.
+
+        Returns:
+            The builder's newest snapshot (the previous object if nothing DNS
+            answers from changed).
+        """
+        changes: list[Change] | None = None
+        if self._seen is not None and state.applied_index >= self._seen:
+            try:
+                changes = state.changes_since(self._seen)
+            except Compacted:
+                changes = None
+        if changes is None:
+            if self._seen is not None:
+                LOGGER.info("dns_catalog_rebuild node=%s seen=%d applied=%d first_change=%d",
+                            self._builder.current.local_node, self._seen,
+                            state.applied_index, state.first_change_index)
+            self._rebuilds += 1
+            catalog = self._builder.build(members, self._endpoints.rebuild(state, members))
+        else:
+            self._updates += 1
+            catalog = self._builder.update(members,
+                                           self._endpoints.update(state, changes, members))
+        self._seen = state.applied_index
+        return catalog
 
 
 def _name(params: dict[str, Any]) -> ServiceId:
