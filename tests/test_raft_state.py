@@ -253,6 +253,32 @@ def test_last_change_per_table_tells_followers_what_moved() -> None:
     assert {other.last_change(t) for t in Table} == {4}
 
 
+def test_expected_commands_are_applied_without_decoding_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mesh.raft.state as state_module
+
+    r = Replica()
+    noted = KvPut("a", b"1", request_id=b"r1")
+    data = noted.encode()
+    r.sm.expect(data, noted)
+    reference = Replica()
+    expected_result = reference.apply(data)
+
+    def no_decoding(raw: bytes) -> Command:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(state_module, "decode_command", no_decoding)
+    assert r.apply(data) == expected_result
+    assert r.sm.get("a") == reference.sm.get("a")
+    with pytest.raises(AssertionError, match="decoded again"):  # only once per noting
+        r.apply(data)
+    monkeypatch.undo()
+    for i in range(state_module.EXPECTED_COMMANDS + 10):  # the cache stays bounded
+        r.sm.expect(KvPut(f"k{i}", b"").encode(), KvPut(f"k{i}", b""))
+    assert len(r.sm._expected) == state_module.EXPECTED_COMMANDS
+
+
 def test_changes_since_a_dropped_index_raises_compacted() -> None:
     r = Replica(max_events=3)
     for i in range(6):

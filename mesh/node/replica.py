@@ -481,7 +481,7 @@ class Replica:
         Raises:
             ApiError: not committed, or the command failed (the message says why).
         """
-        data = command.encode()
+        data = self._encoded(command)
         return await self._write("propose", {"command": data}, data)
 
     async def propose(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -491,13 +491,12 @@ class Replica:
     def _start_propose(self, params: dict[str, Any]) -> api.Pending | None:
         return self._start_write("propose", params, self._proposed_command(params))
 
-    @staticmethod
-    def _proposed_command(params: dict[str, Any]) -> bytes:
+    def _proposed_command(self, params: dict[str, Any]) -> bytes:
         data = params.get("command")
         if not isinstance(data, bytes):
             raise api.ApiError("propose needs the encoded command")
         try:
-            decode_command(data)
+            self.state.expect(data, decode_command(data))
         except RemoteProtocolError as exc:
             raise api.ApiError(f"not a command this meshd understands: {exc}") from None
         return data
@@ -634,10 +633,17 @@ class Replica:
         if not isinstance(value, bytes):
             raise api.ApiError("give a value")
         try:
-            return KvPut(self._key(params), value, cas=self._cas(params),
-                         request_id=self._request_id(params)).encode()
+            return self._encoded(KvPut(self._key(params), value, cas=self._cas(params),
+                                       request_id=self._request_id(params)))
         except MeshError as exc:
             raise api.ApiError(str(exc)) from None
+
+    def _encoded(self, command: Command) -> bytes:
+        """``command`` encoded, noted in the state so that applying it here does not
+        decode it again."""
+        data = command.encode()
+        self.state.expect(data, command)
+        return data
 
     async def kv_del(self, params: dict[str, Any]) -> dict[str, Any]:
         return await self._write("kv_del", params, self._kv_del_command(params))
@@ -647,8 +653,8 @@ class Replica:
 
     def _kv_del_command(self, params: dict[str, Any]) -> bytes:
         try:
-            return KvDelete(self._key(params), cas=self._cas(params),
-                            request_id=self._request_id(params)).encode()
+            return self._encoded(KvDelete(self._key(params), cas=self._cas(params),
+                                          request_id=self._request_id(params)))
         except MeshError as exc:
             raise api.ApiError(str(exc)) from None
 

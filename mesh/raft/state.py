@@ -111,6 +111,10 @@ MAX_REQUEST_ID_BYTES: Final = 64
 """Longest request id."""
 
 DEDUP_ENTRIES: Final = 10_000
+
+EXPECTED_COMMANDS: Final = 4096
+"""Decoded commands :meth:`MeshState.expect` keeps (more than the proposals a
+leader has in flight)."""
 """Request ids remembered for deduplication (oldest forgotten first). Part of
 the replicated semantics: every replica must use the same value."""
 
@@ -829,6 +833,9 @@ class MeshState:
         """Every change with an index above this is in ``_events``."""
         self._table_changed: dict[Table, int] = {}
         """Per table, the index of its latest change (see :meth:`last_change`)."""
+        self._expected: OrderedDict[bytes, Command] = OrderedDict()
+        """Commands this node built or validated, by their encoded bytes (see
+        :meth:`expect`)."""
 
     # ------------------------------------------------------------------ reads
 
@@ -953,6 +960,15 @@ class MeshState:
 
     # ------------------------------------------------------------------ apply
 
+    def expect(self, data: bytes, command: Command) -> None:
+        """Note that ``data`` encodes ``command`` (this node built or decoded it and
+        is about to propose it): applying an entry with exactly these bytes then
+        skips decoding them again. Only a cache: at most :data:`EXPECTED_COMMANDS`
+        are kept, and an entry whose bytes were not noted is decoded as usual."""
+        self._expected[data] = command
+        if len(self._expected) > EXPECTED_COMMANDS:
+            self._expected.popitem(last=False)
+
     def apply(self, entry: Entry) -> Result | None:
         """Apply one committed entry; never raises for bad data (see module doc).
 
@@ -966,11 +982,13 @@ class MeshState:
         self._applied = entry.index
         if entry.kind is not EntryKind.NORMAL or not entry.data:
             return None
-        try:
-            cmd = decode_command(entry.data)
-        except RemoteProtocolError as exc:
-            LOGGER.warning("state_command_rejected index=%s reason=%s", entry.index, exc)
-            return Result(ResultCode.INVALID, entry.index, message=str(exc))
+        cmd = self._expected.pop(entry.data, None) if self._expected else None
+        if cmd is None:
+            try:
+                cmd = decode_command(entry.data)
+            except RemoteProtocolError as exc:
+                LOGGER.warning("state_command_rejected index=%s reason=%s", entry.index, exc)
+                return Result(ResultCode.INVALID, entry.index, message=str(exc))
         if cmd.request_id:
             seen = self._dedup.get(cmd.request_id)
             if seen is not None:
