@@ -25,13 +25,16 @@ nodes on 127.0.4.160-162; N clients in this process (one thread, one epoll loop)
 each with one persistent connection to a node's API socket and one ``kv_put``
 (100-byte value, fresh request id) outstanding; a write counts when it is
 acknowledged (``--depth D``: the N clients share N/D connections, D puts pipelined
-on each). First through the
-leader, then through a follower (forwarded). Then, unless ``--no-pysyncobj``, the
-same load against a 3-process PySyncObj KV on 127.0.4.163-165 (``pip install
-pysyncobj``; not a project dependency), each process serving the same client
-protocol shape (one request, one answer, persistent unix socket) and applying
-``set`` through a ``@replicated`` method with ``sync=True``. ``--profile DIR`` runs
-``py-spy record`` (if installed) on the meshd leader during the leader phase.
+on each, as etcd's benchmark tool shares ``--conns`` among ``--clients``). First
+through the leader, then through a follower (forwarded). Each phase also prints
+Raft frames, Readies and fsyncs per write on every node. Then, unless
+``--no-pysyncobj``, the same load against a 3-process PySyncObj KV on
+127.0.4.163-165 (``pip install pysyncobj``; not a project dependency), each process
+serving the same client protocol shape (one request, one answer, persistent unix
+socket) and applying ``set`` through a ``@replicated`` method with ``sync=True``;
+PySyncObj always gets one connection per client (its server answers a
+connection's requests one at a time). ``--profile DIR`` runs ``py-spy record`` (if
+installed) on the meshd leader and a follower during the leader phase.
 
 ``restart`` (issue 4: "restart of a voter with 1M log entries / 100k keys: <= 3 s to
 serve"): builds, in this process, the ``DIR/raft`` a voter has after that many
@@ -504,10 +507,13 @@ def pysyncobj_throughput(args: argparse.Namespace, base: Path, batch: bool) -> d
         LineConn(dirs[lead] / "kv.sock").put("bench/warmup")
         pids = {("leader" if a == lead else a): p.pid for a, p in procs.items()}
         print(f"{tag} (pysyncobj {importlib.metadata.version('pysyncobj')}): leader {lead}, follower used {fol}", flush=True)
+        # One connection per client whatever --depth says: the PySyncObj node's
+        # server answers a connection's requests one at a time (a thread each), so
+        # sharing connections would only hold it back.
         via_leader = drive(dirs[lead] / "kv.sock", LineProto, f"{tag} via leader",
-                           args.clients, args.seconds, pids, args.depth)
+                           args.clients, args.seconds, pids)
         via_follower = drive(dirs[fol] / "kv.sock", LineProto, f"{tag} via follower",
-                             args.clients, args.seconds, pids, args.depth)
+                             args.clients, args.seconds, pids)
         return {"via_leader": via_leader, "via_follower": via_follower}
     finally:
         for p in procs.values():
