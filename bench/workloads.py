@@ -155,13 +155,21 @@ def raft_status(d: Daemon) -> dict[str, Any]:
 
 
 def raft_complete(d: Daemon, cluster: Cluster) -> bool:
-    """``d`` knows a leader, ``min(3, nodes)`` voters, and every other node as a
-    learner (a node that is not a Raft replica yet would learn of its allocations
-    late: the leader adds one learner a second after the cluster forms)."""
+    """``d`` knows a leader and ``min(3, nodes)`` voters, and every other node keeps
+    a replica (a learner, or a watcher fed by a voter's watch stream: a node without
+    one would learn of its allocations late)."""
     st = raft_status(d)
     names = {x.name for x in cluster}
-    return (bool(st["leader"]) and len(st["voters"]) == min(3, len(names))
-            and set(st["voters"]) | set(st["learners"]) == names)
+    if not st["leader"] or len(st["voters"]) != min(3, len(names)):
+        return False
+    others = names - set(st["voters"]) - set(st["learners"])
+    return all(watching(cluster[n]) for n in others)
+
+
+def watching(d: Daemon) -> bool:
+    """``d`` is fed by a voter's watch stream."""
+    st = raft_status(d)
+    return st.get("feed") == "watch" and bool((st.get("watch") or {}).get("source"))
 
 
 def remove_containers(names: Iterable[str]) -> None:
@@ -190,7 +198,7 @@ def workload_cluster(args: argparse.Namespace) -> Iterator[Cluster]:
         cluster.wait_formed(FORM_TIMEOUT_S)
         first = next(iter(cluster))
         cluster.wait_until(lambda: raft_complete(first, cluster), FORM_TIMEOUT_S,
-                           "a leader, its voters, every other node a learner")
+                           "a leader, its voters, every other node a replica")
         print(f"{args.nodes} daemons ({args.profile} profile, driver {args.driver}) on "
               f"{first.ip}-{list(cluster)[-1].ip} formed in {time.monotonic() - t0:.1f}s; "
               f"data dirs and logs in {base}", flush=True)
@@ -333,7 +341,7 @@ def start_breakdown(logs: Logs, t0: float, new: set[str]) -> dict[str, float | N
 
 def stable(cluster: Cluster, args: argparse.Namespace, leftovers: Daemon, old: set[str]
            ) -> None:
-    """Everyone alive, a leader with its voters and learners, the service converged
+    """Everyone alive, a leader with its voters and replicas, the service converged
     on live nodes with nothing stopping, and ``leftovers`` has removed its old workloads."""
     cluster.wait_formed(FORM_TIMEOUT_S)
     obs = next(d for d in cluster if d is not leftovers)

@@ -667,9 +667,12 @@ class Replica:
         """
         if params.get("stale"):
             return
-        if self.membership() == "watcher" and not self.raft.is_leader:
-            # A member asks its own Raft group even while it is quiet (just
-            # restarted, or an election is under way): it may be the only voter.
+        if not self.raft_feeds() and (self.membership() == "watcher"
+                                      or self.watch_client.source is not None):
+            # Watching: ask the voter watched. A member whose Raft is quiet but that
+            # watches nobody (just restarted; maybe the only voter) asks its own
+            # group; one that watches a voter may have been removed from the group
+            # while it was away (it is never told), so it reads like a watcher.
             await self._watcher_read_point()
             return
         if self.raft.leader is None:  # e.g. just joined, or an election is under way
