@@ -205,7 +205,6 @@ class Replica:
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the adapter and the voter management in ``nursery``."""
         self._nursery = nursery
-        self._fed_at = trio.current_time()  # a member gets a moment to hear from a leader
         await nursery.start(self.raft.run)
 
         def members() -> list[voters.Candidate]:
