@@ -71,6 +71,9 @@ class FakeReplica:
         """How many of the next writes fail (no leader)."""
         self.reports: list[tuple[float, AllocReport]] = []
         """Committed reports with their virtual commit time."""
+        self.fresh = trio.Event()
+        """Set: the replica has caught up with the cluster (tests clear it)."""
+        self.fresh.set()
 
     def commit(self, command: Command) -> None:
         self.state.apply(Entry(1, self.state.applied_index + 1, command.encode()))
@@ -92,6 +95,9 @@ class FakeReplica:
 
     async def wait_changed(self) -> None:
         await self.raft.wait_changed()
+
+    async def wait_fresh(self) -> None:
+        await self.fresh.wait()
 
     async def wait_for(self, pred: Callable[[], bool]) -> None:
         """Wait until ``pred()`` holds after a commit."""
@@ -152,6 +158,19 @@ async def test_a_committed_allocation_is_started_and_reported_running(
         await trio.sleep(10.0)  # nothing changes: no second start, no more reports
         assert len(driver.started) == 1
         assert len(replica.reports) == 1
+
+
+async def test_nothing_is_started_before_the_replica_has_caught_up(
+        autojump_clock: trio.testing.MockClock) -> None:
+    replica, driver = setup()
+    replica.fresh = trio.Event()  # a restarted node whose replica may be stale
+    async with running_agent(replica, driver):
+        await trio.sleep(30.0)
+        assert driver.started == ()
+        replica.fresh.set()
+        await replica.wait_for(replica.in_state("running"))
+        assert [r.alloc for r in driver.started] == [FIRST]
+        assert trio.current_time() == pytest.approx(30.0 + REPORT_BATCH_S)
 
 
 async def test_a_crash_is_restarted_after_the_backoff(

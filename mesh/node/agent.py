@@ -155,6 +155,9 @@ class Agent:
             nursery.start_soon(self._follow_driver)
             nursery.start_soon(self._send_reports)
             task_status.started()
+            # A restarted node's replica may be far behind the cluster: starting or
+            # stopping workloads from it would undo what was re-placed meanwhile.
+            await self._replica.wait_fresh()
             while True:
                 await self._step(nursery)
                 deadline = trio.current_time() + POLL_S

@@ -107,6 +107,9 @@ READ_APPLY_WAIT_S = 10.0
 """How long a linearizable read on a watcher waits for the watch stream to reach
 the read index."""
 
+FRESH_RETRY_S = 1.0
+"""Pause between two attempts of :meth:`Replica.wait_fresh`."""
+
 RAFT_QUIET_S = 2.0
 """A member that heard nothing from its group for this long (and is not the
 leader) watches a voter instead: it was removed, or is cut off from the leader."""
@@ -682,6 +685,24 @@ class Replica:
         except (NotLeader, ProposalDropped) as exc:
             raise api.ApiError(f"no linearizable read possible now ({exc}); retry, or read "
                                "this node's replica with --stale") from None
+
+    async def wait_fresh(self) -> None:
+        """Return once this node's replica has caught up with the cluster since
+        meshd started (a linearizable read point was reached: everything committed
+        when it was asked is applied here). A restarted node's replica may be far
+        behind (a removed voter's WAL, or nothing); the agent acts on nothing older.
+        Retries every :data:`FRESH_RETRY_S` until a voter answers."""
+        reported = False
+        while True:
+            try:
+                await self.read_point({})
+                return
+            except api.ApiError as exc:
+                if not reported:
+                    LOGGER.info("replica_catching_up node=%s applied=%s reason=%s",
+                                self.raft.me, self.state.applied_index, exc)
+                    reported = True
+            await trio.sleep(FRESH_RETRY_S)
 
     async def _watcher_read_point(self) -> None:
         """ReadIndex for a watcher: a voter confirms the read index with its
