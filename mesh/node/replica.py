@@ -679,7 +679,13 @@ class Replica:
             return
         if self.raft.leader is None:  # e.g. just joined, or an election is under way
             with trio.move_on_after(READ_LEADER_WAIT_S):
-                await self.raft.wait_leader()
+                while self.raft.leader is None and self.watch_client.source is None:
+                    await self.wait_changed()
+            if self.raft.leader is None and self.watch_client.source is not None:
+                # No leader in sight but a voter answers the watch stream: this
+                # member may have been removed while it was down.
+                await self._watcher_read_point()
+                return
         try:
             await self.raft.read_index()
         except (NotLeader, ProposalDropped) as exc:
