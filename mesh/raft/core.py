@@ -901,10 +901,14 @@ class RaftCore:
     def _become_pre_candidate(self) -> None:
         assert self._role is not Role.LEADER, "leader cannot become pre-candidate"
         # PreVote keeps term and vote: nothing to persist, nothing disrupted.
+        again = self._role is Role.PRE_CANDIDATE
         self._votes = {}
         self._lead = None
         self._role = Role.PRE_CANDIDATE
-        LOGGER.info("raft_become_pre_candidate node=%s term=%s", self._id, self._term)
+        # A node that cannot win (cut off, or removed while it was down: nobody
+        # tells it) tries every election timeout: only the first try is news.
+        LOGGER.log(logging.DEBUG if again else logging.INFO,
+                   "raft_become_pre_candidate node=%s term=%s", self._id, self._term)
 
     def _become_candidate(self) -> None:
         assert self._role is not Role.LEADER, "leader cannot become candidate"
