@@ -23,7 +23,7 @@ from dnslib import QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from mesh.dns.adapter import DnsServer, bind_dns_sockets, describe_bind_error
 from mesh.dns.answer import NOERROR, NXDOMAIN, SERVFAIL
 from mesh.dns.catalog import Catalog, CatalogBuilder, Endpoint, build_catalog
-from mesh.dns.config import DnsConfig
+from mesh.dns.config import DnsConfig, container_resolvers
 from mesh.dns.fakes import endpoint, member
 from mesh.dns.metrics import dns_metrics
 from mesh.errors import StartupError
@@ -420,3 +420,15 @@ async def test_dig_falls_back_to_tcp_on_truncation() -> None:
         stats = server.statistics()
         assert stats.tcp_queries == 1
         assert stats.answers.truncated == 2
+
+
+def test_containers_get_this_nodes_dns_first_then_the_hosts_resolvers() -> None:
+    host_conf = ("# generated\nsearch example.org\nnameserver 10.0.0.2\n"
+                 "nameserver 10.0.0.3\nnameserver 10.0.0.4\noptions ndots:2\n")
+    assert container_resolvers(Addr("127.0.0.5", 53), "127.0.0.5", host_conf) == [
+        "127.0.0.5", "10.0.0.2", "10.0.0.3"]  # at most three are used
+    # A wildcard bind: containers get the node's advertised address.
+    assert container_resolvers(Addr("0.0.0.0", 53), "192.0.2.7", "nameserver 192.0.2.7\n") == [
+        "192.0.2.7"]
+    # Not on port 53: a resolv.conf cannot say another port; Docker's default stays.
+    assert container_resolvers(Addr("127.0.0.5", 8600), "127.0.0.5", host_conf) == []

@@ -99,6 +99,21 @@ async def test_httpd_with_host_networking_labels_and_limits(
     assert await driver.list() == [w]
 
 
+async def test_containers_resolve_with_the_nodes_dns_first(
+        docker_client: docker.DockerClient, docker_node: NodeId, nursery: trio.Nursery) -> None:
+    d = DockerDriver(docker_client, docker_node, HOST, time.time,
+                     dns_servers=["127.0.0.77", "127.0.0.1"])
+    await nursery.start(d.serve)
+    run = run_spec(docker_node, "dns", "cat", "/etc/resolv.conf")
+    await d.start(run)
+    await wait_state(d, run.alloc, "exited")
+    chunks = [chunk async for chunk in d.logs(run.alloc, tail=20, follow=False)]
+    servers = [line.split()[1] for line in b"".join(chunks).decode().splitlines()
+               if line.startswith("nameserver")]
+    assert servers == ["127.0.0.77", "127.0.0.1"]  # host networking too
+    await d.remove(run.alloc)
+
+
 async def test_exit_code_reaches_wait_changed(driver: DockerDriver,
                                               docker_node: NodeId) -> None:
     run = run_spec(docker_node, "a1", "sh", "-c", "sleep 0.2; exit 3")

@@ -238,3 +238,34 @@ class DnsConfig:
     def bind(self) -> Addr | None:
         """The configured address, or ``None`` when the port is chosen at bind time."""
         return None if self.bind_port is None else Addr(self.bind_host, self.bind_port)
+
+
+MAX_RESOLVERS = 3
+"""Name servers a resolv.conf may list that the C library uses (glibc's MAXNS)."""
+
+
+def container_resolvers(dns: Addr, advertise_host: str, host_resolv_conf: str) -> list[str]:
+    """The name servers to give the node's containers: this node's DNS server first
+    (service names), then the host's own name servers (names outside the cluster
+    zone, which meshd refuses unless ``--dns-upstream`` is set; resolvers move on to
+    the next server after a REFUSED). At most :data:`MAX_RESOLVERS`.
+
+    Args:
+        dns: where this node's DNS server listens (a wildcard host means every
+            address: ``advertise_host`` is given to containers).
+        advertise_host: the node's advertised address.
+        host_resolv_conf: the text of the host's ``/etc/resolv.conf``.
+
+    Returns:
+        The list, or ``[]`` when the server is not on port 53 (a resolv.conf cannot
+        name another port: containers then keep the host's resolvers).
+    """
+    if dns.port != DEFAULT_PORT:
+        return []
+    first = advertise_host if dns.host in ("", "0.0.0.0", "::") else dns.host
+    servers = [first]
+    for line in host_resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver" and fields[1] not in servers:
+            servers.append(fields[1])
+    return servers[:MAX_RESOLVERS]

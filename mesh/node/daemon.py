@@ -39,7 +39,7 @@ import mesh
 from mesh import tls
 from mesh.dns.adapter import DnsServer, DnsSockets, bind_dns_sockets
 from mesh.dns.catalog import CatalogBuilder
-from mesh.dns.config import DnsConfig
+from mesh.dns.config import DnsConfig, container_resolvers
 from mesh.dns.metrics import dns_metrics
 from mesh.errors import ConfigError, DriverError, MeshError, StartupError
 from mesh.gossip.adapter import (
@@ -336,6 +336,22 @@ async def _write_peers(node: Node,
                              "or fix permissions", node.core.me, path, exc.strerror)
 
 
+def _container_resolvers(config: NodeConfig, sockets: DnsSockets | None) -> list[str]:
+    """Name servers for this node's containers (:func:`container_resolvers`)."""
+    if sockets is None:
+        return []
+    try:
+        host_conf = Path("/etc/resolv.conf").read_text(errors="replace")
+    except OSError:
+        host_conf = ""
+    servers = container_resolvers(sockets.addr, config.advertise.host, host_conf)
+    if not servers:
+        LOGGER.info("dns_not_for_containers node=%s dns=%s reason=%r", config.name,
+                    sockets.addr, "not on port 53: containers keep the host's resolvers "
+                    "(run meshd as root, or free port 53, for containers to use it)")
+    return servers
+
+
 async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None:
     """Keep the DNS catalogue in step with membership and the local replica: a member
     SWIM declares dead leaves the answers the moment this node learns it, and an
@@ -519,7 +535,7 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
             driver = await open_driver(
                 config.driver, state_dir=config.allocs_dir, node=config.name,
                 host=config.advertise.host, wall_clock=lambda: wall_clock().timestamp(),
-                dns_servers=[config.dns.bind_host] if config.dns is not None else [],
+                dns_servers=_container_resolvers(config, dns_sockets),
                 docker_pull=config.docker_pull)
             credentials = await trust.establish(config, token, wall_clock, cluster_label)
         except DriverError as exc:

@@ -1006,8 +1006,9 @@ class DockerDriver:
         node: this node's name (the ``mesh.node`` label, error messages).
         host: the address workloads bind (host networking) or ports are published on.
         wall_clock: wall-clock seconds, for ``started_at``/``finished_at``.
-        dns_servers: DNS servers of containers (not with host networking, where the
-            container shares the node's resolver).
+        dns_servers: the name servers written into containers' resolv.conf (this
+            node's DNS server first: :func:`mesh.dns.config.container_resolvers`);
+            empty: Docker's default (the host's resolvers).
         pull: pull a missing image instead of failing.
         network_mode: ``"host"`` (ports handed in as ``PORT``/``MESH_PORT_*``) or
             ``"bridge"`` (``container_port`` published on ``host_port``).
@@ -1152,8 +1153,8 @@ class DockerDriver:
             options["ports"] = {f"{p.container_port}/{p.protocol}": (self._host,
                                                                     ports[p.name] or None)
                                 for p in run.ports}
-            if self._dns_servers:
-                options["dns"] = self._dns_servers
+        if self._dns_servers:
+            options["dns"] = self._dns_servers
         if run.cpu_limit_millis:
             options["nano_cpus"] = run.cpu_limit_millis * 1_000_000
         if run.memory_limit_bytes:
@@ -1451,7 +1452,7 @@ async def open_driver(kind: str, *, state_dir: Path, node: NodeId, host: str,
         node: this node's name.
         host: the address workloads bind.
         wall_clock: wall-clock seconds.
-        dns_servers: DNS servers of containers (docker, not host networking).
+        dns_servers: the name servers of containers (docker).
         docker_pull: let the docker driver pull missing images.
 
     Raises:
