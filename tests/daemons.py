@@ -573,6 +573,15 @@ class Cluster:
         self.wait_until(check, timeout_s, f"{sorted(want)} to all see each other alive")
 
 
+def meshctl(d: Daemon, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run ``meshctl --socket <d's socket> ARGS`` (without the caller's ``MESH_*``
+    environment) and return what it did."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run([sys.executable, "-m", "mesh.node.cli", "--socket",
+                           str(d.socket_path), *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False, env=env)
+
+
 def loopback_ips(first: int, count: int) -> list[str]:
     """``127.0.0.<first>`` ... ``127.0.0.<first+count-1>``."""
     assert first > 1, first

@@ -11,24 +11,15 @@ started. Tests wait on conditions, never on a fixed time.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Cluster, Daemon, loopback_ips
+from daemons import Cluster, Daemon, loopback_ips, meshctl
 
 FORM_TIMEOUT_S = 30.0
 
-
-def meshctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run([sys.executable, "-m", "mesh.node.cli", "--socket",
-                           str(d.socket_path), *args], capture_output=True, text=True,
-                          timeout=60, check=False, env=env)
 
 
 def raft_status(d: Daemon) -> dict[str, Any]:

@@ -6,19 +6,9 @@ alone, with every write it had."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from daemons import Cluster, Daemon, loopback_ips
-
-
-def meshctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run([sys.executable, "-m", "mesh.node.cli", "--socket",
-                           str(d.socket_path), *args], capture_output=True, text=True,
-                          timeout=60, check=False, env=env)
+from daemons import Cluster, loopback_ips, meshctl
 
 
 def test_recover_a_survivor_after_losing_two_of_three_voters(tmp_path: Path) -> None:

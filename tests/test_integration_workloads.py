@@ -19,17 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Cluster, Daemon, loopback_ips
+from daemons import Cluster, Daemon, loopback_ips, meshctl
 from dnslib import QTYPE, DNSRecord
 
 FORM_TIMEOUT_S = 30.0
 
-
-def meshctl(d: Daemon, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run([sys.executable, "-m", "mesh.node.cli", "--socket",
-                           str(d.socket_path), *args], capture_output=True, text=True,
-                          timeout=timeout_s, check=False, env=env)
 
 
 def run_web(d: Daemon, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -295,24 +295,13 @@ def test_steps_are_valid_keep_a_live_majority_and_converge(
         assert not learners
 
 
-def test_read_replicas_make_every_other_live_member_a_learner() -> None:
+def test_learners_outside_the_target_are_removed_one_at_a_time() -> None:
+    # e.g. left from the time every live member was kept as a learner
     members = [Candidate(NodeId(f"n{i}"), (), True) for i in range(5)]
     voters = [NodeId("n0"), NodeId("n1"), NodeId("n2")]
-    learners: list[NodeId] = []
-    steps = []
-    for _ in range(10):
-        step = next_step(members, voters, learners, desired=3, leader=NodeId("n0"),
-                         read_replicas=True)
-        if step is None:
-            break
-        assert step.kind is ConfChangeKind.ADD_LEARNER
-        learners.append(step.node)
-        steps.append(step.node)
-    assert steps == [NodeId("n3"), NodeId("n4")]
-    # Without read replicas the same learners are removed again, one at a time.
+    learners = [NodeId("n3"), NodeId("n4")]
     step = next_step(members, voters, learners, desired=3, leader=NodeId("n0"))
     assert step == ConfChange(ConfChangeKind.REMOVE, NodeId("n3"))
-    # A learner that died is removed even with read replicas.
-    step = next_step(members[:4], voters, learners, desired=3, leader=NodeId("n0"),
-                     read_replicas=True)
-    assert step == ConfChange(ConfChangeKind.REMOVE, NodeId("n4"))
+    assert next_step(members, voters, learners[1:], desired=3, leader=NodeId("n0")) == \
+        ConfChange(ConfChangeKind.REMOVE, NodeId("n4"))
+    assert next_step(members, voters, [], desired=3, leader=NodeId("n0")) is None

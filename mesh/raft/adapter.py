@@ -754,7 +754,6 @@ class RaftAdapter:
         desired: int = 3,
         interval_s: float = 1.0,
         catch_up_entries: int = 250,
-        read_replicas: bool = False,
     ) -> None:
         """While leader, move the voters toward :func:`mesh.raft.voters.target_voters`,
         one :func:`~mesh.raft.voters.next_step` every ``interval_s``.
@@ -766,7 +765,6 @@ class RaftAdapter:
             interval_s: seconds between two looks.
             catch_up_entries: a learner at most this many entries behind the
                 leader's log (and recently active) is promoted.
-            read_replicas: keep every other live member as a learner.
 
         Raises:
             ConfigError: ``desired`` is not allowed.
@@ -793,7 +791,6 @@ class RaftAdapter:
                 desired=desired,
                 leader=self.me,
                 caught_up=caught_up,
-                read_replicas=read_replicas,
             )
             if step is None:
                 continue

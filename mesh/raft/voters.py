@@ -48,9 +48,8 @@ Which step first
 Only the target voters are ever added as learners (a learner is a voter being
 caught up): meshd's other nodes keep their replica through the watch stream of
 :mod:`mesh.raft.watch`, so the leader replicates to the voters only. Step 1
-also removes learners left from an earlier configuration (or from
-``read_replicas``, which keeps every live member as a learner; meshd no longer
-asks for it).
+also removes learners left from an earlier configuration (before watchers,
+every live member was kept as a learner).
 
 Adding and promoting the replacement *before* removing a dead voter is the
 order of DESIGN.md ("adds a healthy member as learner, catches it up, promotes
@@ -239,13 +238,8 @@ def next_step(
     desired: int = 3,
     leader: NodeId | None = None,
     caught_up: Collection[NodeId] = (),
-    read_replicas: bool = False,
 ) -> ConfChange | None:
     """The one membership change the leader should propose next, or ``None``.
-
-    With ``read_replicas``, every live member that is not a voter is kept as a
-    learner (a read replica that receives the log), added once the voters are
-    settled; learners that are no longer live members are removed.
 
     Args:
         members: the live members (from :func:`candidates`).
@@ -255,8 +249,6 @@ def next_step(
         leader: the leader (this node, when called on the leader).
         caught_up: learners whose log is close enough to the leader's to be
             promoted.
-        read_replicas: keep every other live member as a learner (the leader
-            then replicates to every node; meshd's non-voters watch instead).
 
     Raises:
         ConfigError: ``desired`` is not allowed.
@@ -267,9 +259,8 @@ def next_step(
         members, voter_list, desired=desired, leader=leader, learners=learner_list
     )
     tset = set(target)
-    live = {c.node for c in members}
     for n in learner_list:
-        if n not in tset and not (read_replicas and n in live):
+        if n not in tset:
             return ConfChange(ConfChangeKind.REMOVE, n)
     for n in target:
         if n not in voter_list and n not in learner_list:
@@ -282,10 +273,6 @@ def next_step(
         return None  # wait for the replacements to catch up before removing anyone
     extra = [n for n in voter_list if n not in tset]
     if not extra:
-        if read_replicas:
-            for c in members:
-                if c.node not in voter_list and c.node not in learner_list:
-                    return ConfChange(ConfChangeKind.ADD_LEARNER, c.node)
         return None
     health = {c.node: c for c in members}
 
