@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import ssl
 import stat
 from collections import Counter
@@ -85,10 +86,12 @@ from mesh.security.pki import (
     load_key_pem,
 )
 from mesh.security.token import JoinToken, new_token
+from mesh.streams import DirectTlsStream, open_direct_tcp
 from mesh.types import Addr, NodeId
 from mesh.wire import FRAME_PREFIX_BYTES, decode, frame
 
-SSLStreamT: TypeAlias = "trio.SSLStream[trio.SocketStream]"
+SSLStreamT: TypeAlias = DirectTlsStream
+"""A TLS link between nodes (:class:`mesh.streams.DirectTlsStream`)."""
 
 LOGGER = logging.getLogger(__name__)
 
@@ -777,7 +780,8 @@ class TlsServer:
 
     async def _run_link(self, tcp: trio.SocketStream) -> None:
         addr = _peer_addr(tcp)
-        stream = trio.SSLStream(tcp, self._ctx, server_side=True)
+        stream = DirectTlsStream(socket.socket(fileno=tcp.socket.detach()), self._ctx,
+                                 server_side=True)
         try:
             admitted = await self._admit(stream, addr)
             if admitted is None:
@@ -905,9 +909,9 @@ async def open_tls_stream(
     if alpn not in ALPN_PROTOCOLS:
         raise LocalProtocolError(f"unknown ALPN {alpn!r}")
     with trio.fail_after(timeout_s):
-        tcp = await trio.open_tcp_stream(addr.host, addr.port)
+        sock = await open_direct_tcp(addr.host, addr.port)
         ctx.set_alpn_protocols([alpn])
-        stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+        stream = DirectTlsStream(sock, ctx, server_side=False)
         try:
             identity = await _client_handshake(stream, addr, ctx, alpn, expect, revoked)
         except BaseException:
