@@ -42,10 +42,64 @@ FAIRNESS_OPS = 16
 many operations that completed without waiting."""
 
 
-class DirectSocketStream(trio.abc.HalfCloseableStream):
+class _DirectSocket:
+    """A non-blocking stdlib socket whose system calls are made at once; the task
+    parks (``trio.lowlevel.wait_readable``/``wait_writable``, cancellable) only when
+    a call would block, and yields once every :data:`FAIRNESS_OPS` operations that
+    did not wait."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._closed = False
+        self._unyielded = 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+
+    async def _maybe_yield(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= FAIRNESS_OPS:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+    async def _recv(self, max_bytes: int) -> bytes:
+        """Bytes that arrived (``b""``: the peer closed its end)."""
+        while True:
+            self._check_open()
+            try:
+                return self._sock.recv(max_bytes)
+            except BlockingIOError:
+                self._unyielded = 0
+                await trio.lowlevel.wait_readable(self._sock)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+    async def _send_some(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the socket takes of ``data`` (waiting for room); how much."""
+        while True:
+            self._check_open()
+            try:
+                return self._sock.send(data)
+            except BlockingIOError:
+                self._unyielded = 0
+                await trio.lowlevel.wait_writable(self._sock)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket has room."""
+        await trio.lowlevel.wait_writable(self._sock)
+
+    def _close_socket(self) -> None:
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+
+class DirectSocketStream(_DirectSocket, trio.abc.HalfCloseableStream):
     """A stream over a connected stdlib socket that makes its system call at once
-    and only parks the task (``trio.lowlevel.wait_readable``/``wait_writable``)
-    when the call would block.
+    and only parks the task when the call would block.
 
     ``trio.SocketStream`` passes through the scheduler twice per operation (a
     cancellation check before the call and a reschedule after it, about 15 us of
@@ -64,54 +118,18 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         ``trio.ClosedResourceError`` after :meth:`aclose`, as trio's streams do.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._closed = False
-        self._unyielded = 0
-
-    async def _maybe_yield(self) -> None:
-        self._unyielded += 1
-        if self._unyielded >= FAIRNESS_OPS:
-            self._unyielded = 0
-            await trio.lowlevel.checkpoint()
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Bytes that arrived (at most ``max_bytes``); ``b""`` at end of stream."""
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            try:
-                data = self._sock.recv(max_bytes or 65_536)
-            except BlockingIOError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            await self._maybe_yield()
-            return data
+        data = await self._recv(max_bytes or 65_536)
+        await self._maybe_yield()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data`` (waiting for room as needed)."""
         view = memoryview(data)
         while view:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            try:
-                sent = self._sock.send(view)
-            except BlockingIOError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_writable(self._sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            view = view[sent:]
+            view = view[await self._send_some(view):]
         await self._maybe_yield()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        """Wait until the socket has room."""
-        await trio.lowlevel.wait_writable(self._sock)
 
     async def send_eof(self) -> None:
         """Shut down the sending half."""
@@ -123,8 +141,7 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         """Close the socket (idempotent)."""
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
+            self._close_socket()
         await trio.lowlevel.checkpoint()
 
 
@@ -146,7 +163,7 @@ async def accept_direct(listener: socket.socket) -> DirectSocketStream:
         return DirectSocketStream(conn)
 
 
-class DirectTlsStream(trio.abc.Stream):
+class DirectTlsStream(_DirectSocket, trio.abc.Stream):
     """TLS over a connected stdlib socket, with ``ssl.SSLObject`` and memory BIOs,
     making its system calls at once like :class:`DirectSocketStream`.
 
@@ -169,8 +186,7 @@ class DirectTlsStream(trio.abc.Stream):
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None) -> None:
-        sock.setblocking(False)
-        self._sock = sock
+        super().__init__(sock)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side,
@@ -179,8 +195,6 @@ class DirectTlsStream(trio.abc.Stream):
         """Bytes taken from OpenSSL, not yet accepted by the socket."""
         self._flushing: trio.Event | None = None
         """Set while a task sends ``_pending`` (others wait for it)."""
-        self._closed = False
-        self._unyielded = 0
 
     # --- what tls.py reads of the connection -------------------------------------
 
@@ -235,10 +249,6 @@ class DirectTlsStream(trio.abc.Stream):
         await self._flush()
         await self._maybe_yield()
 
-    async def wait_send_all_might_not_block(self) -> None:
-        """Wait until the socket has room."""
-        await trio.lowlevel.wait_writable(self._sock)
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypted bytes (at most ``max_bytes``); ``b""`` after close_notify."""
         while True:
@@ -269,39 +279,18 @@ class DirectTlsStream(trio.abc.Stream):
             data = bytes(self._pending) + self._out.read()
             if data:
                 self._sock.send(data)
-        trio.lowlevel.notify_closing(self._sock)
-        self._sock.close()
+        self._close_socket()
         await trio.lowlevel.checkpoint()
 
     # --- inside ------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-
-    async def _maybe_yield(self) -> None:
-        self._unyielded += 1
-        if self._unyielded >= FAIRNESS_OPS:
-            self._unyielded = 0
-            await trio.lowlevel.checkpoint()
-
     async def _fill(self) -> None:
         """Feed OpenSSL what the socket has (waiting for some)."""
-        while True:
-            self._check_open()
-            try:
-                chunk = self._sock.recv(65_536)
-            except BlockingIOError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            if not chunk:
-                raise trio.BrokenResourceError("the peer closed the connection without "
-                                               "TLS close_notify")
-            self._in.write(chunk)
-            return
+        chunk = await self._recv(65_536)
+        if not chunk:
+            raise trio.BrokenResourceError("the peer closed the connection without "
+                                           "TLS close_notify")
+        self._in.write(chunk)
 
     async def _flush(self) -> None:
         """Send everything OpenSSL has produced so far, in order."""
@@ -314,17 +303,9 @@ class DirectTlsStream(trio.abc.Stream):
         self._flushing = trio.Event()
         try:
             while self._pending:
-                self._check_open()
-                try:
-                    sent = self._sock.send(self._pending)
-                except BlockingIOError:
-                    self._unyielded = 0
-                    await trio.lowlevel.wait_writable(self._sock)
-                    self._pending += self._out.read()
-                    continue
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-                del self._pending[:sent]
+                # the bytearray itself, not a view: others append to it meanwhile
+                del self._pending[:await self._send_some(self._pending)]
+                self._pending += self._out.read()
         finally:
             done, self._flushing = self._flushing, None
             done.set()
