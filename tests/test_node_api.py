@@ -27,6 +27,12 @@ async def echo(params: dict[str, Any]) -> dict[str, Any]:
     return {"echo": params}
 
 
+async def slow(params: dict[str, Any]) -> int:
+    """Answers ``params["s"]`` after sleeping that many seconds."""
+    await trio.sleep(params["s"])
+    return int(params["s"])
+
+
 async def refuse(params: dict[str, Any]) -> None:
     raise api.ApiError("no such service 'web': list services with meshctl ps")
 
@@ -57,10 +63,6 @@ async def test_api_roundtrip_errors_and_permissions(tmp_path: Path) -> None:
 async def test_pipelined_requests_run_together_and_answer_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def slow(params: dict[str, Any]) -> int:
-        await trio.sleep(params["s"])
-        return int(params["s"])
-
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(api.serve_api_stream, server, {"slow": slow, "echo": echo}, "n1")
@@ -155,10 +157,6 @@ async def test_started_calls_answer_in_order_without_tasks_and_fall_back_to_hand
 async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def slow(params: dict[str, Any]) -> int:
-        await trio.sleep(params["s"])
-        return int(params["s"])
-
     client, server = trio.testing.memory_stream_pair()
     link = api.RpcLink(client)
     results: dict[int, Any] = {}
@@ -198,10 +196,6 @@ async def test_rpc_link_carries_concurrent_calls_and_fails_them_when_it_breaks(
 async def test_rpc_link_gives_up_a_call_without_an_answer_and_keeps_the_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def slow(params: dict[str, Any]) -> int:
-        await trio.sleep(params["s"])
-        return int(params["s"])
-
     client, server = trio.testing.memory_stream_pair()
     link = api.RpcLink(client, call_timeout_s=10)
     async with trio.open_nursery() as nursery:
