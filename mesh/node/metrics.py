@@ -33,6 +33,12 @@ def gauge(name: str, help_text: str, value: float) -> Metric:
     return Metric(name, "gauge", help_text, (((), value),))
 
 
+def summary(name: str, help_text: str, quantiles: tuple[tuple[float, float], ...]) -> Metric:
+    """A summary's quantile samples (``quantile`` label), e.g. of a recent window."""
+    return Metric(name, "summary", help_text,
+                  tuple(((("quantile", f"{q:g}"),), v) for q, v in quantiles))
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 

@@ -65,7 +65,7 @@ from mesh.gossip.core import Membership, MemberView
 from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
-from mesh.node.metrics import Metric, gauge
+from mesh.node.metrics import Metric, counter, gauge, summary
 from mesh.node.trust import Trust
 from mesh.raft import voters
 from mesh.raft.adapter import Proposal, RaftAdapter
@@ -773,13 +773,6 @@ class Replica:
         stats = self.raft.statistics()
         r = "meshd_raft_"
 
-        def summary(name: str, help_text: str, qs: tuple[tuple[float, float], ...]) -> Metric:
-            return Metric(name, "summary", help_text,
-                          tuple(((("quantile", f"{q:g}"),), v) for q, v in qs))
-
-        def total(name: str, help_text: str, value: float) -> Metric:
-            return Metric(name, "counter", help_text, (((), value),))
-
         return [
             gauge(r + "term", "Current Raft term.", st["term"]),
             gauge(r + "is_leader", "1 on the leader.", 1 if self.raft.is_leader else 0),
@@ -790,34 +783,34 @@ class Replica:
                   1 if st["feed"] == "watch" else 0),
             gauge(r + "watchers", "Nodes that watched this voter recently.",
                   len(st["watchers"])),
-            total(r + "watch_entries_applied_total", "Entries the watch stream applied here.",
+            counter(r + "watch_entries_applied_total", "Entries the watch stream applied here.",
                   gate.watch_applied),
-            total(r + "watch_snapshots_restored_total", "Snapshots the watch stream "
+            counter(r + "watch_snapshots_restored_total", "Snapshots the watch stream "
                   "restored here.", gate.watch_restores),
             gauge(r + "apply_lag", "Committed entries not yet applied on this node.",
                   st["apply_lag"]),
             gauge(r + "voters", "Voters in the configuration.", len(st["voters"])),
             gauge(r + "last_index", "Last log index.", st["last_index"]),
-            total(r + "leader_changes_total", "Times this node saw a new leader.",
+            counter(r + "leader_changes_total", "Times this node saw a new leader.",
                   stats.leader_changes),
             summary(r + "commit_latency_seconds", "Proposal to applied on this node, "
                     "proposals made here (recent window).", stats.commit_latency.quantiles),
-            total(r + "commits_total", "Proposals made here that committed.",
+            counter(r + "commits_total", "Proposals made here that committed.",
                   stats.commit_latency.count),
-            total(r + "commit_latency_seconds_total", "Sum of commit latencies.",
+            counter(r + "commit_latency_seconds_total", "Sum of commit latencies.",
                   stats.commit_latency.sum_s),
             summary(r + "wal_fsync_seconds", "One synced WAL write (write + fsync), recent "
                     "window.", stats.wal_sync_latency.quantiles),
-            total(r + "wal_fsyncs_total", "Synced WAL writes.", stats.wal_sync_latency.count),
-            total(r + "wal_fsync_seconds_total", "Sum of synced WAL write times.",
+            counter(r + "wal_fsyncs_total", "Synced WAL writes.", stats.wal_sync_latency.count),
+            counter(r + "wal_fsync_seconds_total", "Sum of synced WAL write times.",
                   stats.wal_sync_latency.sum_s),
-            total(r + "wal_entries_total", "Log entries written to the WAL.",
+            counter(r + "wal_entries_total", "Log entries written to the WAL.",
                   stats.entries_saved),
             gauge(r + "snapshot_bytes", "State image size of the latest snapshot.",
                   stats.snapshot_bytes),
-            total(r + "snapshots_created_total", "Snapshots taken on this node.",
+            counter(r + "snapshots_created_total", "Snapshots taken on this node.",
                   stats.snapshots_created),
-            total(r + "snapshots_restored_total", "Snapshots received from a leader.",
+            counter(r + "snapshots_restored_total", "Snapshots received from a leader.",
                   stats.snapshots_restored),
         ]
 
