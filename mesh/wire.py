@@ -57,6 +57,14 @@ def pack_body(body: Any) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def pack_array_header(n: int) -> bytes:
+    """The msgpack header of an ``n``-element array (its elements' encodings follow)."""
+    return _ARRAY_HEADERS.pack_array_header(n)  # type: ignore[no-any-return]
+
+
+_ARRAY_HEADERS = msgpack.Packer(use_bin_type=True)
+
+
 def unpack_body(data: bytes, max_bytes: int) -> Any:
     """Decode an untrusted msgpack body with every length bounded by ``max_bytes``.
 

@@ -26,7 +26,7 @@ from mesh.node.replica import Replica, ReplicaSettings
 from mesh.raft.adapter import RaftAdapter
 from mesh.raft.config import RaftConfig
 from mesh.raft.messages import Heartbeat
-from mesh.raft.state import KvPut, MeshState, Result
+from mesh.raft.state import KvBatcher, KvPut, MeshState, Result
 from mesh.raft.storage import FileStorage, MemoryStorage, bootstrap
 from mesh.raft.voters import Candidate
 from mesh.raft.watch import StateGate, WatchBuffer, WatchConfig
@@ -104,8 +104,11 @@ class Cluster:
         voters: Iterable[str] | None = None,
         config: RaftConfig = CONFIG,
         seed: int = 1,
+        batching: bool = False,
     ) -> None:
         self.nursery = nursery
+        self.batching = batching
+        """Give each adapter a KvBatcher (key-value writes share entries)."""
         self.net = MemoryNetwork(nursery)
         self.config = config
         self.names = ids(*names)
@@ -144,15 +147,17 @@ class Cluster:
 
     async def start(self, *names: NodeId) -> None:
         for n in names or self.names:
+            state = MeshState()
             adapter = RaftAdapter.create(
                 self.config,
                 n,
                 self.storages[n],
-                MeshState(),
+                state,
                 _LinkDialer(self, n, self.endpoints[n]),
                 self.addrs.get,
                 rng=random.Random(self.rng.getrandbits(64)),
                 storage_in_thread=False,
+                batcher=KvBatcher(state) if self.batching else None,
             )
             self.adapters[n] = adapter
             self.scopes[n] = await self.nursery.start(self._run, adapter)

@@ -73,6 +73,7 @@ from mesh.raft.config import RaftConfig
 from mesh.raft.state import (
     Command,
     DenyAdd,
+    KvBatcher,
     KvDelete,
     KvPut,
     MeshState,
@@ -194,7 +195,7 @@ class Replica:
 
         dialer = tls.TlsDialer(trust.client_ctx, tls.ALPN_RAFT, revoked=trust.revoked)
         raft = RaftAdapter.create(settings.raft, config.name, storage, gate, dialer,
-                                  peer_addr, rng=rng)
+                                  peer_addr, rng=rng, batcher=KvBatcher(gate.state))
         return cls(raft, gate, storage, core, trust, settings)
 
     async def aclose(self) -> None:
@@ -503,10 +504,10 @@ class Replica:
             raise api.ApiError(f"not a command this meshd understands: {exc}") from None
         return data
 
-    async def _write(self, method: str, params: dict[str, Any], command: bytes
-                     ) -> dict[str, Any]:
+    async def _write(self, method: str, params: dict[str, Any], command: bytes,
+                     key: str | None = None) -> dict[str, Any]:
         try:
-            pending = self._begin_write(command)
+            pending = self._begin_write(command, key)
         except NotLeader as exc:
             return await self._forward(method, params, self._leader_hint(exc))
         await pending.wait()
@@ -517,24 +518,26 @@ class Replica:
             return self.leader  # a watcher knows the leader from the voters
         return NodeId(exc.leader_hint) if exc.leader_hint else None
 
-    def _start_write(self, method: str, params: dict[str, Any], command: bytes
-                     ) -> api.Pending | None:
+    def _start_write(self, method: str, params: dict[str, Any], command: bytes,
+                     key: str | None = None) -> api.Pending | None:
         """Begin a write: proposed here on the leader, elsewhere forwarded over the
         open link to the leader (``None`` if there is none yet: the handler dials)."""
         try:
-            return self._begin_write(command)
+            return self._begin_write(command, key)
         except NotLeader as exc:
             return self._start_forward(method, params, self._leader_hint(exc))
 
-    def _begin_write(self, command: bytes) -> _PendingWrite:
-        """Propose ``command`` here.
+    def _begin_write(self, command: bytes, key: str | None = None) -> _PendingWrite:
+        """Propose ``command`` here; a key-value write names its ``key``, so that
+        writes to distinct keys proposed together share a log entry
+        (:class:`~mesh.raft.state.KvBatcher`).
 
         Raises:
             NotLeader: this node does not lead.
             ApiError: refused at once (the message says what to do).
         """
         try:
-            return _PendingWrite(self.raft.propose_nowait(command))
+            return _PendingWrite(self.raft.propose_nowait(command, batch_key=key))
         except ProposalDropped as exc:
             raise api.ApiError(_not_committed(exc)) from None
         except StorageError as exc:
@@ -623,10 +626,10 @@ class Replica:
         return rid
 
     async def kv_put(self, params: dict[str, Any]) -> dict[str, Any]:
-        return await self._write("kv_put", params, self._kv_put_command(params))
+        return await self._write("kv_put", params, self._kv_put_command(params), params["key"])
 
     def _start_kv_put(self, params: dict[str, Any]) -> api.Pending | None:
-        return self._start_write("kv_put", params, self._kv_put_command(params))
+        return self._start_write("kv_put", params, self._kv_put_command(params), params["key"])
 
     def _kv_put_command(self, params: dict[str, Any]) -> bytes:
         value = params.get("value")
@@ -648,10 +651,10 @@ class Replica:
         return data
 
     async def kv_del(self, params: dict[str, Any]) -> dict[str, Any]:
-        return await self._write("kv_del", params, self._kv_del_command(params))
+        return await self._write("kv_del", params, self._kv_del_command(params), params["key"])
 
     def _start_kv_del(self, params: dict[str, Any]) -> api.Pending | None:
-        return self._start_write("kv_del", params, self._kv_del_command(params))
+        return self._start_write("kv_del", params, self._kv_del_command(params), params["key"])
 
     def _kv_del_command(self, params: dict[str, Any]) -> bytes:
         try:

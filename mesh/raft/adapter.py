@@ -47,7 +47,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -97,6 +97,26 @@ class StateMachine(Protocol):
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state with a snapshot taken at ``index``."""
+        ...
+
+
+class Batcher(Protocol):
+    """Joins commands proposed together into one command, so that they share a
+    log entry (:class:`mesh.raft.state.KvBatcher` is the real one). The state
+    machine's ``apply`` returns a sequence with one result per joined command."""
+
+    @property
+    def max_commands(self) -> int:
+        """Most commands in one joined command."""
+        ...
+
+    @property
+    def max_bytes(self) -> int:
+        """Most bytes of commands in one joined command."""
+        ...
+
+    def join(self, commands: Sequence[bytes]) -> bytes:
+        """One command that applies ``commands`` (at least two) in order."""
         ...
 
 
@@ -237,6 +257,33 @@ class Proposal:
             self.event.set()
 
 
+class _Joined:
+    """The proposals joined into one entry (:class:`Batcher`): the ready loop
+    tracks, resolves and fails them as one."""
+
+    __slots__ = ("term", "started", "deadline", "parts")
+
+    def __init__(self, term: int, parts: list[Proposal]) -> None:
+        self.term = term
+        self.parts = parts
+        self.started = min(p.started for p in parts)
+        self.deadline = min(p.deadline for p in parts)
+
+    def resolve(self, result: object) -> None:
+        """Hand each part its own result (the state machine returned one per
+        command), or all of them the same one (e.g. the batch was invalid)."""
+        if isinstance(result, tuple) and len(result) == len(self.parts):
+            for part, one in zip(self.parts, result, strict=True):
+                part.resolve(one)
+        else:
+            for part in self.parts:
+                part.resolve(result)
+
+    def fail(self, error: BaseException) -> None:
+        for part in self.parts:
+            part.fail(error)
+
+
 class _StorageJob:
     __slots__ = ("fn", "event", "result", "error")
 
@@ -335,6 +382,7 @@ class RaftAdapter:
         *,
         rng: random.Random,
         storage_in_thread: bool = True,
+        batcher: Batcher | None = None,
     ) -> None:
         assert state.applied_index == core.applied_index, (
             f"state machine at {state.applied_index}, core at {core.applied_index}"
@@ -359,7 +407,13 @@ class RaftAdapter:
         self._closed = False
         self._peers: dict[NodeId, _Peer] = {}
         self._inbound: set[trio.abc.Stream] = set()
-        self._proposals: dict[int, Proposal] = {}
+        self._proposals: dict[int, Proposal | _Joined] = {}
+        self._batcher = batcher
+        self._batch: list[tuple[bytes, Proposal]] = []
+        """Proposals waiting to be joined into the next entry (see
+        :meth:`propose_nowait`)."""
+        self._batch_keys: set[Hashable] = set()
+        self._batch_bytes = 0
         self._reads: dict[bytes, _Waiter] = {}
         self._applied_waiters: list[tuple[int, int, trio.Event]] = []
         self._applied_seq = itertools.count()
@@ -387,6 +441,7 @@ class RaftAdapter:
         *,
         rng: random.Random,
         storage_in_thread: bool = True,
+        batcher: Batcher | None = None,
     ) -> RaftAdapter:
         """Build the core over ``storage`` and the adapter around it.
 
@@ -411,6 +466,7 @@ class RaftAdapter:
             peer_addr,
             rng=random.Random(rng.getrandbits(64)),
             storage_in_thread=storage_in_thread,
+            batcher=batcher,
         )
 
     # ------------------------------------------------------------------ reading
@@ -619,9 +675,17 @@ class RaftAdapter:
         """
         return await self.propose_nowait(command, timeout_s=timeout_s).wait()
 
-    def propose_nowait(self, command: bytes, *, timeout_s: float | None = None) -> Proposal:
+    def propose_nowait(self, command: bytes, *, timeout_s: float | None = None,
+                       batch_key: Hashable | None = None) -> Proposal:
         """Append ``command`` to the log and return at once: the :class:`Proposal`
         resolves when the entry is applied here (or fails like :meth:`propose`).
+
+        With a ``batch_key`` (and a :class:`Batcher`), the command waits for the
+        ready loop's next turn, which joins every command proposed until then
+        into one entry (a single one is proposed as it is); proposals with equal
+        keys never share an entry (a key-value write's key: all the commands of
+        a batch get the same index). A proposal without a key goes into an entry
+        of its own, after the batch in progress.
 
         Raises:
             NotLeader: this node is not the leader (``leader_hint`` says who is).
@@ -629,8 +693,23 @@ class RaftAdapter:
             StorageError: this node's storage is failing; writes are stopped.
         """
         self._check_writable()
-        eid = self._core.propose(command)
-        return self._track(eid.index, eid.term, timeout_s)
+        batcher = self._batcher
+        if batch_key is None or batcher is None or len(command) > batcher.max_bytes:
+            self._flush_batch()
+            eid = self._core.propose(command)
+            return self._track(eid.index, eid.term, timeout_s)
+        self._core.check_propose()
+        if (batch_key in self._batch_keys or len(self._batch) >= batcher.max_commands
+                or self._batch_bytes + len(command) > batcher.max_bytes):
+            self._flush_batch()
+        now = trio.current_time()
+        timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
+        proposal = Proposal(self._core.term, now, now + timeout)
+        self._batch.append((command, proposal))
+        self._batch_keys.add(batch_key)
+        self._batch_bytes += len(command)
+        self._kick()
+        return proposal
 
     async def propose_conf_change(
         self, change: ConfChange, *, timeout_s: float | None = None
@@ -824,6 +903,32 @@ class RaftAdapter:
                 "it recovers: free disk space or fix the disk"
             )
 
+    def _flush_batch(self) -> None:
+        """Propose the waiting batch as one entry (see :meth:`propose_nowait`)."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._batch_keys = set()
+        self._batch_bytes = 0
+        assert self._batcher is not None
+        try:
+            if len(batch) == 1:
+                command, proposal = batch[0]
+                eid = self._core.propose(command)
+                proposal.term = eid.term
+                self._proposals[eid.index] = proposal
+                return
+            eid = self._core.propose(self._batcher.join([c for c, _ in batch]))
+        except (NotLeader, ProposalDropped) as exc:
+            # Accepted a moment ago, in this ready loop turn: the leadership
+            # changed since, or the log is full.
+            lost = exc if isinstance(exc, ProposalDropped) else ProposalDropped(
+                "this node lost the leadership before the write was proposed; retry")
+            for _, proposal in batch:
+                self._lose(proposal, lost)
+            return
+        self._proposals[eid.index] = _Joined(eid.term, [p for _, p in batch])
+
     def _track(self, index: int, term: int, timeout_s: float | None) -> Proposal:
         now = trio.current_time()
         timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
@@ -858,6 +963,7 @@ class RaftAdapter:
 
     async def _ready_loop(self) -> None:
         while True:
+            self._flush_batch()
             rd = self._core.ready()
             if rd is None:
                 self._wake = trio.Event()
@@ -921,7 +1027,8 @@ class RaftAdapter:
             proposal = self._proposals.pop(e.index, None)
             if proposal is not None:
                 if e.term == proposal.term:
-                    self._c["proposals_committed"] += 1
+                    self._c["proposals_committed"] += (
+                        len(proposal.parts) if type(proposal) is _Joined else 1)
                     self._commit_latency.observe(now - proposal.started)
                     proposal.resolve(result)
                 else:
@@ -973,12 +1080,15 @@ class RaftAdapter:
 
     def _fail_proposals(self, error: ProposalDropped) -> None:
         proposals, self._proposals = self._proposals, {}
-        for proposal in proposals.values():
+        batch, self._batch = self._batch, []
+        self._batch_keys = set()
+        self._batch_bytes = 0
+        for proposal in [*proposals.values(), *(p for _, p in batch)]:
             self._lose(proposal, error)
 
-    def _lose(self, proposal: Proposal, error: ProposalDropped) -> None:
+    def _lose(self, proposal: Proposal | _Joined, error: ProposalDropped) -> None:
         """Fail a proposal whose entry may or may not commit (counted as lost)."""
-        self._c["proposals_lost"] += 1
+        self._c["proposals_lost"] += len(proposal.parts) if type(proposal) is _Joined else 1
         proposal.fail(error)
 
     def _fail_reads(self, error: ProposalDropped) -> None:

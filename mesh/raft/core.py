@@ -1228,12 +1228,23 @@ class RaftCore:
         if self._role is not Role.LEADER:
             raise NotLeader(self._lead)
 
-    def _propose(self, data: bytes, kind: EntryKind) -> EntryId:
+    def check_propose(self) -> None:
+        """Raise what :meth:`propose` would raise now whatever the command
+        (an adapter that joins several commands into one entry checks each one
+        as it comes).
+
+        Raises:
+            NotLeader: this node is not the leader (``leader_hint`` says who is).
+            ProposalDropped: a leadership transfer is in progress.
+        """
         self._require_leader()
         if self._lead_transferee is not None:
             raise ProposalDropped(
                 f"leadership is being transferred to {self._lead_transferee}; retry there"
             )
+
+    def _propose(self, data: bytes, kind: EntryKind) -> EntryId:
+        self.check_propose()
         if len(data) > self._cfg.max_entry_bytes:
             raise ProposalDropped(
                 f"command of {len(data)} bytes exceeds max_entry_bytes={self._cfg.max_entry_bytes}"

@@ -25,13 +25,25 @@ A command is a msgpack array ``[format, kind, request_id, *fields]``:
 * ``kind`` is a :class:`CommandKind`; ranges are reserved so later commands
   slot in without renumbering: 1-15 key-value store, 16-23 node overrides,
   24-31 deny list, 32-47 services and jobs, 48-63 allocations (committed
-  placement plans), 64-71 cluster configuration, 72-79 CA material;
+  placement plans), 64-71 cluster configuration, 72-79 CA material, 96 a
+  batch of key-value commands (below);
 * ``request_id`` (0-64 bytes) makes a command idempotent: a command whose id
   is in the dedup table is not applied again, and the result recorded the
   first time is returned (flagged ``duplicate``). The table keeps the last
   :data:`DEDUP_ENTRIES` ids in apply order and travels in snapshots, so a
   client that retries after a leader change or a timeout with the *same*
   request id gets exactly-once semantics. Empty ids are never deduplicated.
+
+A *batch* (:class:`Batch`, ``[format, 96, b"", [command, ...]]``) carries up to
+:data:`MAX_BATCH_COMMANDS` key-value commands on distinct keys in one log
+entry: the leader joins the writes proposed together (:class:`KvBatcher`), so
+that the per-entry costs of Raft (log, WAL record, replication, apply
+bookkeeping) are paid once per batch rather than once per write. Each command
+of a batch is applied in order exactly as if it had an entry of its own at the
+batch's index (its own request id, deduplication and result), so its records'
+``mod_index`` is the batch's index; keys being distinct, a compare-and-swap
+still names exactly one version. A batch with two commands on one key, another
+batch inside, or a command that is not a put or a delete is invalid as a whole.
 
 Implemented now: the key-value store (put with optional compare-and-swap on
 the key's ``mod_index``, delete), node overrides (drain, labels), the deny
@@ -111,12 +123,19 @@ MAX_REQUEST_ID_BYTES: Final = 64
 """Longest request id."""
 
 DEDUP_ENTRIES: Final = 10_000
+"""Request ids remembered for deduplication (oldest forgotten first). Part of
+the replicated semantics: every replica must use the same value."""
 
 EXPECTED_COMMANDS: Final = 4096
 """Decoded commands :meth:`MeshState.expect` keeps (more than the proposals a
 leader has in flight)."""
-"""Request ids remembered for deduplication (oldest forgotten first). Part of
-the replicated semantics: every replica must use the same value."""
+
+MAX_BATCH_COMMANDS: Final = 1024
+"""Commands in one :class:`Batch`."""
+
+MAX_BATCH_BYTES: Final = 1024 * 1024
+"""Largest encoded :class:`Batch` (a command that would make a batch bigger is
+proposed in an entry of its own)."""
 
 MAX_NODE_ID_BYTES: Final = 255
 MAX_LABELS: Final = 64
@@ -160,6 +179,7 @@ class CommandKind(enum.IntEnum):
     SERVICE_ROLLOUT = 34
     ALLOC_PLAN = 48
     ALLOC_REPORT = 49
+    BATCH = 96
 
 
 class ResultCode(enum.Enum):
@@ -727,11 +747,86 @@ class AllocReport(_Command):
             _report(r)
 
 
-Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
-                      | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport)
+@dataclass(frozen=True, slots=True)
+class Batch(_Command):
+    """Key-value commands on distinct keys, applied in order at one log index as
+    if each had an entry of its own (see "Commands" in the module docstring).
+    :func:`encode_batch` builds the same bytes from commands already encoded."""
 
+    KIND: ClassVar[CommandKind] = CommandKind.BATCH
+    commands: tuple[KvPut | KvDelete, ...]
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [[[COMMAND_FORMAT, int(c.KIND), c.request_id, *c._fields()]
+                 for c in self.commands]]
+
+    def _validate(self) -> None:
+        if self.request_id:
+            raise _Invalid("a batch has no request id (its commands have theirs)")
+        if not 0 < len(self.commands) <= MAX_BATCH_COMMANDS:
+            raise _Invalid(f"a batch holds 1 to {MAX_BATCH_COMMANDS} commands")
+        keys = set()
+        for c in self.commands:
+            if type(c) is not KvPut and type(c) is not KvDelete:
+                raise _Invalid(f"a batch holds key-value commands only, not {c.KIND.name}")
+            keys.add(c.key)
+        if len(keys) != len(self.commands):
+            raise _Invalid("a batch has two commands on one key")
+
+
+Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
+                      | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport
+                      | Batch)
+
+Applied: TypeAlias = Result | tuple[Result, ...] | None
+"""What :meth:`MeshState.apply` returns for one entry: a command's result, one
+result per command of a :class:`Batch`, or ``None`` for an entry that holds no
+command."""
 
 _COMMAND_KINDS: Final = {int(k): k for k in CommandKind}
+
+_MAX_COMMAND_BYTES: Final = MAX_VALUE_BYTES + 64 * 1024
+"""Largest encoded command other than a batch."""
+
+_BATCH_HEAD: Final = bytes((0x94,)) + wire.pack_body(COMMAND_FORMAT) + wire.pack_body(
+    int(CommandKind.BATCH)) + wire.pack_body(b"")
+"""A batch's bytes up to its list of commands: a 4-element array's header, the
+format, the kind and the empty request id."""
+
+BATCH_OVERHEAD_BYTES: Final = len(_BATCH_HEAD) + 5
+"""A batch's bytes beyond its commands' (the head and the longest array header)."""
+
+
+def encode_batch(commands: Sequence[bytes]) -> bytes:
+    """The bytes of the :class:`Batch` of ``commands`` (each one command's
+    :meth:`encode`), without decoding them: a msgpack array is its header
+    followed by its elements."""
+    return b"".join((_BATCH_HEAD, wire.pack_array_header(len(commands)), *commands))
+
+
+class KvBatcher:
+    """Joins the key-value writes a leader proposes together into one
+    :class:`Batch` entry (the ``batcher`` of the node's
+    :class:`~mesh.raft.adapter.RaftAdapter`; the caller keeps keys distinct by
+    proposing each write with its key as the batch key).
+
+    Args:
+        state: the state the batch will be applied to; the commands it expects
+            (:meth:`MeshState.expect`) become one expected batch.
+    """
+
+    max_commands: Final = MAX_BATCH_COMMANDS
+    max_bytes: Final = MAX_BATCH_BYTES - BATCH_OVERHEAD_BYTES
+
+    def __init__(self, state: MeshState) -> None:
+        self._state = state
+
+    def join(self, commands: Sequence[bytes]) -> bytes:
+        """One batch command holding ``commands``, in order."""
+        data = encode_batch(commands)
+        self._state.expect_batch(data, commands)
+        return data
 
 
 def decode_command(data: bytes) -> Command:
@@ -740,7 +835,15 @@ def decode_command(data: bytes) -> Command:
     Raises:
         RemoteProtocolError: not a command this version understands.
     """
-    raw = wire.unpack_body(data, MAX_VALUE_BYTES + 64 * 1024)
+    raw = wire.unpack_body(data, MAX_BATCH_BYTES)
+    if len(data) > _MAX_COMMAND_BYTES and not (
+            type(raw) is list and len(raw) > 1 and raw[1] == CommandKind.BATCH):
+        raise RemoteProtocolError(
+            f"body of {len(data)} bytes exceeds limit {_MAX_COMMAND_BYTES}")
+    return _parse_command(raw, batch_ok=True)
+
+
+def _parse_command(raw: Any, *, batch_ok: bool) -> Command:
     if not isinstance(raw, list) or len(raw) < 3:
         raise RemoteProtocolError("command must be an array [format, kind, request_id, ...]")
     fmt, kind, request_id, *fields = raw
@@ -794,10 +897,19 @@ def decode_command(data: bytes) -> Command:
         elif ck is CommandKind.ALLOC_PLAN:
             (raw_ops,) = _array(fields, 1, "alloc_plan")
             cmd = AllocPlan(tuple(_plan_op(op) for op in _list(raw_ops, "ops")), rid)
-        else:
+        elif ck is CommandKind.ALLOC_REPORT:
             node, raw_reports = _array(fields, 2, "alloc_report")
             reports = tuple(_decode_report(r) for r in _list(raw_reports, "reports"))
             cmd = AllocReport(_node(node), reports, rid)
+        else:
+            if not batch_ok:
+                raise _Invalid("a batch inside a batch")
+            (raw_cmds,) = _array(fields, 1, "batch")
+            subs = [_parse_command(c, batch_ok=False) for c in _list(raw_cmds, "commands")]
+            cmd = Batch(tuple(c for c in subs if type(c) is KvPut or type(c) is KvDelete),
+                        rid)
+            if len(cmd.commands) != len(subs):
+                raise _Invalid("a batch holds key-value commands only")
     except (_Invalid, LocalProtocolError) as exc:
         raise RemoteProtocolError(f"bad {ck.name.lower()} command: {exc}") from None
     return cmd
@@ -969,12 +1081,29 @@ class MeshState:
         if len(self._expected) > EXPECTED_COMMANDS:
             self._expected.popitem(last=False)
 
-    def apply(self, entry: Entry) -> Result | None:
+    def expect_batch(self, data: bytes, commands: Sequence[bytes]) -> None:
+        """Like :meth:`expect`, for the batch ``data`` of ``commands`` (see
+        :class:`KvBatcher`): if every one of them is expected, the batch is
+        expected instead."""
+        parts: list[KvPut | KvDelete] = []
+        for c in commands:
+            cmd = self._expected.pop(c, None)
+            if type(cmd) is not KvPut and type(cmd) is not KvDelete:
+                return  # not noted (or forgotten): decoded when applied
+            parts.append(cmd)
+        try:
+            self.expect(data, Batch(tuple(parts)))
+        except LocalProtocolError:
+            pass  # not a valid batch: applying it says so
+
+    def apply(self, entry: Entry) -> Applied:
         """Apply one committed entry; never raises for bad data (see module doc).
 
         Returns:
-            The command's :class:`Result`, or ``None`` for entries that are not
-            commands (a leader's empty entry, a membership change).
+            The command's :class:`Result`; for a :class:`Batch`, a tuple with the
+            result of each of its commands (one invalid :class:`Result` if the
+            batch itself is invalid); ``None`` for entries that are not commands
+            (a leader's empty entry, a membership change).
         """
         assert entry.index == self._applied + 1, (
             f"applying entry {entry.index} after {self._applied}: entries must be applied in order"
@@ -989,11 +1118,16 @@ class MeshState:
             except RemoteProtocolError as exc:
                 LOGGER.warning("state_command_rejected index=%s reason=%s", entry.index, exc)
                 return Result(ResultCode.INVALID, entry.index, message=str(exc))
+        if type(cmd) is Batch:
+            return tuple([self._apply_command(c, entry.index) for c in cmd.commands])
+        return self._apply_command(cmd, entry.index)
+
+    def _apply_command(self, cmd: Command, index: int) -> Result:
         if cmd.request_id:
             seen = self._dedup.get(cmd.request_id)
             if seen is not None:
                 return replace(seen, duplicate=True)
-        result = self._execute(cmd, entry.index)
+        result = self._execute(cmd, index)
         if cmd.request_id:
             self._remember(cmd.request_id, result)
         return result

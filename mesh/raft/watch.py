@@ -95,7 +95,7 @@ from typing import Any, Final
 
 from mesh.errors import ConfigError, RemoteProtocolError
 from mesh.raft.messages import MAX_INDEX, Entry, EntryKind
-from mesh.raft.state import MeshState, Result
+from mesh.raft.state import Applied, MeshState
 from mesh.types import NodeId
 
 MAX_NODES_ON_WIRE: Final = 1024
@@ -817,7 +817,7 @@ class StateGate:
         """The index the Raft adapter applied (the adapter's ``StateMachine``)."""
         return self._raft_applied
 
-    def apply(self, entry: Entry) -> Result | None:
+    def apply(self, entry: Entry) -> Applied:
         """The adapter applies one committed entry (``applied_index + 1``)."""
         assert entry.index == self._raft_applied + 1, (
             f"raft applies {entry.index} after {self._raft_applied}")
