@@ -4,18 +4,24 @@ batch means, and the adapter's joining, on trio's autojump clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
+import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
-from test_raft_adapter import Cluster, put
+from test_raft_adapter import CONFIG, Cluster, put
 
 from mesh import wire
 from mesh.errors import LocalProtocolError, NotLeader, ProposalDropped, RemoteProtocolError
-from mesh.raft.messages import Entry
+from mesh.raft.adapter import RaftAdapter
+from mesh.raft.messages import Entry, HardState, Snapshot
 from mesh.raft.state import (
     MAX_BATCH_BYTES,
     MAX_BATCH_COMMANDS,
@@ -31,7 +37,8 @@ from mesh.raft.state import (
     decode_command,
     encode_batch,
 )
-from mesh.types import NodeId
+from mesh.raft.storage import FileStorage, bootstrap
+from mesh.types import Addr, NodeId
 
 # ------------------------------------------------------------------ the command
 
@@ -255,3 +262,57 @@ async def test_a_follower_refuses_batched_writes_at_once_and_a_crash_drops_the_b
             await waiting.wait()
         assert leader.statistics().proposals_lost == lost0 + 1
         nursery.cancel_scope.cancel()
+
+
+async def test_writes_waiting_behind_a_stalled_disk_time_out(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(CONFIG, propose_timeout_s=5.0)
+    me = NodeId("solo")
+    storage = _StallingStorage(tmp_path)
+    bootstrap(storage, [me])
+    state = MeshState()
+
+    class NoPeers:
+        async def open_stream(self, to: Addr, *, expect: NodeId | None = None) -> trio.abc.Stream:
+            raise AssertionError("a single voter has no peers")
+
+    adapter = RaftAdapter.create(config, me, storage, state, NoPeers(), lambda n: None,
+                                 rng=random.Random(3), batcher=KvBatcher(state))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(adapter.run)
+            await adapter.wait_leader()
+            storage.stall.clear()
+            first = adapter.propose_nowait(put("a"), batch_key="a", timeout_s=1e9)
+            await trio.to_thread.run_sync(storage.stalled.wait)  # the ready loop is stuck
+            behind = adapter.propose_nowait(put("b"), batch_key="b")
+            with pytest.raises(ProposalDropped, match="not proposed within the propose timeout"):
+                await behind.wait()
+            assert trio.current_time() >= behind.deadline
+            storage.stall.set()
+            result = await first.wait()  # proposed before the stall: it commits
+            assert isinstance(result, Result)
+            assert result.ok
+            assert state.get("b") is None
+            nursery.cancel_scope.cancel()
+    finally:
+        storage.close()
+
+
+class _StallingStorage(FileStorage):
+    """A WAL whose synced saves wait (in the adapter's storage thread) until
+    ``stall`` is set."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, sync=False)
+        self.stall = threading.Event()
+        self.stall.set()
+        self.stalled = threading.Event()
+
+    def save(self, hard_state: HardState | None, entries: Sequence[Entry],
+             snapshot: Snapshot | None = None, *, sync: bool = True) -> None:
+        if sync and not self.stall.is_set():
+            self.stalled.set()
+            self.stall.wait()
+        super().save(hard_state, entries, snapshot, sync=sync)

@@ -409,7 +409,7 @@ class RaftAdapter:
         self._inbound: set[trio.abc.Stream] = set()
         self._proposals: dict[int, Proposal | _Joined] = {}
         self._batcher = batcher
-        self._batch: list[tuple[bytes, Proposal]] = []
+        self._batch: list[tuple[bytes, Proposal, Hashable]] = []
         """Proposals waiting to be joined into the next entry (see
         :meth:`propose_nowait`)."""
         self._batch_keys: set[Hashable] = set()
@@ -705,7 +705,7 @@ class RaftAdapter:
         now = trio.current_time()
         timeout = self._cfg.propose_timeout_s if timeout_s is None else timeout_s
         proposal = Proposal(self._core.term, now, now + timeout)
-        self._batch.append((command, proposal))
+        self._batch.append((command, proposal, batch_key))
         self._batch_keys.add(batch_key)
         self._batch_bytes += len(command)
         self._kick()
@@ -913,21 +913,21 @@ class RaftAdapter:
         assert self._batcher is not None
         try:
             if len(batch) == 1:
-                command, proposal = batch[0]
+                command, proposal, _ = batch[0]
                 eid = self._core.propose(command)
                 proposal.term = eid.term
                 self._proposals[eid.index] = proposal
                 return
-            eid = self._core.propose(self._batcher.join([c for c, _ in batch]))
+            eid = self._core.propose(self._batcher.join([c for c, _, _ in batch]))
         except (NotLeader, ProposalDropped) as exc:
             # Accepted a moment ago, in this ready loop turn: the leadership
             # changed since, or the log is full.
             lost = exc if isinstance(exc, ProposalDropped) else ProposalDropped(
                 "this node lost the leadership before the write was proposed; retry")
-            for _, proposal in batch:
+            for _, proposal, _ in batch:
                 self._lose(proposal, lost)
             return
-        self._proposals[eid.index] = _Joined(eid.term, [p for _, p in batch])
+        self._proposals[eid.index] = _Joined(eid.term, [p for _, p, _ in batch])
 
     def _track(self, index: int, term: int, timeout_s: float | None) -> Proposal:
         now = trio.current_time()
@@ -1077,13 +1077,27 @@ class RaftAdapter:
                     "is unknown: retry with the same request id"
                 ),
             )
+        if any(p.deadline <= now for _, p, _ in self._batch):
+            # The ready loop has not turned since (a stalled disk): never proposed.
+            waiting, self._batch = self._batch, []
+            self._batch_keys = set()
+            self._batch_bytes = 0
+            for command, proposal, key in waiting:
+                if proposal.deadline > now:
+                    self._batch.append((command, proposal, key))
+                    self._batch_keys.add(key)
+                    self._batch_bytes += len(command)
+                else:
+                    self._lose(proposal, ProposalDropped(
+                        "the write was not proposed within the propose timeout (this node's "
+                        "storage is slow); retry"))
 
     def _fail_proposals(self, error: ProposalDropped) -> None:
         proposals, self._proposals = self._proposals, {}
         batch, self._batch = self._batch, []
         self._batch_keys = set()
         self._batch_bytes = 0
-        for proposal in [*proposals.values(), *(p for _, p in batch)]:
+        for proposal in [*proposals.values(), *(p for _, p, _ in batch)]:
             self._lose(proposal, error)
 
     def _lose(self, proposal: Proposal | _Joined, error: ProposalDropped) -> None:
