@@ -4,19 +4,26 @@ Voters are chosen automatically (3), other nodes watch a voter (read replicas, n
 learners once settled),
 writes through any node are forwarded to the leader, and the leader's SIGKILL is
 survived: a new leader takes writes and the dead voter is replaced by a member with
-no operator action. Daemons run on 127.0.0.140-127.0.0.149; every test kills what it
-started. Tests wait on conditions, never on a fixed time.
+no operator action. ``meshctl kv watch`` on a watcher prints the changes written
+through another node as they commit. Daemons run on 127.0.0.140-127.0.0.149; every
+test kills what it started. Tests wait on conditions, never on a fixed time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Cluster, Daemon, loopback_ips, meshctl
+from daemons import Cluster, Daemon, DaemonError, loopback_ips, meshctl
 
 FORM_TIMEOUT_S = 30.0
 
@@ -86,3 +93,75 @@ def test_leader_sigkill_new_leader_takes_writes_and_voter_is_replaced(four: Clus
         "the dead voter to be replaced")
     assert spare.name in new["voters"]
     assert meshctl(spare, "kv", "get", "after").stdout.strip() == "failover"
+
+
+def read_lines(proc: subprocess.Popen[bytes], count: int, timeout_s: float) -> list[str]:
+    """The first ``count`` lines ``proc`` prints, read as they come (a deadline,
+    not a sleep); fails with its stderr if it exits or stays silent."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while data.count(b"\n") < count:
+        left = deadline - time.monotonic()
+        ready = select.select([fd], [], [], max(0.0, min(left, 1.0)))[0]
+        chunk = os.read(fd, 65_536) if ready else b""
+        data += chunk
+        problem = ("exited" if ready and not chunk
+                   else f"printed nothing more within {timeout_s:g}s" if left <= 0 else "")
+        if problem:
+            os.kill(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise DaemonError(f"meshctl kv watch printed {data!r} and {problem}; stderr: "
+                              f"{err.decode(errors='replace')}")
+    return data.decode().splitlines()[:count]
+
+
+def test_kv_watch_prints_changes_under_a_prefix_as_they_commit(four: Cluster) -> None:
+    st = settled(four, four["n0"], voters=3, learners=0)
+    watcher = watcher_of(four, st)
+    writer = four[st["voters"][0]]
+
+    def write(*args: str) -> int:
+        done = meshctl(writer, "kv", *args, "--json")
+        assert done.returncode == 0, done.stderr
+        return int(json.loads(done.stdout)["index"])
+
+    def watch(*args: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        return subprocess.Popen(
+            [sys.executable, "-m", "mesh.node.cli", "--socket", str(watcher.socket_path),
+             "kv", "watch", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    start = write("put", "before", "x")
+    proc = watch("w/", "--after", str(start), "--json")
+    try:
+        a = write("put", "w/a", "1")
+        write("put", "other", "z")                  # not under the prefix
+        b = write("put", "w/b", "2")
+        gone = write("del", "w/a")
+        events = [json.loads(line) for line in read_lines(proc, 3, 30)]
+        assert events == [
+            {"index": a, "op": "put", "key": "w/a", "value": "1", "create_index": a,
+             "mod_index": a},
+            {"index": b, "op": "put", "key": "w/b", "value": "2", "create_index": b,
+             "mod_index": b},
+            {"index": gone, "op": "del", "key": "w/a", "create_index": 0, "mod_index": gone},
+        ]
+        os.kill(proc.pid, signal.SIGINT)            # Ctrl-C: a quiet exit, status 0
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert err == b""
+        # The node it talks to dies: exit 1, saying where to resume.
+        proc = watch("w/", "--after", str(gone))
+        c = write("put", "w/c", "3")
+        assert read_lines(proc, 1, 30) == [f"put w/c=3 (index {c})"]
+        watcher.kill()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1
+        assert f"kv watch stopped after index {c} (resume with --after {c})" in err.decode()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

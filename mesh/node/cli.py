@@ -1,6 +1,7 @@
 """``meshctl``: talk to the local meshd over its API socket.
 
-Output is a table for people and, with ``--json``, a stable document for tools.
+Output is a table for people and, with ``--json``, a stable document for tools
+(``kv watch`` prints a line per change as it comes, until Ctrl-C: exit status 0).
 Errors are one line on stderr saying what to do, with exit status 1.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
@@ -22,6 +24,11 @@ from mesh.node import api, cli_workloads
 from mesh.types import Addr
 
 DEFAULT_SOCKET = "/var/lib/meshd/meshd.sock"
+
+WATCH_WAIT_S = 30.0
+"""The long poll ``kv watch`` asks for in each call (meshd cuts it to its own
+limit); the call's timeout adds :data:`mesh.node.api.API_TIMEOUT_S` to it, room
+for a linearizable read point."""
 
 
 def format_age(seconds: float) -> str:
@@ -102,9 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--cas", type=int, default=None, help="as for put")
     ls = kv_sub.add_parser("ls", help="list keys under a prefix")
     ls.add_argument("prefix", nargs="?", default="")
+    watch = kv_sub.add_parser(
+        "watch", help="print each change of the keys under a prefix as it is committed, "
+        "one line each (`put KEY=VALUE (index N)`, `del KEY (index N)`), until Ctrl-C")
+    watch.add_argument("prefix", nargs="?", default="",
+                       help="watch the keys that start with this (default: every key)")
+    watch.add_argument("--after", type=int, default=None, metavar="INDEX",
+                       help="start with the changes after this log index (default: from "
+                       "now); an index printed earlier resumes a watch without a gap")
     for p in (put, get, delete, ls):
         p.add_argument("--json", action="store_true", help="print JSON")
-    for p in (get, ls):
+    watch.add_argument("--json", action="store_true", help="print one JSON object per line")
+    for p in (get, ls, watch):
         p.add_argument("--stale", action="store_true",
                        help="read this node's replica without asking the leader")
     raft = sub.add_parser("raft", help="the Raft group that holds the desired state")
@@ -138,10 +154,26 @@ class Client:
     def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+    async def call(self, method: str, params: dict[str, Any] | None = None, *,
+                   timeout_s: float | None = None) -> Any:
+        """Call ``method``; ``timeout_s`` bounds the call (default: the local API's
+        usual bound, none over ``--addr``).
+
+        Raises:
+            MeshError: unreachable, timed out, or the call failed.
+        """
         if not self._args.addr:
-            return await api.call(socket_path(self._args), method, params)
-        return await self._call_remote(method, params)
+            if timeout_s is None:
+                return await api.call(socket_path(self._args), method, params)
+            return await api.call(socket_path(self._args), method, params, timeout_s=timeout_s)
+        if timeout_s is None:
+            return await self._call_remote(method, params)
+        try:
+            with trio.fail_after(timeout_s):
+                return await self._call_remote(method, params)
+        except trio.TooSlowError:
+            raise MeshError(f"meshd at {self._args.addr} did not answer within "
+                            f"{timeout_s:g}s") from None
 
     async def _call_remote(self, method: str, params: dict[str, Any] | None) -> Any:
         try:
@@ -182,7 +214,8 @@ def _keys_detail(result: list[dict[str, Any]]) -> str:
     return ", ".join(k["id"] + (" (primary)" if k["primary"] else "") for k in result)
 
 
-async def _run(args: argparse.Namespace) -> str:
+async def _run(args: argparse.Namespace) -> str | None:
+    """Run the command; returns what to print, or ``None`` if it printed already."""
     client = Client(args)
     if args.command in cli_workloads.WORKLOAD_COMMANDS or (
             args.command == "node" and args.node_command in cli_workloads.NODE_COMMANDS):
@@ -233,6 +266,9 @@ async def _run(args: argparse.Namespace) -> str:
                  "gossip key rotated without it:",
                  per_node_table(result["key_rotation"]["remove"], _keys_detail)]
         return "\n".join(lines)
+    if args.command == "kv" and args.kv_command == "watch":
+        await kv_watch_until_interrupted(client, args, sys.stdout, sys.stderr)
+        return None
     if args.command == "kv":
         return await _kv(client, args)
     if args.command == "raft" and args.raft_command == "recover":
@@ -281,6 +317,83 @@ async def _kv(client: Client, args: argparse.Namespace) -> str:
         return json.dumps(entries, indent=2)
     return format_table(["KEY", "VALUE", "MODIFY INDEX"],
                         [[e["key"], str(e["value"])[:60], str(e["mod_index"])] for e in entries])
+
+
+async def kv_watch_until_interrupted(client: Client, args: argparse.Namespace, out: TextIO,
+                                     err: TextIO) -> None:
+    """``meshctl kv watch`` until Ctrl-C (then it returns: exit status 0).
+
+    Raises:
+        MeshError: see :func:`kv_watch`.
+    """
+    failure: MeshError | None = None
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_interrupt() -> None:
+                async for _ in interrupts:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_interrupt)
+            try:
+                await kv_watch(client, args, out, err)
+            except MeshError as exc:  # raised below, outside the nursery: not in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def kv_watch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+    """Call ``kv_watch`` in a loop, each time after the index of the last answer,
+    and print every event on ``out`` as it arrives, one flushed line each (see
+    :func:`watch_line`). A compacted answer (the watch fell too far behind) is
+    announced on ``err``. Returns only if ``out`` is closed by its reader.
+
+    Raises:
+        MeshError: meshd is unreachable or refused the watch; the message says
+            which index to resume after.
+    """
+    after: int | None = args.after
+    while True:
+        params: dict[str, Any] = {"prefix": args.prefix, "wait_s": WATCH_WAIT_S,
+                                  "stale": args.stale}
+        if after is not None:
+            params["after"] = after
+        try:
+            answer = await client.call("kv_watch", params,
+                                       timeout_s=WATCH_WAIT_S + api.API_TIMEOUT_S)
+        except (MeshError, trio.BrokenResourceError) as exc:
+            where = "" if after is None else f" after index {after} (resume with --after {after})"
+            raise MeshError(f"kv watch stopped{where}: {exc}") from None
+        try:
+            if answer["compacted"]:
+                print(f"meshctl: changes under {args.prefix!r} after index {after} were "
+                      "compacted away (this watch fell too far behind); the current values "
+                      "follow, and keys deleted meanwhile are not shown", file=err, flush=True)
+            for event in answer["events"]:
+                print(watch_line(event, as_json=args.json), file=out, flush=True)
+        except BrokenPipeError:
+            # `meshctl kv watch | head`: the reader left; that is not an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            return
+        after = answer["index"]
+
+
+def watch_line(event: dict[str, Any], *, as_json: bool) -> str:
+    """One ``kv watch`` event as a line: ``put KEY=VALUE (index N)`` or ``del KEY
+    (index N)`` (a value that is not printable text is shown JSON-quoted), or with
+    ``as_json`` the event as a JSON object, its value decoded as by ``kv get``."""
+    event = _printable(event)
+    if as_json:
+        return json.dumps(event)
+    if event["op"] == "del":
+        return f"del {event['key']} (index {event['index']})"
+    value = str(event["value"])
+    if not value.isprintable():
+        value = json.dumps(value, ensure_ascii=False)
+    return f"put {event['key']}={value} (index {event['index']})"
 
 
 def raft_recover(data_dir: Path, yes: bool) -> str:
@@ -369,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         output = trio.run(_run, args)
+        if output is None:
+            return 0
         try:
             print(output)
             sys.stdout.flush()

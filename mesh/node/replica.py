@@ -36,6 +36,8 @@ retry) over one kept-open link per node that carries many calls at once
 (:class:`~mesh.node.api.RpcLink`). Reads are linearizable (ReadIndex) unless
 ``stale`` is asked for; on a watcher a linearizable read asks a voter for a read
 index (``raft_read_index``) and waits until the watch stream has applied it.
+``kv_watch`` (``meshctl kv watch``) long-polls the readers' state's change list for
+keys under a prefix, so it works the same on voters and watchers.
 
 Resource handling:
     :meth:`Replica.open` opens the WAL (blocking, in a thread); :meth:`Replica.aclose`
@@ -52,7 +54,9 @@ Error handling:
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -65,22 +69,27 @@ from mesh.gossip.core import Membership, MemberView
 from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
+from mesh.node.messages import MAX_API_FRAME_BYTES
 from mesh.node.metrics import Metric, counter, gauge, summary
 from mesh.node.trust import Trust
 from mesh.raft import voters
 from mesh.raft.adapter import Proposal, RaftAdapter
 from mesh.raft.config import RaftConfig
 from mesh.raft.state import (
+    MAX_INDEX,
+    Change,
     Command,
     DenyAdd,
     KvBatcher,
     KvDelete,
+    KvEntry,
     KvPut,
     MeshState,
     Result,
+    Table,
     decode_command,
 )
-from mesh.raft.storage import FileStorage, bootstrap
+from mesh.raft.storage import Compacted, FileStorage, bootstrap
 from mesh.raft.watch import (
     AnswerKind,
     ApplyEntries,
@@ -117,6 +126,22 @@ leader) watches a voter instead: it was removed, or is cut off from the leader."
 
 WATCHERS_RECENT_S = 30.0
 """A voter lists the watchers that asked it within this many seconds."""
+
+KV_LIST_MAX = 10_000
+"""Most entries one ``kv_ls`` answer (or one compacted ``kv_watch`` answer) holds."""
+
+KV_WATCH_MAX_WAIT_S = 30.0
+"""Longest long poll of one ``kv_watch`` call (a longer ``wait_s`` is cut to this);
+a client's own timeout must be longer."""
+
+KV_WATCH_MAX_EVENTS = 1000
+"""The ``limit`` a ``kv_watch`` answer passes to ``changes_since`` (one log index
+is never split, so an answer may hold a few more)."""
+
+KV_WATCH_MAX_BYTES = MAX_API_FRAME_BYTES // 2
+"""Keys and values in one ``kv_watch`` answer, at most (8 MiB: half the API frame
+limit, leaving room for the rest of each event); the first log index of an answer
+is sent whole even if it is bigger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +488,7 @@ class Replica:
             "kv_get": self.kv_get,
             "kv_del": self.kv_del,
             "kv_ls": self.kv_ls,
+            "kv_watch": self.kv_watch,
             "raft_status": self.raft_status,
             "raft_transfer": self.raft_transfer,
             "raft_read_index": self.raft_read_index,
@@ -748,7 +774,49 @@ class Replica:
         if not isinstance(prefix, str):
             raise api.ApiError("prefix must be text")
         await self.read_point(params)
-        return [e.as_dict() for e in self.state.items(prefix, limit=10_000)]
+        return [e.as_dict() for e in self.state.items(prefix, limit=KV_LIST_MAX)]
+
+    async def kv_watch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API: the changes of keys under ``prefix`` after index ``after`` (a long
+        poll); works on voters and watchers alike (it reads the readers' state).
+
+        Args:
+            params: ``prefix`` (text, default ``""``: every key); ``after``, the
+                ``index`` of the previous answer, or absent to start from now:
+                the replica's applied index after a linearizable read point (as
+                ``kv_get``), or without one if ``stale`` is true; ``wait_s``,
+                seconds to wait for a change (default 0: answer at once), cut to
+                :data:`KV_WATCH_MAX_WAIT_S` (an answer with changes comes as soon
+                as there are some).
+
+        Returns:
+            ``{"index", "events", "compacted"}``, see :func:`kv_watch_answer`.
+
+        Raises:
+            ApiError: a bad parameter, no read point (see :meth:`read_point`), or
+                a compacted answer that would not fit.
+        """
+        prefix = params.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise api.ApiError("prefix must be text")
+        after = params.get("after")
+        if after is not None and (type(after) is not int or not 0 <= after <= MAX_INDEX):
+            raise api.ApiError("after takes a log index (an integer >= 0): the index of the "
+                               "previous answer, or none to start from now")
+        wait_s = params.get("wait_s", 0)
+        if type(wait_s) not in (int, float) or not 0 <= wait_s < math.inf:
+            raise api.ApiError("wait_s takes seconds (a number >= 0)")
+        if after is None:
+            await self.read_point(params)
+            after = self.state.applied_index
+        deadline = trio.current_time() + min(wait_s, KV_WATCH_MAX_WAIT_S)
+        while True:
+            answer = kv_watch_answer(self.state, after, prefix)
+            if answer["events"] or answer["compacted"] or trio.current_time() >= deadline:
+                return answer
+            after = answer["index"]  # nothing under the prefix up to there
+            with trio.move_on_at(deadline):
+                await self.wait_changed()
 
     async def raft_status(self, params: dict[str, Any]) -> dict[str, Any]:
         return self.status()
@@ -816,6 +884,80 @@ class Replica:
             counter(r + "snapshots_restored_total", "Snapshots received from a leader.",
                   stats.snapshots_restored),
         ]
+
+
+def kv_watch_answer(state: MeshState, after: int, prefix: str) -> dict[str, Any]:
+    """One ``kv_watch`` answer: the changes of keys under ``prefix`` after ``after``.
+
+    Returns:
+        ``index``: what the client passes as ``after`` next (every change under
+        the prefix up to it is answered); ``events``: the changes in index order,
+        each ``{"index", "op": "put"|"del", "key", "value" (bytes, put only),
+        "create_index", "mod_index"}`` (a ``del`` has ``create_index`` 0 and
+        ``mod_index`` = its ``index``), at most about :data:`KV_WATCH_MAX_EVENTS`
+        and :data:`KV_WATCH_MAX_BYTES`, never part of a log index; ``compacted``:
+        the changes after ``after`` are no longer kept (the watcher fell too far
+        behind, or the replica restored a snapshot), so ``events`` are instead
+        every entry under the prefix now, as ``put`` events at their
+        ``mod_index``, and ``index`` is the applied index. Keys deleted in that
+        gap are not reported.
+
+    Raises:
+        ApiError: compacted, and more than :data:`KV_LIST_MAX` entries or
+            :data:`KV_WATCH_MAX_BYTES` are under the prefix.
+    """
+    applied = state.applied_index
+    if state.last_change(Table.KV) <= after:  # cheap, and exact even when compacted
+        return {"index": max(after, applied), "events": [], "compacted": False}
+    try:
+        changes = state.changes_since(after, table=Table.KV, prefix=prefix,
+                                      limit=KV_WATCH_MAX_EVENTS)
+    except Compacted:
+        entries = state.items(prefix, limit=KV_LIST_MAX + 1)
+        if len(entries) > KV_LIST_MAX or sum(
+                len(e.key.encode("utf-8", "surrogatepass")) + len(e.value)
+                for e in entries) > KV_WATCH_MAX_BYTES:
+            raise api.ApiError(
+                f"this watch fell behind (changes after index {after} are no longer kept) "
+                f"and the keys under {prefix!r} are too many to send again in one answer "
+                f"(over {KV_LIST_MAX} or {KV_WATCH_MAX_BYTES // 2**20} MiB); watch a "
+                "narrower prefix") from None
+        return {"index": applied, "compacted": True,
+                "events": [_put_event(e.mod_index, e) for e in entries]}
+    kept = _whole_indexes_within(changes, KV_WATCH_MAX_BYTES)
+    cut = len(kept) < len(changes) or len(changes) >= KV_WATCH_MAX_EVENTS
+    return {"index": kept[-1].index if cut else max(after, applied), "compacted": False,
+            "events": [_kv_event(ch) for ch in kept]}
+
+
+def _whole_indexes_within(changes: list[Change], max_bytes: int) -> list[Change]:
+    """The longest head of ``changes`` made of whole log indexes whose keys and
+    values fit ``max_bytes`` (the first index always, whatever its size)."""
+    kept: list[Change] = []
+    size = 0
+    for _, group in itertools.groupby(changes, key=lambda ch: ch.index):
+        batch = list(group)
+        size += sum(len(ch.key.encode("utf-8", "surrogatepass"))
+                    + (len(ch.record.value) if isinstance(ch.record, KvEntry) else 0)
+                    for ch in batch)
+        if kept and size > max_bytes:
+            break
+        kept += batch
+    return kept
+
+
+def _put_event(index: int, entry: KvEntry) -> dict[str, Any]:
+    return {"index": index, "op": "put", "key": entry.key, "value": entry.value,
+            "create_index": entry.create_index, "mod_index": entry.mod_index}
+
+
+def _kv_event(change: Change) -> dict[str, Any]:
+    record = change.record
+    if record is None:
+        return {"index": change.index, "op": "del", "key": change.key, "create_index": 0,
+                "mod_index": change.index}
+    assert isinstance(record, KvEntry), f"KV change of {change.key!r} holds {record!r:.80}"
+    return _put_event(change.index, record)
 
 
 def _not_committed(exc: ProposalDropped) -> str:

@@ -75,7 +75,8 @@ The log index of the entry that last changed a record is its ``mod_index``
 (etcd's ``mod_revision``, Consul's ``ModifyIndex``); a key also keeps its
 ``create_index``. Every change is appended to a bounded event list;
 :meth:`MeshState.changes_since` returns the changes after an index so that a
-watch stream can resume where it stopped, or raises
+watch stream can resume where it stopped (one entry may make several changes at
+its index; a limited page never splits them), or raises
 :class:`~mesh.raft.storage.Compacted` when they were dropped (the watcher then
 starts over from a full read or a snapshot).
 
@@ -1038,13 +1039,18 @@ class MeshState:
             index: the last index the watcher has seen (0: from the start).
             table: only changes of this table (default all).
             prefix: only changes whose key starts with this.
-            limit: at most this many changes (the watcher asks again from the
-                last one's index).
+            limit: cut the list after the ``limit``-th change (positive), but
+                never inside one log index: one entry may make several changes
+                (an allocation plan, several KV commands), all at its index, so
+                the list runs on to the last change of that index and may hold
+                more than ``limit``. Every change at the last index returned is
+                in the list: the watcher resumes with ``changes_since(last.index)``.
 
         Raises:
             Compacted: changes after ``index`` are no longer kept; read the
                 whole state (or a snapshot) and resume from its index.
         """
+        assert limit is None or limit > 0, f"limit {limit} must be positive"
         if index < self._events_floor:
             raise Compacted(
                 f"changes since {index} are gone (kept from {self._events_floor}); "
@@ -1062,12 +1068,15 @@ class MeshState:
                 lo = mid + 1
             else:
                 hi = mid
+        cut: int | None = None  # once ``limit`` is reached: the last index still taken
         for i in range(lo, len(events)):
             ch = events[i]
+            if cut is not None and ch.index > cut:
+                break
             if (table is None or ch.table is table) and ch.key.startswith(prefix):
                 out.append(ch)
-                if limit is not None and len(out) >= limit:
-                    break
+                if cut is None and limit is not None and len(out) >= limit:
+                    cut = ch.index
         return out
 
     # ------------------------------------------------------------------ apply
