@@ -20,7 +20,7 @@ from test_raft_adapter import CONFIG, Cluster, put
 
 from mesh import wire
 from mesh.errors import LocalProtocolError, NotLeader, ProposalDropped, RemoteProtocolError
-from mesh.raft.adapter import RaftAdapter
+from mesh.raft.adapter import RaftAdapter, _StorageThread
 from mesh.raft.messages import Entry, HardState, Snapshot
 from mesh.raft.state import (
     MAX_BATCH_BYTES,
@@ -316,3 +316,15 @@ class _StallingStorage(FileStorage):
             self.stalled.set()
             self.stall.wait()
         super().save(hard_state, entries, snapshot, sync=sync)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling classes")
+async def test_the_storage_thread_does_not_preempt_the_trio_thread() -> None:
+    thread = _StorageThread("raft-storage-test")
+    thread.start()
+    try:
+        policy = await thread.call(lambda: os.sched_getscheduler(0))
+    finally:
+        thread.stop()
+    assert policy == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # only that thread
