@@ -946,6 +946,9 @@ class MeshState:
         """Every change with an index above this is in ``_events``."""
         self._table_changed: dict[Table, int] = {}
         """Per table, the index of its latest change (see :meth:`last_change`)."""
+        self._ok = Result(ResultCode.OK, 0)
+        """The result of a successful put at ``_ok.index`` (the puts of a batch
+        share it)."""
         self._expected: OrderedDict[bytes, Command] = OrderedDict()
         """Commands this node built or validated, by their encoded bytes (see
         :meth:`expect`)."""
@@ -1157,7 +1160,10 @@ class MeshState:
             new = KvEntry(cmd.key, cmd.value, cur.create_index if cur else index, index)
             self._kv[cmd.key] = new
             self._record(Change(index, Table.KV, cmd.key, new))
-            return Result(ResultCode.OK, index, index)
+            ok = self._ok
+            if ok.index != index:  # one shared (immutable) result per batch
+                ok = self._ok = Result(ResultCode.OK, index, index)
+            return ok
         if isinstance(cmd, KvDelete):
             cur = self._kv.get(cmd.key)
             problem = _cas_problem(cmd.key, cur, cmd.cas)
