@@ -339,3 +339,18 @@ async def test_bad_params_are_refused(
         assert "kv_watch" in replica.handlers()
         with pytest.raises(api.ApiError, match=message):
             await replica.handlers()["kv_watch"](params)
+
+
+async def test_kv_ls_refuses_a_listing_one_answer_cannot_carry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with solo(tmp_path) as replica:
+        big = b"x" * MAX_VALUE_BYTES
+        for i in range(KV_WATCH_MAX_BYTES // len(big) + 1):
+            await put(replica, f"big/{i:02d}", big)
+        await put(replica, "small/a", b"1")
+        with pytest.raises(api.ApiError, match="list a narrower prefix"):
+            await replica.kv_ls({"prefix": "big/"})
+        listed = await replica.kv_ls({"prefix": "big/0"})  # fewer: fits
+        assert [e["key"] for e in listed] == [f"big/0{i}" for i in range(10)]
+        assert [e["key"] for e in await replica.kv_ls({"prefix": "small/"})] == ["small/a"]

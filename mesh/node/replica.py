@@ -141,7 +141,7 @@ is never split, so an answer may hold a few more)."""
 KV_WATCH_MAX_BYTES = MAX_API_FRAME_BYTES // 2
 """Keys and values in one ``kv_watch`` answer, at most (8 MiB: half the API frame
 limit, leaving room for the rest of each event); the first log index of an answer
-is sent whole even if it is bigger."""
+is sent whole even if it is bigger. A ``kv_ls`` answer holds no more either."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -770,11 +770,23 @@ class Replica:
         return entry.as_dict()
 
     async def kv_ls(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """API: every entry under ``prefix``, in key order.
+
+        Raises:
+            ApiError: more than :data:`KV_LIST_MAX` entries or
+                :data:`KV_WATCH_MAX_BYTES` of keys and values are under the prefix
+                (one answer could not carry them).
+        """
         prefix = params.get("prefix", "")
         if not isinstance(prefix, str):
             raise api.ApiError("prefix must be text")
         await self.read_point(params)
-        return [e.as_dict() for e in self.state.items(prefix, limit=KV_LIST_MAX)]
+        entries = self.state.items(prefix, limit=KV_LIST_MAX + 1)
+        if len(entries) > KV_LIST_MAX or _kv_bytes(entries) > KV_WATCH_MAX_BYTES:
+            raise api.ApiError(
+                f"more than {KV_LIST_MAX} keys or {KV_WATCH_MAX_BYTES // 2**20} MiB are under "
+                f"{prefix!r}; list a narrower prefix")
+        return [e.as_dict() for e in entries]
 
     async def kv_watch(self, params: dict[str, Any]) -> dict[str, Any]:
         """API: the changes of keys under ``prefix`` after index ``after`` (a long
@@ -914,9 +926,7 @@ def kv_watch_answer(state: MeshState, after: int, prefix: str) -> dict[str, Any]
                                       limit=KV_WATCH_MAX_EVENTS)
     except Compacted:
         entries = state.items(prefix, limit=KV_LIST_MAX + 1)
-        if len(entries) > KV_LIST_MAX or sum(
-                len(e.key.encode("utf-8", "surrogatepass")) + len(e.value)
-                for e in entries) > KV_WATCH_MAX_BYTES:
+        if len(entries) > KV_LIST_MAX or _kv_bytes(entries) > KV_WATCH_MAX_BYTES:
             raise api.ApiError(
                 f"this watch fell behind (changes after index {after} are no longer kept) "
                 f"and the keys under {prefix!r} are too many to send again in one answer "
@@ -1018,3 +1028,8 @@ class _PendingWrite:
         if not result.ok:
             raise api.ApiError(result.message or result.code.value)
         return result.as_dict()
+
+
+def _kv_bytes(entries: list[KvEntry]) -> int:
+    """The bytes of the keys and values of ``entries``."""
+    return sum(len(e.key.encode("utf-8", "surrogatepass")) + len(e.value) for e in entries)
