@@ -10,7 +10,7 @@ exact virtual times. ``wall_clock`` is ``trio.current_time`` too, so a workload'
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ from mesh.raft.state import (
     RunOp,
     ServicePut,
     StopOp,
+    Table,
 )
 from mesh.testing.fakes import FakeDriver
 from mesh.types import AllocId, NodeId, ServiceId
@@ -93,8 +94,13 @@ class FakeReplica:
     def leader(self) -> NodeId | None:
         return self.raft.leader
 
-    async def wait_changed(self) -> None:
+    async def wait_changed(self, tables: Collection[Table] = (), *, applied: bool = False,
+                           view: bool = False) -> int:
+        """Wakes at every commit, whatever it changed (more often than a replica:
+        the agent must not care)."""
+        seen = self.state.applied_index
         await self.raft.wait_changed()
+        return seen
 
     async def wait_fresh(self) -> None:
         await self.fresh.wait()
@@ -166,7 +172,7 @@ async def test_nothing_is_started_before_the_replica_has_caught_up(
     replica.fresh = trio.Event()  # a restarted node whose replica may be stale
     async with running_agent(replica, driver):
         await trio.sleep(30.0)
-        assert driver.started == ()
+        assert not driver.started
         replica.fresh.set()
         await replica.wait_for(replica.in_state("running"))
         assert [r.alloc for r in driver.started] == [FIRST]

@@ -76,19 +76,19 @@ class Wakeup:
 
 
 async def wake_on_changes(replica: Replica, tables: frozenset[Table], wake: Wakeup,
-                          on_ready: Callable[[], None] | None = None) -> None:
+                          on_view: Callable[[], None] | None = None) -> None:
     """Set ``wake`` whenever a change of one of ``tables`` is applied on this node,
-    by Raft or by the watch stream (and when the change list was compacted past what
-    was seen: a snapshot restore); ``on_ready`` runs after every such wake-up of the
-    replica (leadership checks). Runs until cancelled."""
+    by Raft or by the watch stream (a snapshot restore changes every table);
+    ``on_view`` (leadership checks) runs at each wake-up of this task, which with
+    ``on_view`` includes every change of the replica's view of the group (see
+    :meth:`Replica.wait_changed`). Other changes (key-value writes) do not wake it.
+    Runs until cancelled."""
     state = replica.state
     seen = state.applied_index
     while True:
-        await replica.wait_changed()
-        if on_ready is not None:
-            on_ready()
-        if state.applied_index == seen:
-            continue
+        await replica.wait_changed(tables, view=on_view is not None)
+        if on_view is not None:
+            on_view()
         if any(state.last_change(t) > seen for t in tables):
             wake.set()
         seen = state.applied_index
@@ -147,7 +147,9 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Reconcile until cancelled."""
+        """Reconcile until cancelled: at each change of this node's services and
+        allocations (tables ``SERVICE``, ``ALLOC``), when a lost leader is found
+        again, at each driver event and action's end, and every :data:`POLL_S`."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wake_on_changes, self._replica,
                                frozenset({Table.SERVICE, Table.ALLOC}), self._wake,
@@ -168,7 +170,8 @@ class Agent:
                     await self._wake.wait()
 
     def _check_leader(self) -> None:
-        """Note when this node loses and regains a leader (self-fencing)."""
+        """Note when this node loses and regains a leader (self-fencing); runs at
+        every change of the replica's view (:attr:`Replica.leader` is part of it)."""
         leader = self._replica.leader
         if leader is None and self._lost_leader_at is None:
             self._lost_leader_at = trio.current_time()
@@ -340,7 +343,10 @@ class Planner:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Plan until cancelled (idle while not the leader)."""
+        """Plan until cancelled (idle while not the leader): at each change of the
+        tables the orchestrator reads (``SERVICE``, ``ALLOC``, ``NODE``), at each
+        membership event, when this node starts leading, and every
+        :data:`PLAN_PERIOD_S` (or the orchestrator's next deadline)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wake_on_members, self._subscribe, self._wake)
             nursery.start_soon(wake_on_changes, self._replica,
@@ -359,6 +365,8 @@ class Planner:
                     await trio.sleep(PLAN_DEBOUNCE_S)
 
     def _check_leadership(self) -> None:
+        """Wake the planner when this node starts or stops leading; runs at every
+        change of the replica's view (the Raft role is part of it)."""
         if self._replica.raft.is_leader != self._led:
             self._led = self._replica.raft.is_leader
             self._wake.set()

@@ -357,7 +357,9 @@ async def _feed_dns(node: Node, builder: CatalogBuilder, dns: DnsServer) -> None
     SWIM declares dead leaves the answers the moment this node learns it, and an
     endpoint appears as soon as the report that it is ready is applied here. Each
     wake-up applies only what changed (:class:`CatalogFeed`), and the DNS server
-    drops only the cached answers of the names involved."""
+    drops only the cached answers of the names involved. It wakes at membership
+    events and changes of the tables the catalogue reads (``ALLOC``, ``SERVICE``),
+    never at key-value writes or leader changes."""
     assert node.replica is not None
     replica = node.replica
     feed = CatalogFeed(builder)
@@ -411,21 +413,23 @@ class EventFeed:
                         self._added()
 
     async def _follow_raft(self) -> None:
+        """Log leader changes and the changes of :attr:`TABLES`: wakes at changes of
+        those tables and of the replica's view (the leader), not at key-value
+        writes, and reads the changes from the index :meth:`Replica.wait_changed`
+        vouches for (those it slept through are of other tables)."""
         assert self._node.replica is not None
         replica = self._node.replica
         state = replica.state
         self.log.seed([*state.services(), *state.allocs()])
         seen, leader = state.applied_index, replica.leader
         while True:
-            await replica.wait_changed()
+            seen = max(seen, await replica.wait_changed(self.TABLES, view=True))
             if replica.leader != leader:
                 leader = replica.leader
                 self.log.leader(self._wall(), leader, int(replica.status()["term"]))
                 self._added()
-            if state.applied_index == seen:
-                continue
             if all(state.last_change(t) <= seen for t in self.TABLES):
-                seen = state.applied_index  # key-value writes only: nothing to log
+                seen = state.applied_index  # nothing of ours to log
                 continue
             try:
                 self.log.changes(self._wall(), state.changes_since(seen))

@@ -23,10 +23,15 @@ each index once and only forward (see its hand-over notes). Every node keeps the
 last committed entries it applied for watchers; only voters that Raft feeds
 serve them (the ``watch`` API method), others redirect.
 
-Readers (agent, planner, DNS, events, deny list) follow :meth:`Replica.wait_changed`
-and :attr:`Replica.leader`, which cover both feeds; a snapshot restore resets the
-state's change list, which they already handle (``changes_since`` raises
-``Compacted``).
+Readers (agent, planner, DNS, events, deny list, long polls) follow
+:meth:`Replica.wait_changed` and :attr:`Replica.leader`, which cover both feeds.
+Each names what it follows: some tables (a restored snapshot changes every table;
+it also resets the state's change list, which they already handle:
+``changes_since`` raises ``Compacted``), any applied index, or the view of the
+group (leader, term, role, membership, feed). Under a key-value write load nearly
+every Ready moves only the key-value table, so the readers of the other tables
+sleep through it. The adapter calls the replica back at the end of each Ready,
+in the same step (``RaftAdapter.on_changed``: no relay task).
 
 Raft messages travel over ``mesh-raft/1`` on the gossip port, so a peer's identity
 comes from its certificate and the peer's address from membership. Writes reaching
@@ -58,6 +63,7 @@ import itertools
 import logging
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +150,24 @@ limit, leaving room for the rest of each event); the first log index of an answe
 is sent whole even if it is bigger. A ``kv_ls`` answer holds no more either."""
 
 
+_TABLES = tuple(Table)
+"""Every table (a tuple is cheaper to walk than the enum, at each Ready)."""
+
+
+class _ChangeWaiter:
+    """One caller of :meth:`Replica.wait_changed` and what it waits for."""
+
+    __slots__ = ("tables", "applied", "view", "event", "since")
+
+    def __init__(self, tables: frozenset[Table], applied: bool, view: bool) -> None:
+        self.tables = tables
+        self.applied = applied
+        self.view = view
+        self.event = trio.Event()
+        self.since = 0
+        """Set when woken: the readers' applied index before the change that woke it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaSettings:
     """How this node takes part in Raft.
@@ -186,12 +210,18 @@ class Replica:
         self._links: dict[NodeId, api.RpcLink] = {}
         self._dialing: dict[NodeId, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
-        self._changed = trio.Event()
         self._fed_at = -float("inf")
         """When Raft last fed this node (a Ready while a member that knows a leader)."""
         self.watch_client = WatchClient(raft.me, settings.watch)
         self._watch_server = WatchServer(settings.watch, gate.buffer)
         self._watch_link: tuple[NodeId, api.RpcLink] | None = None
+        self._waiters: dict[_ChangeWaiter, None] = {}
+        """The callers of :meth:`wait_changed` (insertion order: woken in turn)."""
+        self._signalled_index = self.state.applied_index
+        """The readers' applied index at the last :meth:`_signal_changed`."""
+        self._signalled_view = self._view_key(self.membership())
+        """:meth:`_view_key` at the last :meth:`_signal_changed`."""
+        raft.on_changed = self._raft_changed
 
     @classmethod
     async def open(cls, config: NodeConfig, core: Membership, trust: Trust,
@@ -242,29 +272,84 @@ class Replica:
 
         nursery.start_soon(functools.partial(self.raft.manage_voters, members,
                                              desired=self._settings.voters))
-        nursery.start_soon(self._follow_raft)
         nursery.start_soon(self._watch_loop)
         nursery.start_soon(self._follow_deny_list)
 
     # --- which feed, who leads --------------------------------------------------------
 
-    async def wait_changed(self) -> None:
-        """Wait until either feed moved the state, or the Raft adapter handled a
-        Ready (leadership may have changed)."""
-        await self._changed.wait()
+    async def wait_changed(self, tables: Collection[Table] = (), *, applied: bool = False,
+                           view: bool = False) -> int:
+        """Wait until either feed changes something the caller follows.
 
-    def _signal_changed(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        Only changes signalled after the call wake it: look at the state, then
+        wait, with no checkpoint in between (or compare the state with what was
+        seen before waiting again).
 
-    async def _follow_raft(self) -> None:
-        """Relay the adapter's Readies to :meth:`wait_changed` and note when Raft
-        last fed this node."""
-        while True:
-            await self.raft.wait_changed()
-            if self.raft.leader is not None and self.membership() != "watcher":
-                self._fed_at = trio.current_time()
-            self._signal_changed()
+        Args:
+            tables: wake when one of these tables changed (a restored snapshot
+                changes every table).
+            applied: wake when the readers' applied index moved (any entry).
+            view: wake when the view of the group changed: this node's Raft
+                leader, term or role, its membership, which feed feeds it,
+                :attr:`leader`, or the voter the watch stream follows (a
+                :attr:`leader` that only times out is noticed at the next Ready or
+                watch answer).
+
+        Returns:
+            The readers' applied index before the change that woke the caller: no
+            change of ``tables`` at or below it came since the call, so a reader
+            that had seen the state at ``seen`` finds every change it missed in
+            ``changes_since(max(seen, returned))``, however many writes of other
+            tables it slept through.
+        """
+        assert tables or applied or view, "wait_changed needs something to wait for"
+        waiter = _ChangeWaiter(frozenset(tables), applied, view)
+        self._waiters[waiter] = None
+        try:
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(waiter, None)
+        return waiter.since
+
+    def _signal_changed(self, membership: str | None = None) -> None:
+        """Wake the :meth:`wait_changed` callers concerned by what changed since the
+        last call (each Ready and each watch answer ends here); ``membership`` is
+        :meth:`membership` if the caller has it."""
+        state = self.state
+        before, applied = self._signalled_index, state.applied_index
+        assert applied >= before, f"readers' state went back from {before} to {applied}"
+        view = self._view_key(membership or self.membership())
+        moved, view_moved = applied != before, view != self._signalled_view
+        if not (moved or view_moved):
+            return
+        self._signalled_index, self._signalled_view = applied, view
+        tables = frozenset(t for t in _TABLES if state.last_change(t) > before) if moved \
+            else frozenset()
+        woken = [w for w in self._waiters
+                 if (view_moved and w.view) or (moved and w.applied)
+                 or not tables.isdisjoint(w.tables)]
+        for waiter in woken:
+            del self._waiters[waiter]
+            waiter.since = before
+            waiter.event.set()
+
+    def _raft_changed(self) -> None:
+        """The adapter handled a Ready (or stopped): note when Raft last fed this
+        node and wake the readers concerned."""
+        membership = self.membership()
+        if self.raft.leader is not None and membership != "watcher":
+            self._fed_at = trio.current_time()
+        self._signal_changed(membership)
+
+    def _view_key(self, membership: str) -> tuple[object, ...]:
+        """What :meth:`wait_changed` callers with ``view`` follow (compared between
+        two signals); ``membership`` is :meth:`membership`."""
+        feeds = self._feeds(membership)
+        core, client = self.raft.core, self.watch_client
+        leader = core.leader if feeds else client.leader(trio.current_time())
+        watched_term = client.view.term if client.view is not None else 0
+        return (membership, feeds, core.role, core.term, core.leader, leader, watched_term,
+                client.source)
 
     def membership(self) -> str:
         """``voter`` or ``learner`` (in this node's Raft configuration), else
@@ -278,10 +363,13 @@ class Replica:
         """Whether Raft feeds this node now (else the watch stream does): it leads,
         or it is a member that knew a leader within :data:`RAFT_QUIET_S` (an
         election does not start the watch stream)."""
+        return self._feeds(self.membership())
+
+    def _feeds(self, membership: str) -> bool:
+        """:meth:`raft_feeds`, ``membership`` being :meth:`membership`."""
         if self.raft.is_leader:
             return True
-        return (self.membership() != "watcher"
-                and trio.current_time() - self._fed_at <= RAFT_QUIET_S)
+        return membership != "watcher" and trio.current_time() - self._fed_at <= RAFT_QUIET_S
 
     @property
     def leader(self) -> NodeId | None:
@@ -342,7 +430,11 @@ class Replica:
 
     async def watch(self, params: dict[str, Any]) -> dict[str, Any]:
         """API (voters): the next committed entries after ``after``, a snapshot
-        chunk, or nothing within the long poll; other nodes redirect."""
+        chunk, or nothing within the long poll; other nodes redirect.
+
+        An answer needs entries past the watcher's index (applied here, or a
+        restored snapshot): the long poll wakes whenever the applied index moves.
+        """
         try:
             request = WatchRequest.from_params(params)
         except RemoteProtocolError as exc:
@@ -359,7 +451,7 @@ class Replica:
             if trio.current_time() >= deadline:
                 return WatchAnswer(AnswerKind.NOTHING, self._view()).to_wire()
             with trio.move_on_at(deadline):
-                await self.wait_changed()
+                await self.wait_changed(applied=True)
 
     async def raft_read_index(self, params: dict[str, Any]) -> dict[str, Any]:
         """API (members): a linearizable read point, for a watcher's read."""
@@ -375,13 +467,18 @@ class Replica:
 
     async def _watch_loop(self) -> None:
         """Keep the readers' state up to date from a voter while Raft does not feed
-        this node (runs until cancelled)."""
+        this node (runs until cancelled).
+
+        While Raft feeds it, the loop only waits for :meth:`raft_feeds` to turn
+        false: at a change of the view (leadership lost, this node removed from
+        the configuration) or after a quiet spell, which the timeout notices.
+        """
         client = self.watch_client
         while True:
             if self.raft_feeds():
                 self._close_watch_link()
                 with trio.move_on_after(RAFT_QUIET_S / 2):
-                    await self.wait_changed()
+                    await self.wait_changed(view=True)
                 continue
             now = trio.current_time()
             live = [m.node for m in self._core.members() if m.status <= Status.SUSPECT]
@@ -448,14 +545,21 @@ class Replica:
 
     async def _follow_deny_list(self) -> None:
         """Apply the replicated deny list to this node's live TLS deny set, so every
-        link checks it, including on nodes that were down when it changed."""
+        link checks it, including on nodes that were down when it changed.
+
+        Wakes only at changes of the deny table (a restored snapshot included); one
+        applied while the set was being updated is taken at once.
+        """
+        state = self.state
         while True:
-            serials = {int(e.serial, 16) for e in self.state.deny_list()}
+            seen = state.applied_index
+            serials = {int(e.serial, 16) for e in state.deny_list()}
             new = await self._trust.revoked.add(serials)
             if new:
                 LOGGER.warning("certificates_revoked node=%s count=%d source=raft",
                                self.raft.me, new)
-            await self.wait_changed()
+            if state.last_change(Table.DENY) <= seen:
+                await self.wait_changed((Table.DENY,))
 
     async def deny(self, serials: list[str], node: NodeId, reason: str) -> list[int]:
         """Commit serials to the replicated deny list; returns their log indexes."""
@@ -691,7 +795,8 @@ class Replica:
 
     async def read_point(self, params: dict[str, Any]) -> None:
         """Wait until a linearizable read may be served here (ReadIndex), unless
-        ``params["stale"]``.
+        ``params["stale"]`` (without a leader yet, waits for the view to name one,
+        or a voter to watch).
 
         Raises:
             ApiError: no leader within a few seconds, or the round failed.
@@ -709,7 +814,7 @@ class Replica:
         if self.raft.leader is None:  # e.g. just joined, or an election is under way
             with trio.move_on_after(READ_LEADER_WAIT_S):
                 while self.raft.leader is None and self.watch_client.source is None:
-                    await self.wait_changed()
+                    await self.wait_changed(view=True)
             if self.raft.leader is None and self.watch_client.source is not None:
                 # No leader in sight but a voter answers the watch stream: this
                 # member may have been removed while it was down.
@@ -741,11 +846,13 @@ class Replica:
 
     async def _watcher_read_point(self) -> None:
         """ReadIndex for a watcher: a voter confirms the read index with its
-        leader; the watch stream then brings the readers' state to it."""
+        leader; the watch stream then brings the readers' state to it (waits for
+        the view to name a voter, then for every applied index up to the read
+        index)."""
         client = self.watch_client
         with trio.move_on_after(READ_LEADER_WAIT_S):  # just started: no voter answered yet
             while client.source is None:
-                await self.wait_changed()
+                await self.wait_changed(view=True)
         voter = client.source
         if voter is None:
             raise api.ApiError("no voter is reachable for a linearizable read; retry, or "
@@ -756,7 +863,7 @@ class Replica:
             raise api.ApiError(f"{voter} gave no read index; retry")
         with trio.move_on_after(READ_APPLY_WAIT_S):
             while self.gate.readers_index < index:
-                await self.wait_changed()
+                await self.wait_changed(applied=True)
         if self.gate.readers_index < index:
             raise api.ApiError(f"this node's replica did not reach index {index} within "
                                f"{READ_APPLY_WAIT_S:g}s; retry, or read it with --stale")
@@ -799,7 +906,8 @@ class Replica:
                 ``kv_get``), or without one if ``stale`` is true; ``wait_s``,
                 seconds to wait for a change (default 0: answer at once), cut to
                 :data:`KV_WATCH_MAX_WAIT_S` (an answer with changes comes as soon
-                as there are some).
+                as there are some: the long poll wakes at each change of the
+                key-value table, a restored snapshot included).
 
         Returns:
             ``{"index", "events", "compacted"}``, see :func:`kv_watch_answer`.
@@ -828,7 +936,7 @@ class Replica:
                 return answer
             after = answer["index"]  # nothing under the prefix up to there
             with trio.move_on_at(deadline):
-                await self.wait_changed()
+                await self.wait_changed((Table.KV,))
 
     async def raft_status(self, params: dict[str, Any]) -> dict[str, Any]:
         return self.status()

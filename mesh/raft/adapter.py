@@ -419,6 +419,9 @@ class RaftAdapter:
         self._read_seq = itertools.count(1)
         self._wake = trio.Event()
         self._changed = trio.Event()
+        self.on_changed: Callable[[], None] | None = None
+        """Called whenever :meth:`wait_changed` wakes, in the same step (it must not
+        block or raise): a follower of every Ready without a task of its own."""
         self._nursery: trio.Nursery | None = None
         self._running = False
         self._closed = False
@@ -962,6 +965,8 @@ class RaftAdapter:
     def _signal_changed(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self.on_changed is not None:
+            self.on_changed()
 
     async def _tick_loop(self) -> None:
         interval = self._cfg.tick_interval_s
