@@ -32,6 +32,7 @@ from mesh.raft.state import (
     AllocReport,
     Command,
     DropOp,
+    KvPut,
     MeshState,
     Report,
     RunOp,
@@ -462,6 +463,24 @@ def test_the_feed_rebuilds_after_a_snapshot_restore_and_after_compaction() -> No
     catalog = feed.refresh(log.follower, members)
     assert (feed.rebuilds, feed.updates) == (3, 1)
     assert catalog.service_index[b"web"][0].port == 7005  # the port the node reported
+
+
+def test_key_value_writes_beyond_the_change_list_do_not_force_a_rebuild() -> None:
+    log = Log()  # the follower keeps 4 changes
+    members = [member(n, f"10.0.0.{i + 1}") for i, n in enumerate(FEED_NODES)]
+    feed = CatalogFeed(CatalogBuilder(LOCAL))
+    log.propose(ServicePut(ServiceId("web"), SPECS["web"][0].encode()))
+    log.propose(AllocPlan((RunOp(ServiceId("web"), 0, NodeId("n1"), 1),)))
+    log.catch_up()
+    feed.refresh(log.follower, members)
+    alloc = log.leader.allocs()[0].id
+    for i in range(10):  # the DNS follower sleeps through key-value writes
+        log.propose(KvPut(f"app/{i}", b"v"))
+    log.propose(AllocReport(NodeId("n1"), (Report(alloc, "running", ports=(("http", 7001),)),)))
+    log.catch_up()
+    catalog = feed.refresh(log.follower, members)
+    assert (feed.rebuilds, feed.updates) == (1, 1)
+    assert catalog.service_index[b"web"][0].port == 7001
 
 
 def test_the_endpoint_index_reports_only_allocations_whose_endpoints_changed() -> None:

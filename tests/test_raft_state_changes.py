@@ -22,6 +22,7 @@ from mesh.raft.state import (
     KvDelete,
     KvPut,
     MeshState,
+    NodeSet,
     RunOp,
     ServicePut,
     Table,
@@ -126,3 +127,22 @@ def test_paging_with_any_limit_gives_the_unlimited_list(
         paged += page
         after = last
     assert paged == full
+
+
+def test_a_table_filter_is_compacted_only_by_its_own_dropped_changes() -> None:
+    sm = MeshState(max_events=3)
+    apply_all(sm, [NodeSet(NodeId("n1"), True), *(KvPut(f"k{i}", b"v") for i in range(5))])
+    # The node change (index 1) was dropped from the list, the last 3 puts kept.
+    with pytest.raises(Compacted):
+        sm.changes_since(0)
+    with pytest.raises(Compacted):
+        sm.changes_since(0, table=Table.NODE)
+    assert sm.changes_since(1, table=Table.NODE) == []  # dropped puts do not matter
+    assert sm.changes_since(1, table=(Table.ALLOC, Table.SERVICE)) == []
+    with pytest.raises(Compacted):
+        sm.changes_since(1, table=Table.KV)
+    assert indexes(sm.changes_since(3, table=Table.KV)) == [4, 5, 6]
+    sm.restore(sm.snapshot(), sm.applied_index)  # a restore drops every table's history
+    with pytest.raises(Compacted):
+        sm.changes_since(1, table=Table.NODE)
+    assert sm.changes_since(6, table=Table.NODE) == []

@@ -53,6 +53,10 @@ LOGGER = logging.getLogger(__name__)
 CAS_RETRIES = 5
 """Attempts of a read-modify-write of a service racing another writer."""
 
+_CATALOG_TABLES = (Table.ALLOC, Table.SERVICE)
+"""The tables whose changes :class:`EndpointIndex` reads (key-value writes dropped
+from the change list do not force a full catalogue build)."""
+
 LogsFn = Callable[[AllocId, int], Awaitable[bytes]]
 """Reads the last lines of a local allocation's output: ``(alloc, tail)``."""
 
@@ -532,9 +536,10 @@ class CatalogFeed:
     daemon calls :meth:`refresh` whenever either may have changed).
 
     A refresh applies the replica's changes since the last one
-    (``MeshState.changes_since``) and the membership difference incrementally. It
-    builds everything again at the first call and whenever that history is not
-    available: the change list was compacted past the last index seen, or the
+    (``MeshState.changes_since`` of the tables it reads) and the membership
+    difference incrementally. It builds everything again at the first call and
+    whenever that history is not available: changes of those tables were dropped
+    from the change list since the last index seen, or the
     state was replaced by a snapshot restore (a learner catching up: the restore
     empties the change list and moves its floor to the snapshot's index, beyond
     what was seen, so ``changes_since`` raises ``Compacted``; an applied index
@@ -571,7 +576,7 @@ class CatalogFeed:
         changes: list[Change] | None = None
         if self._seen is not None and state.applied_index >= self._seen:
             try:
-                changes = state.changes_since(self._seen)
+                changes = state.changes_since(self._seen, table=_CATALOG_TABLES)
             except Compacted:
                 changes = None
         if changes is None:

@@ -96,7 +96,7 @@ import enum
 import hashlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Final, TypeAlias
 
@@ -943,6 +943,9 @@ class MeshState:
         self._dedup: OrderedDict[bytes, Result] = OrderedDict()
         self._events: deque[Change] = deque()
         self._events_floor = 0
+        self._table_floor: dict[Table, int] = {}
+        """Per table, the index of its latest change dropped from ``_events`` (or
+        of the last restore): its changes after that are all kept."""
         """Every change with an index above this is in ``_events``."""
         self._table_changed: dict[Table, int] = {}
         """Per table, the index of its latest change (see :meth:`last_change`)."""
@@ -1032,7 +1035,7 @@ class MeshState:
         self,
         index: int,
         *,
-        table: Table | None = None,
+        table: Table | Collection[Table] | None = None,
         prefix: str = "",
         limit: int | None = None,
     ) -> list[Change]:
@@ -1040,7 +1043,9 @@ class MeshState:
 
         Args:
             index: the last index the watcher has seen (0: from the start).
-            table: only changes of this table (default all).
+            table: only changes of this table, or of these tables (default
+                all). Changes of other tables dropped from the bounded list
+                meanwhile do not make this call raise ``Compacted``.
             prefix: only changes whose key starts with this.
             limit: cut the list after the ``limit``-th change (positive), but
                 never inside one log index: one entry may make several changes
@@ -1054,9 +1059,12 @@ class MeshState:
                 whole state (or a snapshot) and resume from its index.
         """
         assert limit is None or limit > 0, f"limit {limit} must be positive"
-        if index < self._events_floor:
+        tables: Collection[Table] | None = (table,) if isinstance(table, Table) else table
+        floor = self._events_floor if tables is None else max(
+            (self._table_floor.get(t, 0) for t in tables), default=0)
+        if index < floor:
             raise Compacted(
-                f"changes since {index} are gone (kept from {self._events_floor}); "
+                f"changes since {index} are gone (kept from {floor}); "
                 "read the full state and watch from its index"
             )
         out: list[Change] = []
@@ -1076,7 +1084,7 @@ class MeshState:
             ch = events[i]
             if cut is not None and ch.index > cut:
                 break
-            if (table is None or ch.table is table) and ch.key.startswith(prefix):
+            if (tables is None or ch.table in tables) and ch.key.startswith(prefix):
                 out.append(ch)
                 if cut is None and limit is not None and len(out) >= limit:
                     cut = ch.index
@@ -1285,7 +1293,8 @@ class MeshState:
         self._table_changed[change.table] = change.index
         self._events.append(change)
         while len(self._events) > self._max_events:
-            self._events_floor = self._events.popleft().index
+            dropped = self._events.popleft()
+            self._events_floor = self._table_floor[dropped.table] = dropped.index
 
     # ------------------------------------------------------------------ snapshots
 
@@ -1338,6 +1347,7 @@ class MeshState:
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
+        self._table_floor = dict.fromkeys(Table, index)
         self._table_changed = dict.fromkeys(Table, index)  # anything may have changed
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
