@@ -173,8 +173,9 @@ class _ApiConnection:
         self._reading = True
         self._broken = False
         self._idle_since: float | None = None
-        """When the reader began waiting for a request with none in progress
-        (``None`` while requests are in progress)."""
+        """Since when no request has been in progress or arriving: set when the
+        reader waits for one with none in progress, or when the writer sent the
+        last answer (``None`` while requests are in progress)."""
         self._read_scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -320,6 +321,10 @@ class _ApiConnection:
                 await self._stream.send_all(b"".join(batch))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 last = True
+            if not slots:
+                # Every request is answered: the connection is idle from now on
+                # (the reader may be waiting for a request already).
+                self._idle_since = trio.current_time()
             self._wake()
             if last:
                 # Nothing more will be answered: stop reading and drop the rest.
