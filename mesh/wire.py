@@ -40,6 +40,8 @@ DEFAULT_MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
 """Default largest TCP frame (8 MiB); raft snapshots travel in smaller chunks."""
 
 _LEN = struct.Struct(">I")
+_FRAME_HEAD = struct.Struct(">IBBB")
+"""A frame's length prefix and its envelope's version header and type tag."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,18 @@ def decode(data: bytes, max_bytes: int = MAX_DATAGRAM_BYTES) -> Envelope:
         RemoteProtocolError: too short, too long, another major version, or a
             malformed body. The message says which, for the DEBUG log.
     """
+    msg_type, body = decode_tagged(data, max_bytes)
+    return Envelope(data[0], data[1], msg_type, body)
+
+
+def decode_tagged(data: bytes, max_bytes: int = MAX_DATAGRAM_BYTES) -> tuple[int, Any]:
+    """:func:`decode` without building the :class:`Envelope`: the type tag and the
+    body, for a hot path that only needs those (the minor version is accepted and
+    dropped, as :func:`decode`'s callers do).
+
+    Raises:
+        RemoteProtocolError: as :func:`decode`, with the same messages.
+    """
     if len(data) < HEADER_BYTES + 1:
         raise RemoteProtocolError(f"envelope of {len(data)} bytes is too short")
     if len(data) > max_bytes:
@@ -109,7 +123,7 @@ def decode(data: bytes, max_bytes: int = MAX_DATAGRAM_BYTES) -> Envelope:
         )
     if msg_type == 0:
         raise RemoteProtocolError("message type 0 is reserved")
-    return Envelope(major, minor, msg_type, unpack_body(data[HEADER_BYTES:], max_bytes))
+    return msg_type, unpack_body(data[HEADER_BYTES:], max_bytes)
 
 
 def frame(envelope_bytes: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
@@ -119,6 +133,36 @@ def frame(envelope_bytes: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES)
             f"frame of {len(envelope_bytes)} bytes exceeds limit {max_frame_bytes}"
         )
     return _LEN.pack(len(envelope_bytes)) + envelope_bytes
+
+
+class FrameEncoder:
+    """Builds the frames of one stream, sans I/O: ``encode(msg_type, body)`` gives
+    the same bytes as ``frame(encode(msg_type, body), max_frame_bytes)`` in one
+    step, with one msgpack packer kept for the stream (instead of one built per
+    message) and one concatenation.
+
+    Not for two threads at once (the packer has one buffer); a trio stream's
+    tasks share the trio thread, so one encoder per stream is safe.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._max = max_frame_bytes
+
+    def encode(self, msg_type: int, body: Any) -> bytes:
+        """One frame: length prefix, version header, type tag, msgpack body.
+
+        Raises:
+            LocalProtocolError: ``msg_type`` is out of range or the frame would
+                exceed the limit (as :func:`encode` and :func:`frame` do).
+        """
+        if not 0 < msg_type < 256:
+            raise LocalProtocolError(f"message type {msg_type} out of range 1-255")
+        packed: bytes = self._packer.pack(body)
+        length = HEADER_BYTES + len(packed)
+        if length > self._max:
+            raise LocalProtocolError(f"frame of {length} bytes exceeds limit {self._max}")
+        return _FRAME_HEAD.pack(length, PROTOCOL_MAJOR, PROTOCOL_MINOR, msg_type) + packed
 
 
 class NeedData:

@@ -77,3 +77,36 @@ def test_frame_decoder_refuses_oversized_length_before_buffering_body() -> None:
     dec.receive_data((10_000).to_bytes(4, "big"))
     with pytest.raises(RemoteProtocolError, match="exceeds limit 100"):
         dec.next_frame()
+
+
+@given(st.integers(1, 255), bodies)
+def test_frame_encoder_gives_the_bytes_of_frame_and_encode(msg_type: int, body: object) -> None:
+    encoder = wire.FrameEncoder()
+    expected = wire.frame(wire.encode(msg_type, body))
+    assert encoder.encode(msg_type, body) == expected
+    assert encoder.encode(msg_type, body) == expected  # the packer starts afresh
+
+
+def test_frame_encoder_refuses_what_frame_and_encode_refuse() -> None:
+    encoder = wire.FrameEncoder(max_frame_bytes=50)
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        encoder.encode(0, [])
+    with pytest.raises(LocalProtocolError, match="exceeds limit 50"):
+        encoder.encode(5, "x" * 100)
+    with pytest.raises(TypeError):
+        encoder.encode(5, [object()])
+    assert encoder.encode(5, [1]) == wire.frame(wire.encode(5, [1]))  # still usable
+
+
+@given(st.binary(max_size=200))
+def test_decode_tagged_agrees_with_decode(data: bytes) -> None:
+    try:
+        env = wire.decode(data)
+        expected: object = (env.msg_type, env.body)
+    except RemoteProtocolError as exc:
+        expected = str(exc)  # the same message, for the same log line
+    try:
+        got: object = wire.decode_tagged(data)
+    except RemoteProtocolError as exc:
+        got = str(exc)
+    assert got == expected
