@@ -215,6 +215,32 @@ class FrameDecoder:
         del self._buf[:end]
         return payload
 
+    def next_payloads(self) -> list[bytes]:
+        """Every complete frame's envelope bytes buffered, in order (undecoded);
+        empty when more data is needed. What :meth:`next_payload` returns one call
+        at a time, at less cost per frame (a server reading pipelined requests).
+
+        Raises:
+            RemoteProtocolError: the first frame buffered is oversized; the stream
+                is then unusable and should be closed. Complete frames before an
+                oversized one are returned first: the call after raises.
+        """
+        buf, start = self._buf, 0
+        payloads: list[bytes] = []
+        while len(buf) - start >= FRAME_PREFIX_BYTES:
+            (length,) = _LEN.unpack_from(buf, start)
+            if length > self._max:
+                if payloads:
+                    break
+                raise RemoteProtocolError(f"frame of {length} bytes exceeds limit {self._max}")
+            end = start + FRAME_PREFIX_BYTES + length
+            if len(buf) < end:
+                break
+            payloads.append(bytes(buf[start + FRAME_PREFIX_BYTES:end]))
+            start = end
+        del buf[:start]
+        return payloads
+
     def next_frame(self) -> Envelope | NeedData:
         """Return the next complete envelope, or ``NEED_DATA``.
 

@@ -110,3 +110,31 @@ def test_decode_tagged_agrees_with_decode(data: bytes) -> None:
     except RemoteProtocolError as exc:
         got = str(exc)
     assert got == expected
+
+
+@given(st.lists(bodies, min_size=1, max_size=5), st.integers(1, 40))
+def test_next_payloads_returns_what_next_payload_returns(items: list[object], chunk: int
+                                                         ) -> None:
+    stream = b"".join(wire.frame(wire.encode(9, item)) for item in items)
+    one, many = wire.FrameDecoder(), wire.FrameDecoder()
+    by_one: list[bytes] = []
+    by_many: list[bytes] = []
+    for i in range(0, len(stream), chunk):
+        one.receive_data(stream[i:i + chunk])
+        many.receive_data(stream[i:i + chunk])
+        while isinstance(payload := one.next_payload(), bytes):
+            by_one.append(payload)
+        by_many += many.next_payloads()
+        assert by_many == by_one
+        assert many.buffered_bytes == one.buffered_bytes
+    assert [wire.decode(p).body for p in by_many] == items
+
+
+def test_next_payloads_returns_the_frames_before_an_oversized_one_then_refuses() -> None:
+    dec = wire.FrameDecoder(max_frame_bytes=100)
+    good = wire.frame(wire.encode(9, [1]))
+    dec.receive_data(good + good + (10_000).to_bytes(4, "big") + good)
+    assert dec.next_payloads() == [good[4:], good[4:]]
+    with pytest.raises(RemoteProtocolError, match="exceeds limit 100"):
+        dec.next_payloads()
+    assert wire.FrameDecoder().next_payloads() == []

@@ -193,9 +193,9 @@ class _ApiConnection:
                 self._wake()
 
     async def _close_when_idle(self, scope: trio.CancelScope) -> None:
-        """Stop reading once the reader has waited :data:`API_TIMEOUT_S` for a
-        request with none in progress (one timer per connection instead of a
-        deadline moved twice per request)."""
+        """Stop reading once the connection has been idle (see ``_idle_since``)
+        for :data:`API_TIMEOUT_S` (one timer per connection instead of a deadline
+        moved twice per request)."""
         with scope:
             while True:
                 since = self._idle_since
@@ -212,23 +212,23 @@ class _ApiConnection:
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
         while not self._broken:
-            if not self._slots:
-                self._idle_since = trio.current_time()
             try:
-                chunk = await self._stream.receive_some(65_536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            self._idle_since = None  # the idle limit is for reading only
-            if not chunk:
-                return  # the client closed
-            decoder.receive_data(bytes(chunk))
-            payloads: list[bytes] = []
-            try:
-                while isinstance(payload := decoder.next_payload(), bytes):
-                    payloads.append(payload)
+                payloads = decoder.next_payloads()
             except RemoteProtocolError as exc:  # oversized: the stream is unusable
                 LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
-                payloads.append(b"")  # answered with an error below, then closed
+                payloads = [b""]  # answered with an error below, then closed
+            if not payloads:
+                if not self._slots:
+                    self._idle_since = trio.current_time()
+                try:
+                    chunk = await self._stream.receive_some(65_536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                self._idle_since = None  # the idle limit is for reading only
+                if not chunk:
+                    return  # the client closed
+                decoder.receive_data(bytes(chunk))
+                continue
             if len(payloads) == 1 and not self._slots:
                 slot, call = self._begin(payloads[0])
                 if call is not None:
