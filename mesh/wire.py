@@ -145,6 +145,11 @@ class FrameEncoder:
     tasks share the trio thread, so one encoder per stream is safe.
     """
 
+    KEPT_BUFFER_BYTES: Final = 64 * 1024
+    """A packer's buffer grows to the largest body it packed and stays that big: one
+    that packed a bigger body is replaced, so that a long-lived stream does not
+    hold on to its largest message."""
+
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._max = max_frame_bytes
@@ -159,6 +164,8 @@ class FrameEncoder:
         if not 0 < msg_type < 256:
             raise LocalProtocolError(f"message type {msg_type} out of range 1-255")
         packed: bytes = self._packer.pack(body)
+        if len(packed) > self.KEPT_BUFFER_BYTES:
+            self._packer = msgpack.Packer(use_bin_type=True)
         length = HEADER_BYTES + len(packed)
         if length > self._max:
             raise LocalProtocolError(f"frame of {length} bytes exceeds limit {self._max}")

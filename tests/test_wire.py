@@ -98,6 +98,13 @@ def test_frame_encoder_refuses_what_frame_and_encode_refuse() -> None:
     assert encoder.encode(5, [1]) == wire.frame(wire.encode(5, [1]))  # still usable
 
 
+def test_frame_encoder_after_a_body_bigger_than_the_buffer_it_keeps() -> None:
+    encoder = wire.FrameEncoder()
+    big = [b"x" * (wire.FrameEncoder.KEPT_BUFFER_BYTES + 1)]
+    for body in (big, [1], big, {"k": "v"}):
+        assert encoder.encode(7, body) == wire.frame(wire.encode(7, body))
+
+
 @given(st.binary(max_size=200))
 def test_decode_tagged_agrees_with_decode(data: bytes) -> None:
     try:
