@@ -105,8 +105,8 @@ def decode(data: bytes, max_bytes: int = MAX_DATAGRAM_BYTES) -> Envelope:
 
 def decode_tagged(data: bytes, max_bytes: int = MAX_DATAGRAM_BYTES) -> tuple[int, Any]:
     """:func:`decode` without building the :class:`Envelope`: the type tag and the
-    body, for a hot path that only needs those (the minor version is accepted and
-    dropped, as :func:`decode`'s callers do).
+    body, for a hot path that only needs those (another minor version is accepted,
+    as :func:`decode` accepts it, and not returned).
 
     Raises:
         RemoteProtocolError: as :func:`decode`, with the same messages.
