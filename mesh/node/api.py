@@ -35,7 +35,13 @@ import trio
 
 from mesh import wire
 from mesh.errors import MeshError, RemoteProtocolError, StartupError
-from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
+from mesh.node.messages import (
+    MAX_API_FRAME_BYTES,
+    Request,
+    Response,
+    decode_call,
+    encode_answer,
+)
 from mesh.streams import accept_direct, read_frame
 from mesh.types import Addr
 
@@ -129,23 +135,17 @@ class _Slot:
         self.pending = pending
         """The answer under way, when a :data:`Starter` began the call."""
 
-    def fill_from_pending(self) -> bool:
+    def fill_from_pending(self, encoder: wire.FrameEncoder) -> bool:
         """Take the pending answer if it is ready; whether :attr:`data` is set."""
         if self.data is None and self.pending is not None and self.pending.done:
-            self.data = _framed(_outcome(self.pending))
+            try:
+                result = self.pending.outcome()
+            except ApiError as exc:
+                self.data = encode_answer(encoder, False, error=str(exc))
+            else:
+                self.data = encode_answer(encoder, True, result)
             self.pending = None
         return self.data is not None
-
-
-def _outcome(pending: Pending) -> Response:
-    try:
-        return Response(True, result=pending.outcome())
-    except ApiError as exc:
-        return Response(False, error=str(exc))
-
-
-def _framed(response: Response) -> bytes:
-    return wire.frame(response.encode(), MAX_API_FRAME_BYTES)
 
 
 class _ApiConnection:
@@ -166,6 +166,7 @@ class _ApiConnection:
         self._handlers = handlers
         self._starters = starters
         self._node = node
+        self._encoder = wire.FrameEncoder(MAX_API_FRAME_BYTES)
         self._slots: collections.deque[_Slot] = collections.deque()
         self._progress = trio.Event()
         """Set when an answer is ready or the reader stopped (wakes the writer),
@@ -173,8 +174,9 @@ class _ApiConnection:
         self._reading = True
         self._broken = False
         self._idle_since: float | None = None
-        """When the reader began waiting for a request with none in progress
-        (``None`` while requests are in progress)."""
+        """Since when no request has been in progress or arriving: set when the
+        reader waits for one with none in progress, or when the writer sent the
+        last answer (``None`` while requests are in progress)."""
         self._read_scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -191,9 +193,9 @@ class _ApiConnection:
                 self._wake()
 
     async def _close_when_idle(self, scope: trio.CancelScope) -> None:
-        """Stop reading once the reader has waited :data:`API_TIMEOUT_S` for a
-        request with none in progress (one timer per connection instead of a
-        deadline moved twice per request)."""
+        """Stop reading once the connection has been idle (see ``_idle_since``)
+        for :data:`API_TIMEOUT_S` (one timer per connection instead of a deadline
+        moved twice per request)."""
         with scope:
             while True:
                 since = self._idle_since
@@ -210,30 +212,30 @@ class _ApiConnection:
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         decoder = wire.FrameDecoder(MAX_API_FRAME_BYTES)
         while not self._broken:
-            if not self._slots:
-                self._idle_since = trio.current_time()
             try:
-                chunk = await self._stream.receive_some(65_536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            self._idle_since = None  # the idle limit is for reading only
-            if not chunk:
-                return  # the client closed
-            decoder.receive_data(bytes(chunk))
-            payloads: list[bytes] = []
-            try:
-                while isinstance(payload := decoder.next_payload(), bytes):
-                    payloads.append(payload)
+                payloads = decoder.next_payloads()
             except RemoteProtocolError as exc:  # oversized: the stream is unusable
                 LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
-                payloads.append(b"")  # answered with an error below, then closed
+                payloads = [b""]  # answered with an error below, then closed
+            if not payloads:
+                if not self._slots:
+                    self._idle_since = trio.current_time()
+                try:
+                    chunk = await self._stream.receive_some(65_536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                self._idle_since = None  # the idle limit is for reading only
+                if not chunk:
+                    return  # the client closed
+                decoder.receive_data(bytes(chunk))
+                continue
             if len(payloads) == 1 and not self._slots:
                 slot, call = self._begin(payloads[0])
                 if call is not None:
-                    slot.data = _framed(await self._call(*call))
+                    slot.data = await self._call(*call)
                 elif slot.pending is not None:
                     await slot.pending.wait()
-                    slot.fill_from_pending()
+                    slot.fill_from_pending(self._encoder)
                 assert slot.data is not None
                 try:
                     await self._stream.send_all(slot.data)
@@ -263,36 +265,37 @@ class _ApiConnection:
         try:
             if not payload:
                 raise RemoteProtocolError("request frame too large")
-            request = Request.decode(payload)
+            method, params = decode_call(payload)
         except RemoteProtocolError as exc:
             LOGGER.debug("api_bad_request node=%s reason=%s", self._node, exc)
-            slot.data, slot.last = _framed(Response(False, error=str(exc))), True
+            slot.data, slot.last = encode_answer(self._encoder, False, error=str(exc)), True
             return slot, None
-        starter = self._starters.get(request.method)
+        starter = self._starters.get(method)
         if starter is not None:
             try:
-                slot.pending = starter(request.params)
+                slot.pending = starter(params)
             except ApiError as exc:
-                slot.data = _framed(Response(False, error=str(exc)))
+                slot.data = encode_answer(self._encoder, False, error=str(exc))
                 return slot, None
             if slot.pending is not None:
                 return slot, None
-        handler = self._handlers.get(request.method)
+        handler = self._handlers.get(method)
         if handler is None:
-            slot.data = _framed(Response(False, error=f"unknown method {request.method!r}: "
-                                         "is meshctl newer than this meshd?"))
+            slot.data = encode_answer(self._encoder, False, error=f"unknown method {method!r}: "
+                                      "is meshctl newer than this meshd?")
             return slot, None
-        return slot, (handler, request.params)
+        return slot, (handler, params)
 
-    @staticmethod
-    async def _call(handler: Handler, params: dict[str, Any]) -> Response:
+    async def _call(self, handler: Handler, params: dict[str, Any]) -> bytes:
+        """The answer's frame."""
         try:
-            return Response(True, result=await handler(params))
+            result = await handler(params)
         except ApiError as exc:
-            return Response(False, error=str(exc))
+            return encode_answer(self._encoder, False, error=str(exc))
+        return encode_answer(self._encoder, True, result)
 
     async def _fill(self, slot: _Slot, handler: Handler, params: dict[str, Any]) -> None:
-        slot.data = _framed(await self._call(handler, params))
+        slot.data = await self._call(handler, params)
         if slot is self._slots[0]:
             self._wake()
 
@@ -303,7 +306,7 @@ class _ApiConnection:
                 await self._progress.wait()
                 continue
             head = slots[0]
-            if not head.fill_from_pending():
+            if not head.fill_from_pending(self._encoder):
                 if head.pending is not None:
                     await head.pending.wait()
                 else:
@@ -311,7 +314,7 @@ class _ApiConnection:
                 continue
             batch: list[bytes] = []
             last = False
-            while slots and not last and slots[0].fill_from_pending():
+            while slots and not last and slots[0].fill_from_pending(self._encoder):
                 slot = slots.popleft()
                 assert slot.data is not None
                 batch.append(slot.data)
@@ -320,6 +323,10 @@ class _ApiConnection:
                 await self._stream.send_all(b"".join(batch))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 last = True
+            if not slots:
+                # Every request is answered: the connection is idle from now on
+                # (the reader may be waiting for a request already).
+                self._idle_since = trio.current_time()
             self._wake()
             if last:
                 # Nothing more will be answered: stop reading and drop the rest.

@@ -40,14 +40,23 @@ class Request:
         Raises:
             RemoteProtocolError: malformed.
         """
-        env = wire.decode(data, MAX_API_FRAME_BYTES)
-        body = env.body
-        if env.msg_type != RpcType.REQUEST or type(body) is not list or len(body) != 2:
-            raise RemoteProtocolError("not an API request")
-        method, params = body
-        if type(method) is not str or not method or len(method) > 64 or type(params) is not dict:
-            raise RemoteProtocolError("malformed API request")
-        return cls(method, params)
+        return cls(*decode_call(data))
+
+
+def decode_call(data: bytes) -> tuple[str, dict[str, Any]]:
+    """Validate an untrusted request: its method and params, as :meth:`Request.decode`
+    does but without building the :class:`Request` (the API server's hot path).
+
+    Raises:
+        RemoteProtocolError: malformed.
+    """
+    msg_type, body = wire.decode_tagged(data, MAX_API_FRAME_BYTES)
+    if msg_type != RpcType.REQUEST or type(body) is not list or len(body) != 2:
+        raise RemoteProtocolError("not an API request")
+    method, params = body
+    if type(method) is not str or not method or len(method) > 64 or type(params) is not dict:
+        raise RemoteProtocolError("malformed API request")
+    return method, params
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +86,11 @@ class Response:
         if type(ok) is not bool or type(error) is not str:
             raise RemoteProtocolError("malformed API response")
         return cls(ok, result, error)
+
+
+def encode_answer(encoder: wire.FrameEncoder, ok: bool, result: Any = None, error: str = ""
+                  ) -> bytes:
+    """The frame of ``Response(ok, result, error)`` (the bytes of
+    ``wire.frame(response.encode())``), built without the :class:`Response` by the
+    stream's ``encoder`` (the API server's hot path)."""
+    return encoder.encode(RpcType.RESPONSE, [ok, result, error])
