@@ -60,6 +60,22 @@ async def test_api_roundtrip_errors_and_permissions(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_an_answer_over_the_frame_limit_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    sock = tmp_path / "meshd.sock"
+    listener = await api.bind_unix_socket(sock)
+
+    async def huge(params: dict[str, Any]) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b"x" * (MAX_API_FRAME_BYTES + 1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve_api, listener, {"huge": huge, "echo": echo}, "n1")
+        with pytest.raises(MeshError, match="answer is too large to send.*narrower prefix"):
+            await api.call(sock, "huge")
+        assert await api.call(sock, "echo", {"x": 1}) == {"echo": {"x": 1}}
+        nursery.cancel_scope.cancel()
+
+
 async def test_pipelined_requests_run_together_and_answer_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

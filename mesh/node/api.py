@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from mesh import wire
-from mesh.errors import MeshError, RemoteProtocolError, StartupError
+from mesh.errors import LocalProtocolError, MeshError, RemoteProtocolError, StartupError
 from mesh.node.messages import (
     MAX_API_FRAME_BYTES,
     Request,
@@ -123,6 +123,16 @@ MAX_PIPELINED = 256
 """Requests one connection may have in progress before the server stops reading it."""
 
 
+def _result_frame(encoder: wire.FrameEncoder, result: Any) -> bytes:
+    """The frame of a successful answer, or of an error saying it is too large to
+    send (a handler's answer bigger than the frame limit must not end the daemon)."""
+    try:
+        return encode_answer(encoder, True, result)
+    except LocalProtocolError as exc:
+        return encode_answer(encoder, False, error=f"the answer is too large to send ({exc}); "
+                             "ask for less (e.g. a narrower prefix)")
+
+
 class _Slot:
     """One request's place in a connection's answer order."""
 
@@ -143,7 +153,7 @@ class _Slot:
             except ApiError as exc:
                 self.data = encode_answer(encoder, False, error=str(exc))
             else:
-                self.data = encode_answer(encoder, True, result)
+                self.data = _result_frame(encoder, result)
             self.pending = None
         return self.data is not None
 
@@ -292,7 +302,7 @@ class _ApiConnection:
             result = await handler(params)
         except ApiError as exc:
             return encode_answer(self._encoder, False, error=str(exc))
-        return encode_answer(self._encoder, True, result)
+        return _result_frame(self._encoder, result)
 
     async def _fill(self, slot: _Slot, handler: Handler, params: dict[str, Any]) -> None:
         slot.data = await self._call(handler, params)
