@@ -272,7 +272,8 @@ def lockstep(connections: int, depth: int, rounds: int) -> None:
     ``depth`` pipelined puts; the client side parses only length prefixes, so
     that it costs the same whatever the tree."""
     writes = Writes(batch=connections * depth)
-    batch = b"".join(MeshProto.request(f"k{i}") for i in range(depth))
+    proto = MeshProto()
+    batch = b"".join(proto.request(f"k{i}") for i in range(depth))
     prefix = struct.Struct(">I")
 
     async def client(sock: socket.socket) -> None:
