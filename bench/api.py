@@ -68,7 +68,7 @@ sys.path.insert(0, str(TREE / "tests"))
 import trio  # noqa: E402
 from daemons import api_call, wait_for  # noqa: E402
 
-from bench.raft import MeshProto, cpu_seconds, drive  # noqa: E402
+from bench.raft import MeshProto, cpu_seconds, drive, start_profiler  # noqa: E402
 from mesh.node import api  # noqa: E402
 from mesh.streams import DirectSocketStream  # noqa: E402
 
@@ -222,7 +222,9 @@ def cpu_time(args: argparse.Namespace, trees: dict[str, Path]) -> dict[str, Any]
             for name in list(trees)[::-1 if rep % 2 else 1]:
                 profiler = None
                 if args.profile and name == "this" and rep == 0:
-                    profiler = start_profiler(pids[name], Path(args.profile), args.seconds)
+                    profiler = start_profiler(pids[name], Path(args.profile), args.seconds,
+                                              rate=1000)
+                    time.sleep(0.5)  # py-spy attaches before the measured load starts
                 figure = measure(f"{name} rep {rep + 1}", Path(tmp) / f"{name}.sock",
                                  pids[name], args, args.seconds)
                 if profiler is not None:
@@ -248,20 +250,6 @@ def cpu_time(args: argparse.Namespace, trees: dict[str, Path]) -> dict[str, Any]
         print(f"this / baseline, repetition by repetition: {spread(ratios, 3)}", flush=True)
         out["ratio_median"] = round(statistics.median(ratios), 3)
     return out
-
-
-def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
-    exe = shutil.which("py-spy")
-    if exe is None:
-        print("py-spy not installed: no profile", flush=True)
-        return None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([exe, "record", "--gil", "--nonblocking", "-r", "1000",
-                             "--format", "raw", "-d", str(max(1, int(seconds))),
-                             "-p", str(pid), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)  # py-spy attaches before the measured load starts
-    return proc
 
 
 # --- instructions: server and lockstep clients in one process ------------------------

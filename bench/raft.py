@@ -375,14 +375,20 @@ def per_write(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]
     return out
 
 
-def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+def start_profiler(pid: int, out: Path, seconds: float, rate: int = 250
+                   ) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` of ``pid`` for ``seconds`` into ``out`` (raw stacks), or
+    ``None`` without py-spy. Only the thread holding the GIL is sampled: where the
+    CPU goes, not where threads wait (a thread blocked on the GIL is otherwise
+    sampled at the line it waits on)."""
     exe = shutil.which("py-spy")
     if exe is None:
         print("py-spy not installed: no profile", flush=True)
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([exe, "record", "-d", str(int(seconds)), "-p", str(pid), "-r", "100",
-                             "--format", "raw", "-o", str(out)],
+    return subprocess.Popen([exe, "record", "--gil", "--nonblocking", "-r", str(rate),
+                             "--format", "raw", "-d", str(max(1, int(seconds))),
+                             "-p", str(pid), "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

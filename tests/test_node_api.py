@@ -99,7 +99,7 @@ async def test_pipelined_requests_run_together_and_answer_in_order(
     assert trio.current_time() - t0 < api.API_TIMEOUT_S  # closed because the client did
 
 
-class _Later:
+class Later:
     """A :class:`api.Pending` resolved by the test."""
 
     def __init__(self) -> None:
@@ -126,14 +126,14 @@ class _Later:
 async def test_started_calls_answer_in_order_without_tasks_and_fall_back_to_handlers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    begun: list[_Later] = []
+    begun: list[Later] = []
 
     def start(params: dict[str, Any]) -> api.Pending | None:
         if params.get("bad"):
             raise api.ApiError("bad write")
         if params.get("elsewhere"):
             return None  # e.g. not the leader: the handler takes it
-        later = _Later()
+        later = Later()
         begun.append(later)
         return later
 

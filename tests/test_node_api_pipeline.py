@@ -10,34 +10,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from test_node_api import Later
 
 from mesh import wire
 from mesh.node import api
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
-
-
-class Later:
-    """A :class:`api.Pending` resolved by the test."""
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.value: Any = None
-
-    @property
-    def done(self) -> bool:
-        return self.event.is_set()
-
-    async def wait(self) -> None:
-        await self.event.wait()
-
-    def outcome(self) -> Any:
-        if isinstance(self.value, Exception):
-            raise self.value
-        return self.value
-
-    def resolve(self, value: Any) -> None:
-        self.value = value
-        self.event.set()
 
 
 class Writes:
