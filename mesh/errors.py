@@ -29,6 +29,11 @@ class RemoteProtocolError(ProtocolError):
     another major version. Adapters drop the packet, count it and carry on."""
 
 
+class StreamClosed(RemoteProtocolError):
+    """The peer closed the stream before a whole frame arrived (it stopped, or
+    gave up on the connection)."""
+
+
 class NotLeader(MeshError):
     """A proposal reached a Raft node that is not the leader.
 

@@ -17,14 +17,15 @@ from typing import Any
 import trio
 
 from mesh import wire
-from mesh.errors import RemoteProtocolError
+from mesh.errors import StreamClosed
 
 
 async def read_frame(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     """Read one length-prefixed frame; return its envelope bytes.
 
     Raises:
-        RemoteProtocolError: the peer closed early or the frame is oversized.
+        StreamClosed: the peer closed the stream before a whole frame arrived.
+        RemoteProtocolError: the frame is oversized.
     """
     decoder = wire.FrameDecoder(max_bytes)
     while True:
@@ -33,7 +34,7 @@ async def read_frame(stream: trio.abc.Stream, max_bytes: int) -> bytes:
             return payload
         chunk = await stream.receive_some(65_536)
         if not chunk:
-            raise RemoteProtocolError("stream closed before a whole frame arrived")
+            raise StreamClosed("stream closed before a whole frame arrived")
         decoder.receive_data(bytes(chunk))
 
 

@@ -60,6 +60,25 @@ async def test_api_roundtrip_errors_and_permissions(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_daemon_that_closes_mid_call_is_named_not_a_traceback(tmp_path: Path) -> None:
+    sock = tmp_path / "meshd.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(str(sock))
+    listener.listen()
+
+    async def hang_up() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(4096)  # the request, never answered
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hang_up)
+        with pytest.raises(MeshError, match="closed the connection before answering: did it "
+                                            "stop"):
+            await api.call(sock, "echo")
+    listener.close()
+
+
 async def test_an_answer_over_the_frame_limit_is_an_error_not_a_crash(tmp_path: Path) -> None:
     sock = tmp_path / "meshd.sock"
     listener = await api.bind_unix_socket(sock)

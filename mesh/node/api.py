@@ -34,7 +34,13 @@ from typing import Any, Protocol
 import trio
 
 from mesh import wire
-from mesh.errors import LocalProtocolError, MeshError, RemoteProtocolError, StartupError
+from mesh.errors import (
+    LocalProtocolError,
+    MeshError,
+    RemoteProtocolError,
+    StartupError,
+    StreamClosed,
+)
 from mesh.node.messages import (
     MAX_API_FRAME_BYTES,
     Request,
@@ -397,6 +403,9 @@ async def call(socket_path: Path, method: str, params: dict[str, Any] | None = N
         raise MeshError(f"meshd is not running behind {socket_path} (stale socket)") from None
     except trio.TooSlowError:
         raise MeshError(f"meshd at {socket_path} did not answer within {timeout_s:g}s") from None
+    except (StreamClosed, trio.BrokenResourceError):
+        raise MeshError(f"meshd at {socket_path} closed the connection before answering: did "
+                        "it stop? (see its log)") from None
 
 
 
@@ -406,11 +415,14 @@ async def call_stream(stream: trio.abc.Stream, method: str,
 
     Raises:
         MeshError: the call failed (the daemon's message) or the answer was garbage.
+        StreamClosed: the daemon closed the stream before answering.
         trio.BrokenResourceError: the stream broke.
     """
     await stream.send_all(wire.frame(Request(method, params or {}).encode()))
     try:
         response = Response.decode(await read_frame(stream, MAX_API_FRAME_BYTES))
+    except StreamClosed:
+        raise
     except RemoteProtocolError as exc:
         raise MeshError(f"bad answer from meshd: {exc}") from None
     if not response.ok:

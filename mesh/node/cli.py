@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import trio
 
 import mesh
-from mesh.errors import MeshError, RemoteProtocolError
+from mesh.errors import MeshError, RemoteProtocolError, StreamClosed
 from mesh.node import api, cli_workloads
 from mesh.types import Addr
 
@@ -197,6 +197,9 @@ class Client:
         except (OSError, trio.TooSlowError) as exc:
             raise MeshError(f"cannot reach meshd at {addr}: {exc}; check --addr and that "
                             "TCP port is open") from None
+        except (StreamClosed, trio.BrokenResourceError):
+            raise MeshError(f"meshd at {addr} closed the connection before answering: did it "
+                            "stop, or does it refuse these credentials? (see its log)") from None
         except RemoteProtocolError as exc:
             raise MeshError(str(exc)) from None
 
