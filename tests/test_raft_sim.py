@@ -140,6 +140,23 @@ class RaftSimulation(RuleBasedStateMachine):
             self.n.crash(lead)
             self.n.tick(ticks)
 
+    @rule(count=st.integers(1, 3))
+    def crash_leader_during_its_fsync(self, count: int) -> None:
+        """The leader sends its new entries, then dies before they are on its disk."""
+        lead = self.n.leader()
+        if lead is None:
+            return
+        self.n.crash_after_send.add(lead)
+        for _ in range(count):
+            self.proposed += 1
+            try:
+                self.n.propose(lead, b"f%d" % self.proposed)
+            except (NotLeader, ProposalDropped):
+                break
+            if self.n.nodes[lead].core is None:
+                break
+        self.n.crash_after_send.discard(lead)
+
     @rule(ticks=st.integers(0, 15))
     def isolate_leader(self, ticks: int) -> None:
         lead = self.n.leader()
@@ -230,6 +247,28 @@ class RaftSimulation(RuleBasedStateMachine):
         assert net.core(lead).role is Role.LEADER
 
 
+def test_entries_a_leader_sent_but_never_persisted_commit_under_the_next_leader() -> None:
+    net = Network(IDS[:3], seed=7, config=CONFIG)
+    old = net.wait_leader()
+    net.propose_until_committed(b"before")
+    net.crash_after_send.add(old)
+    net.propose(old, b"in flight")  # sent to both followers, not on the leader's disk
+    assert net.nodes[old].core is None
+    assert b"in flight" not in [e.data for e in net.nodes[old].storage.entries(
+        1, net.nodes[old].storage.last_index() + 1)]
+    net.deliver_all()
+    new = net.wait_leader()
+    assert new != old
+    net.propose_until_committed(b"after")
+    net.restart(old)
+    net.tick(20)
+    net.deliver_all()
+    net.check_converged()
+    applied = net.nodes[old].sm.commands()
+    assert applied[-3:] == [b"before", b"in flight", b"after"]
+    assert applied == net.nodes[new].sm.commands()
+
+
 TestRaftSimulation = RaftSimulation.TestCase
 TestRaftSimulation.settings = settings(
     max_examples=int(os.environ.get("MESH_SIM_EXAMPLES", "60")),
@@ -271,12 +310,21 @@ def test_long_random_runs() -> None:
                     net.drop_rate = rng.choice([0.0, 0.1, 0.3])
                     net.dup_rate = rng.choice([0.0, 0.1])
                     net.reorder = rng.random() < 0.5
-                elif action < 0.80:
+                elif action < 0.77:
                     victim = rng.choice(IDS)
                     if net.nodes[NodeId(victim)].core is not None:
                         net.crash(victim)
                     else:
                         net.restart(victim)
+                elif action < 0.80:
+                    lead = net.leader()  # dies after sending, before its fsync
+                    if lead is not None:
+                        net.crash_after_send.add(lead)
+                        try:
+                            net.propose(lead, b"%d" % rng.getrandbits(32))
+                        except MeshError:
+                            pass
+                        net.crash_after_send.discard(lead)
                 elif action < 0.85:
                     node = rng.choice(net.alive()) if net.alive() else None
                     if node is not None:

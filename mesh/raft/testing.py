@@ -124,6 +124,10 @@ class Network:
         self._cut: set[tuple[NodeId, NodeId]] = set()
         self.msg_filter: Callable[[RaftMessage], bool] | None = None
         """Extra hook: return False to drop a message (etcd ``msgHook``)."""
+        self.crash_after_send: set[NodeId] = set()
+        """Nodes that crash at their next Ready whose messages may leave before it
+        is persisted (a leader's), after sending them and before saving anything:
+        a leader that dies during its fsync."""
         self.delivered = 0
         self.leaders_by_term: dict[int, NodeId] = {}
         self.applied_at: dict[int, tuple[int, bytes]] = {}
@@ -251,6 +255,12 @@ class Network:
             rd = core.ready()
             if rd is None:
                 break
+            if rd.send_before_persist and node.id in self.crash_after_send:
+                self.crash_after_send.discard(node.id)
+                for m in rd.messages:
+                    self._send(m)
+                self.crash(nid)
+                return
             node.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
             for m in rd.messages:
                 self._send(m)
