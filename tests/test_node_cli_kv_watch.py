@@ -91,7 +91,7 @@ async def test_json_lines_and_the_compacted_notice(tmp_path: Path) -> None:
         {"index": 20, "op": "put", "key": "k", "value": "1", "create_index": 20,
          "mod_index": 20},
         {"index": 40, "op": "put", "key": "k", "value": "\ufffd2", "create_index": 20,
-         "mod_index": 40},
+         "mod_index": 40, "resync": True},
     ]
     assert "after index 20 were compacted away" in err
     assert "current values follow" in err

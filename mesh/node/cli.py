@@ -376,6 +376,8 @@ async def kv_watch(client: Client, args: argparse.Namespace, out: TextIO, err: T
                       "compacted away (this watch fell too far behind); the current values "
                       "follow, and keys deleted meanwhile are not shown", file=err, flush=True)
             for event in answer["events"]:
+                if answer["compacted"]:
+                    event = {**event, "resync": True}
                 print(watch_line(event, as_json=args.json), file=out, flush=True)
         except BrokenPipeError:
             # `meshctl kv watch | head`: the reader left; that is not an error.
@@ -387,7 +389,9 @@ async def kv_watch(client: Client, args: argparse.Namespace, out: TextIO, err: T
 def watch_line(event: dict[str, Any], *, as_json: bool) -> str:
     """One ``kv watch`` event as a line: ``put KEY=VALUE (index N)`` or ``del KEY
     (index N)`` (a value that is not printable text is shown JSON-quoted), or with
-    ``as_json`` the event as a JSON object, its value decoded as by ``kv get``."""
+    ``as_json`` the event as a JSON object, its value decoded as by ``kv get``. The
+    current entries sent again after a compacted answer carry ``"resync": true``
+    (in text, stderr says so before them)."""
     event = _printable(event)
     if as_json:
         return json.dumps(event)
