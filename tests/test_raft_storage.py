@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from mesh.errors import StorageError
 from mesh.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from mesh.raft.storage import (
+    PREALLOCATE_BYTES,
     Compacted,
     FileStorage,
     MemoryStorage,
@@ -130,10 +132,70 @@ def test_torn_tail_with_zero_fill_is_truncated(tmp_path: Path) -> None:
     r.close()
 
 
+def test_a_crash_leaves_the_preallocated_zeros_and_recovery_cuts_them(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    s = FileStorage(live)
+    s.save(HardState(1, None, 2), ents(1, 3), None)
+    s.save(None, ents(4, 6), None)
+    wal = _wal(live)
+    assert wal.stat().st_size >= PREALLOCATE_BYTES  # records land inside the file
+    crashed = tmp_path / "crashed"
+    shutil.copytree(live, crashed)  # what the disk holds if meshd dies now
+    s.close()
+    assert not _wal(live).read_bytes().endswith(b"\0" * 16)  # a clean stop cuts them
+    r = FileStorage(crashed)
+    assert all_entries(r) == ents(1, 6)
+    assert r.hard_state.commit == 2
+    assert not _wal(crashed).read_bytes().endswith(b"\0" * 16)
+    r.save(None, ents(7, 8), None)  # and writes on after them
+    r.close()
+    r2 = FileStorage(crashed)
+    assert all_entries(r2) == ents(1, 8)
+    r2.close()
+
+
+def test_a_torn_record_before_the_zeros_is_a_torn_tail(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    s = FileStorage(live)
+    s.save(HardState(1, None, 0), ents(1, 3), None)
+    s.close()
+    end_of_first = _wal(live).stat().st_size
+    s = FileStorage(live)
+    s.save(None, ents(4, 6), None)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(live, crashed)
+    s.close()
+    with open(_wal(crashed), "r+b") as f:  # the last record's end never landed
+        f.seek(end_of_first + 14)
+        f.write(b"\0" * 20)
+    r = FileStorage(crashed)
+    assert all_entries(r) == ents(1, 3)
+    assert _wal(crashed).stat().st_size == end_of_first
+    r.close()
+
+
+def test_only_the_last_segment_is_preallocated(tmp_path: Path) -> None:
+    s = FileStorage(tmp_path, segment_bytes=300)
+    for lo in range(1, 60, 3):
+        s.save(HardState(1, None, lo - 1), ents(lo, lo + 2), None)
+    segments = sorted(tmp_path.glob("wal-*.log"))
+    assert len(segments) > 3
+    for older in segments[:-1]:  # sealed when the next one started
+        assert not older.read_bytes().endswith(b"\0" * 16)
+    crashed = tmp_path.parent / (tmp_path.name + "-crashed")
+    shutil.copytree(tmp_path, crashed)
+    s.close()
+    r = FileStorage(crashed)
+    assert all_entries(r) == ents(1, 60)
+    r.close()
+
+
 def test_corrupted_middle_is_refused(tmp_path: Path) -> None:
     s = FileStorage(tmp_path)
     s.save(HardState(1, None, 0), ents(1, 3), None)
+    s.close()  # without the zero-filled tail: the file ends where the next save goes
     mid = _wal(tmp_path).stat().st_size
+    s = FileStorage(tmp_path)
     s.save(None, ents(4, 6), None)
     s.save(None, ents(7, 9), None)
     s.close()

@@ -34,6 +34,7 @@ view exactly as they were after the last successful call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -433,6 +434,13 @@ _SNAP_MAGIC: Final = b"meshsnap"
 _FORMAT_VERSION: Final = 1
 DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
 """Size at which a WAL segment is closed and the next one started."""
+PREALLOCATE_BYTES: Final = 4 * 1024 * 1024
+"""The WAL's segment is zero-filled this far ahead of its last record (and synced
+once per fill): a record then lands inside the file, so its ``fdatasync`` writes the
+data alone, without a journal commit for a new file size (half the sync time with
+three WALs on one disk, as etcd preallocates its segments). Recovery reads the
+zeros after the last record as the end of the log."""
+
 MAX_RECORD_BYTES: Final = 1024 * 1024 * 1024
 """Largest WAL record or snapshot file recovery will read (1 GiB)."""
 
@@ -449,7 +457,8 @@ class WalFile(Protocol):
 
 
 OpenFile = Callable[[str, str], WalFile]
-"""``open_file(path, mode)`` for mode ``"ab"`` (WAL) or ``"wb"`` (snapshot temp)."""
+"""``open_file(path, mode)`` for mode ``"w+b"`` (a new WAL segment), ``"r+b"`` (the
+last segment, reopened), ``"ab"`` (a torn tail cut off) or ``"wb"`` (snapshot temp)."""
 
 
 def _default_open(path: str, mode: str) -> WalFile:
@@ -505,6 +514,9 @@ class FileStorage(MemoryStorage):
         self._segments: list[_Segment] = []
         self._file: WalFile | None = None
         self._size = 0
+        """Where the next record goes: the end of the last one."""
+        self._allocated = 0
+        """The open segment's length on disk (zeros after ``_size``)."""
         self._failed: str | None = None
         self._marker_seq = 0
         """Segment holding the record of the latest snapshot (0: none yet)."""
@@ -520,8 +532,10 @@ class FileStorage(MemoryStorage):
         return self._dir
 
     def close(self) -> None:
-        """Close the open WAL segment (idempotent)."""
+        """Close the open WAL segment (idempotent), without its zero-filled tail."""
         if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._seal()
             self._file.close()
             self._file = None
 
@@ -610,6 +624,8 @@ class FileStorage(MemoryStorage):
         record = _encode_record(wire.pack_body(body))
         start = self._size
         try:
+            if start + len(record) > self._allocated:
+                self._preallocate(start + len(record))
             _write_all(self._file, record)
             if sync and self._sync:
                 self._file.flush()
@@ -623,13 +639,38 @@ class FileStorage(MemoryStorage):
         if max_index:
             self._segments[-1].max_index = max(self._segments[-1].max_index, max_index)
 
+    def _preallocate(self, needed: int) -> None:
+        """Zero-fill the open segment to hold ``needed`` bytes and more (up to
+        :data:`PREALLOCATE_BYTES` ahead, within the segment size), synced, and put
+        the file position back at the end of the last record."""
+        assert self._file is not None
+        target = max(needed, min(self._allocated + PREALLOCATE_BYTES, self._segment_bytes))
+        self._file.seek(self._allocated)
+        _write_all(self._file, bytes(target - self._allocated))
+        if self._sync:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._allocated = target
+        self._file.seek(self._size)
+
+    def _seal(self) -> None:
+        """Cut the open segment's zero-filled tail off (before it is closed for good)."""
+        assert self._file is not None
+        if self._allocated > self._size:
+            self._file.truncate(self._size)
+            if self._sync:
+                os.fsync(self._file.fileno())
+            self._allocated = self._size
+
     def _undo_write(self, start: int, exc: OSError) -> None:
-        # Cut the partial record off so the WAL stays a clean prefix and later
-        # saves do not land after garbage; if even that fails, refuse all writes.
+        # Cut the partial record (and the zeros after it) off so the WAL stays a
+        # clean prefix and later saves do not land after garbage; if even that
+        # fails, refuse all writes.
         assert self._file is not None
         try:
             self._file.truncate(start)
             self._file.seek(start)
+            self._allocated = start
             if self._sync:
                 os.fsync(self._file.fileno())
         except OSError as exc2:
@@ -640,6 +681,11 @@ class FileStorage(MemoryStorage):
             return
         seq = self._segments[-1].seq + 1
         assert self._file is not None
+        try:
+            self._seal()  # only the last segment may end in zeros
+        except OSError as exc:
+            self._failed = f"WAL rotation failed: {exc}"
+            raise StorageError(_os_error_text("finish a WAL segment", self._dir, exc)) from exc
         self.close()
         try:
             self._open_segment(seq)
@@ -655,8 +701,8 @@ class FileStorage(MemoryStorage):
 
     def _open_segment(self, seq: int) -> None:
         path = self._dir / f"wal-{seq:016d}.log"
-        self._file = self._open(str(path), "ab")
-        self._size = 0
+        self._file = self._open(str(path), "w+b")
+        self._size = self._allocated = 0
         self._segments.append(_Segment(seq, path))
         self._append_record([_REC_OPEN, _WAL_MAGIC, _FORMAT_VERSION, seq], sync=True)
         _fsync_dir(self._dir, self._sync)
@@ -793,8 +839,9 @@ class FileStorage(MemoryStorage):
                     self._marker_seq = self._segments[-1].seq
             return
         last_seg = self._segments[-1]
-        self._file = self._open(str(last_seg.path), "ab")
-        self._size = last_seg.path.stat().st_size
+        self._file = self._open(str(last_seg.path), "r+b")
+        self._size = self._allocated = last_seg.path.stat().st_size
+        self._file.seek(self._size)
 
     def _read_segment(self, path: Path, seq: int, last: bool) -> tuple[list[list[Any]], bool]:
         """Valid save records of one segment, and whether it has its header."""
@@ -812,7 +859,9 @@ class FileStorage(MemoryStorage):
                     problem = f"undecodable record ({exc})"
                     payload = None
             if payload is None:
-                torn = end >= len(blob) or not any(blob[pos:])
+                # Torn: the record runs past the end, or only zeros follow it (the
+                # segment's preallocated tail, see PREALLOCATE_BYTES).
+                torn = end >= len(blob) or not any(blob[pos:]) or not any(blob[end:])
                 if last and torn:
                     self._truncate_tail(path, pos)
                     break
