@@ -387,6 +387,9 @@ class RaftAdapter:
             adapter's storage thread (default; required for a real disk). Tests with
             :class:`~mesh.raft.storage.MemoryStorage` pass ``False`` so that
             trio's autojump clock does not move during a save.
+        batcher: joins the commands proposed with a ``batch_key`` into one entry
+            per ready-loop turn (:meth:`propose_nowait`); ``None``: every command
+            gets an entry of its own.
     """
 
     def __init__(
