@@ -354,3 +354,19 @@ async def test_kv_ls_refuses_a_listing_one_answer_cannot_carry(
         listed = await replica.kv_ls({"prefix": "big/0"})  # fewer: fits
         assert [e["key"] for e in listed] == [f"big/0{i}" for i in range(10)]
         assert [e["key"] for e in await replica.kv_ls({"prefix": "small/"})] == ["small/a"]
+
+
+async def test_an_index_beyond_the_last_commit_is_refused_unless_stale(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with solo(tmp_path) as replica:
+        index = await put(replica, "app/a")
+        with pytest.raises(api.ApiError, match=f"index {index + 1000} is beyond the last "
+                                               f"committed index \\({index}\\)"):
+            await replica.kv_watch({"prefix": "app/", "after": index + 1000})
+        # --stale cannot know the cluster's commit index: it waits, as it always did.
+        answer = await replica.kv_watch({"prefix": "app/", "after": index + 1000,
+                                         "stale": True, "wait_s": 1})
+        assert answer["events"] == []
+        # An index this replica has reached is a normal resume point.
+        assert (await replica.kv_watch({"prefix": "app/", "after": index}))["events"] == []

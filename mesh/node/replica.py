@@ -913,8 +913,9 @@ class Replica:
             ``{"index", "events", "compacted"}``, see :func:`kv_watch_answer`.
 
         Raises:
-            ApiError: a bad parameter, no read point (see :meth:`read_point`), or
-                a compacted answer that would not fit.
+            ApiError: a bad parameter (an ``after`` beyond the last committed
+                index included, unless ``stale``), no read point (see
+                :meth:`read_point`), or a compacted answer that would not fit.
         """
         prefix = params.get("prefix", "")
         if not isinstance(prefix, str):
@@ -929,6 +930,14 @@ class Replica:
         if after is None:
             await self.read_point(params)
             after = self.state.applied_index
+        elif after > self.state.applied_index and not params.get("stale"):
+            # Ahead of this replica: fine if it lags the cluster (it catches up),
+            # a mistake if nothing was ever committed there.
+            await self.read_point(params)
+            if after > self.state.applied_index:
+                raise api.ApiError(
+                    f"index {after} is beyond the last committed index "
+                    f"({self.state.applied_index}); pass the index a watch printed last")
         deadline = trio.current_time() + min(wait_s, KV_WATCH_MAX_WAIT_S)
         while True:
             answer = kv_watch_answer(self.state, after, prefix)
