@@ -177,15 +177,18 @@ class NoPeers:
 
 
 @asynccontextmanager
-async def solo(tmp_path: Path, max_events: int = 10_000) -> AsyncIterator[Replica]:
-    """A running one-voter replica that leads."""
+async def solo(tmp_path: Path, max_events: int = 10_000,
+               trust: Any = None) -> AsyncIterator[Replica]:
+    """A running one-voter replica that leads (``trust``: what it revokes
+    certificates in; default a deny set that accepts everything)."""
     storage = FileStorage(tmp_path, sync=False)
     bootstrap(storage, [ME])
     gate = StateGate(MeshState(max_events=max_events), WatchBuffer(WatchConfig()))
     config = RaftConfig.lan()
     adapter = RaftAdapter.create(config, ME, storage, gate, NoPeers(), lambda n: None,
                                  rng=random.Random(3), storage_in_thread=False)
-    replica = Replica(adapter, gate, storage, FakeCore(), FakeTrust(),  # type: ignore[arg-type]
+    replica = Replica(adapter, gate, storage, FakeCore(),  # type: ignore[arg-type]
+                      FakeTrust() if trust is None else trust,  # type: ignore[arg-type]
                       ReplicaSettings(config))
     try:
         async with trio.open_nursery() as nursery:

@@ -10,25 +10,20 @@ write, an allocation change, a leader change and a snapshot restore reach.
 from __future__ import annotations
 
 import dataclasses
-import random
-from collections.abc import AsyncIterator, Collection, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import trio
 import trio.testing
-from test_node_replica_kv_watch import ME, FakeCore, NoPeers
+from test_node_replica_kv_watch import ME, solo
 from test_raft_adapter import CONFIG, Cluster, put
 
 from mesh.node.agent import Wakeup, wake_on_changes
 from mesh.node.daemon import EventFeed
 from mesh.node.replica import Replica, ReplicaSettings
-from mesh.raft.adapter import RaftAdapter
-from mesh.raft.config import RaftConfig
-from mesh.raft.state import AllocPlan, KvPut, MeshState, RunOp, ServicePut, Table
-from mesh.raft.storage import FileStorage, bootstrap
+from mesh.raft.state import AllocPlan, KvPut, RunOp, ServicePut, Table
 from mesh.raft.watch import StateGate, WatchBuffer, WatchConfig
 from mesh.types import NodeId, ServiceId
 
@@ -197,34 +192,11 @@ class CountingRevoked:
         return 0
 
 
-@asynccontextmanager
-async def solo(tmp_path: Path, max_events: int = 10_000
-               ) -> AsyncIterator[tuple[Replica, CountingRevoked]]:
-    """A running one-voter replica that leads, with a deny set that counts."""
-    storage = FileStorage(tmp_path, sync=False)
-    bootstrap(storage, [ME])
-    gate = StateGate(MeshState(max_events=max_events), WatchBuffer(WatchConfig()))
-    config = RaftConfig.lan()
-    adapter = RaftAdapter.create(config, ME, storage, gate, NoPeers(), lambda n: None,
-                                 rng=random.Random(3), storage_in_thread=False)
-    revoked = CountingRevoked()
-    replica = Replica(adapter, gate, storage, FakeCore(),  # type: ignore[arg-type]
-                      SimpleNamespace(revoked=revoked),  # type: ignore[arg-type]
-                      ReplicaSettings(config))
-    try:
-        async with trio.open_nursery() as nursery:
-            await replica.start(nursery)
-            await adapter.wait_leader()
-            yield replica, revoked
-            nursery.cancel_scope.cancel()
-    finally:
-        await replica.aclose()
-
-
 async def test_the_deny_list_follower_wakes_at_deny_list_changes_only(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with solo(tmp_path) as (replica, revoked):
+    revoked = CountingRevoked()
+    async with solo(tmp_path, trust=SimpleNamespace(revoked=revoked)) as replica:
         await trio.testing.wait_all_tasks_blocked()
         assert revoked.calls == [set()]                # at start
         for i in range(10):
@@ -245,7 +217,7 @@ class NoMembers:
 async def test_event_feed_logs_a_service_change_after_more_key_value_writes_than_kept(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with solo(tmp_path, max_events=10) as (replica, _):
+    async with solo(tmp_path, max_events=10) as replica:
         feed = EventFeed(SimpleNamespace(replica=replica, adapter=NoMembers()),  # type: ignore[arg-type]
                          trio.current_time)
         async with trio.open_nursery() as nursery:
