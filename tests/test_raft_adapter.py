@@ -491,6 +491,81 @@ async def test_full_peer_queue_drops_instead_of_blocking(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_write_blocked_for_send_timeout_drops_the_stream_and_redials(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = dataclasses.replace(CONFIG, send_timeout_s=2.0)
+    n3 = NodeId("n3")
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, ["n1", "n2", "n3"], config=config)
+        c.stalled.add(n3)  # every write to n3 blocks forever
+        await c.start()
+        leader = await c.wait_leader(among=ids("n1", "n2"))
+        t0 = trio.current_time()
+        before = leader.statistics()
+        await trio.sleep(1.9)  # blocked, but not for send_timeout_s yet
+        assert leader.statistics().send_failures == before.send_failures
+        # The watchdog runs at every tick: the stuck write is cut within one
+        # tick of send_timeout_s...
+        await trio.sleep(0.1 + 1.5 * TICK_S)
+        assert leader.statistics().send_failures == before.send_failures + 1
+        # ...and a heartbeat after the reconnect backoff dials n3 again.
+        await trio.sleep(config.reconnect_min_s + 2 * TICK_S)
+        assert leader.statistics().dials == before.dials + 1
+        assert [d for s_, d, _ in c.links if s_ == leader.me].count(n3) == 2
+        assert trio.current_time() - t0 < config.send_timeout_s + 1.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_peer_stream_closes_and_the_next_message_dials_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Nobody campaigns (huge election timeout): n1 only answers what it is sent.
+    config = dataclasses.replace(CONFIG, election_ticks=100_000, stream_idle_timeout_s=2.0)
+    n1, n2 = ids("n1", "n2")
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, ["n1", "n2", "n3"], config=config)
+        await c.start(n1, n2)
+        a1 = c.adapters[n1]
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(a1.serve_stream, server, None)
+
+        async def heartbeat_from_n2() -> None:
+            await client.send_all(wire.frame(Heartbeat(n2, n1, 5, 0).to_wire()))
+            await trio.testing.wait_all_tasks_blocked()
+
+        await heartbeat_from_n2()  # n1 answers n2 over a stream it dials
+        assert a1.statistics().dials == 1
+        await trio.sleep(1.5)
+        await heartbeat_from_n2()  # within the idle limit: the same stream
+        assert a1.statistics().dials == 1
+        await trio.sleep(2.0 + TICK_S)  # idle for the limit: closed at a tick
+        await heartbeat_from_n2()
+        assert a1.statistics().dials == 2
+        assert a1.statistics().send_failures == 0  # closing an idle stream is no failure
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_inbound_stream_closes_between_the_limit_and_a_quarter_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = dataclasses.replace(CONFIG, election_ticks=100_000, stream_idle_timeout_s=4.0)
+    n1, n2 = ids("n1", "n2")
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, ["n1", "n2", "n3"], config=config)
+        await c.start(n1)
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(c.adapters[n1].serve_stream, server, None)
+        t0 = trio.current_time()
+        for at in (1.0, 2.0, 3.5, 6.0):  # each frame keeps the stream open
+            await trio.sleep_until(t0 + at)
+            await client.send_all(wire.frame(Heartbeat(n2, n1, 5, 0).to_wire()))
+        assert await client.receive_some() == b""  # closed by n1 after the last frame
+        idle = trio.current_time() - (t0 + 6.0)
+        assert 4.0 <= idle <= 5.0
+        nursery.cancel_scope.cancel()
+
+
 async def test_file_storage_in_a_thread_with_snapshots_survives_restart(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
