@@ -47,7 +47,24 @@ Logs (process driver):
     :meth:`ProcessDriver.remove` deletes the state file and keeps the logs; of the
     directories whose workload was removed, the newest ``retained_log_dirs``
     (default :data:`RETAINED_LOG_DIRS`, by modification time) are kept and older ones
-    deleted, at every removal and when :meth:`ProcessDriver.serve` starts.
+    deleted, at every removal and when :meth:`ProcessDriver.serve` starts
+    (:func:`prune_log_dirs`).
+
+Logs (docker driver):
+    ``docker logs`` reads a container's output from the engine, which deletes it with
+    the container. So that :meth:`DockerDriver.logs` still answers after
+    :meth:`DockerDriver.remove`, as the process driver's does, the driver reads the
+    newest ``retained_log_max_bytes`` (default :data:`DOCKER_RETAINED_LOG_MAX_BYTES`)
+    of a container's stdout and stderr (interleaved, as ``docker logs`` gives them)
+    before it removes a container that ran (``remove``, or ``start`` replacing an
+    exited container of the same alloc), and once the container is gone appends them
+    to ``<state_dir>/<alloc>/output.log`` (:func:`save_output`), keeping the newest
+    ``retained_log_max_bytes`` of all the alloc's earlier containers. The directories
+    are pruned as the process driver's are, and it is the same layout, so either driver
+    reads the other's. ``logs`` falls back to that file when the alloc has no
+    container. Saving is best effort: an output that cannot be read (an engine error,
+    a logging driver that cannot be read back) or written (full disk) is logged as
+    ``output_unsaved`` and the container is removed all the same.
 
 Resource handling:
     :meth:`Driver.serve` owns the background tasks (reaping children, rotating logs,
@@ -74,9 +91,10 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, Final, Protocol
 
 import docker
@@ -95,7 +113,7 @@ LOG_MAX_BYTES: Final = 16 * 1024 * 1024
 """Size at which a process workload's ``output.log`` is rotated (16 MiB)."""
 
 RETAINED_LOG_DIRS: Final = 64
-"""Log directories of removed process workloads kept, newest first."""
+"""Log directories of removed workloads kept, newest first (both drivers)."""
 
 EXEC_OUTPUT_MAX_BYTES: Final = 64 * 1024
 """Output of one exec (health check) kept; the rest is read and dropped."""
@@ -129,6 +147,10 @@ DOCKER_EVENT_BUFFER: Final = 64
 
 DOCKER_EVENT_RETRY_MAX_S: Final = 30.0
 """Longest wait before reconnecting a broken docker event stream."""
+
+DOCKER_RETAINED_LOG_MAX_BYTES: Final = 1024 * 1024
+"""Output of removed containers kept per allocation (1 MiB): the newest bytes of
+``<state_dir>/<alloc>/output.log``, whose first line may be cut."""
 
 STATE_FORMAT: Final = 1
 """Version of ``workload.json``; files of another version are skipped."""
@@ -580,6 +602,66 @@ def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
     return chunk, offset + len(chunk)
 
 
+def save_output(directory: Path, output: bytes, max_bytes: int) -> None:
+    """Append ``output`` to ``directory/output.log``, keeping only its newest
+    ``max_bytes`` (the first line may be cut); ``directory`` is created if missing.
+
+    The file is replaced atomically (a reader sees the old or the new content), which
+    also makes the directory the newest for :func:`prune_log_dirs`.
+
+    Raises:
+        OSError: the directory or file cannot be written (full disk, permissions,
+            ``directory`` is a file).
+    """
+    assert max_bytes > 0
+    output = output[-max_bytes:]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / OUTPUT_LOG
+    room = max_bytes - len(output)
+    earlier = b""
+    if room:
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - room))
+                earlier = f.read(room)
+        except FileNotFoundError:
+            pass
+    _write_atomic(path, earlier + output)
+
+
+def prune_log_dirs(state_dir: Path, retained: int, node: NodeId,
+                   in_use: Collection[str] = ()) -> None:
+    """Delete all but the newest ``retained`` log directories of removed workloads.
+
+    A log directory is a directory in ``state_dir`` whose name is not in ``in_use``
+    and that holds no state file (a process workload's stays even while the docker
+    driver runs). Newest means the latest modification time, which a removal bumps;
+    equal times keep the greater name. Both drivers prune with this at every removal
+    and when they start serving.
+
+    Errors are logged (``log_prune_failed``), not raised: pruning only frees space,
+    and a directory that vanishes meanwhile is already gone.
+    """
+    found: list[tuple[float, str, Path]] = []
+    try:
+        for d in state_dir.iterdir():
+            if d.name in in_use or (d / STATE_FILE).exists():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = d.stat()
+                if S_ISDIR(st.st_mode):
+                    found.append((st.st_mtime, d.name, d))
+    except FileNotFoundError:
+        return  # nothing was kept yet
+    except OSError as exc:
+        LOGGER.warning("log_prune_failed node=%s dir=%s reason=%s", node, state_dir, exc)
+        return
+    found.sort(reverse=True)
+    for _, _, d in found[retained:]:
+        shutil.rmtree(d, ignore_errors=True)
+        LOGGER.debug("log_dir_pruned node=%s dir=%s", node, d)
+
+
 class ProcessDriver:
     """Runs each workload's command as a local process group; see the module docstring.
 
@@ -745,17 +827,7 @@ class ProcessDriver:
     def _prune_log_dirs(self) -> None:
         """Delete all but the newest ``retained_log_dirs`` directories that belong to
         no workload (known ones and those with a state file stay)."""
-        try:
-            dirs = [d for d in self._state_dir.iterdir()
-                    if d.is_dir() and d.name not in self._records
-                    and not (d / STATE_FILE).exists()]
-            dirs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-        except OSError as exc:
-            LOGGER.warning("log_prune_failed node=%s reason=%s", self._node, exc)
-            return
-        for d in dirs[self._retained_log_dirs:]:
-            shutil.rmtree(d, ignore_errors=True)
-            LOGGER.debug("log_dir_pruned node=%s dir=%s", self._node, d)
+        prune_log_dirs(self._state_dir, self._retained_log_dirs, self._node, self._records)
 
     # -- the Driver API ------------------------------------------------------
 
@@ -999,7 +1071,8 @@ class DockerDriver:
     Every SDK call runs in a thread (``trio.to_thread.run_sync``) under one shared
     :class:`trio.CapacityLimiter` of :data:`DOCKER_THREADS`; long-lived streams (the
     event pump, followed logs, execs) use a second limiter so they cannot starve
-    start and stop.
+    start and stop. The output of removed containers is kept in ``state_dir`` (see
+    "Logs (docker driver)" in the module docstring).
 
     Args:
         client: a docker SDK client.
@@ -1013,6 +1086,11 @@ class DockerDriver:
         network_mode: ``"host"`` (ports handed in as ``PORT``/``MESH_PORT_*``) or
             ``"bridge"`` (``container_port`` published on ``host_port``).
         owns_client: close ``client`` when :meth:`serve` ends.
+        state_dir: where the output of removed containers is kept
+            (``<alloc>/output.log``, created when first needed); ``None`` keeps none,
+            and ``logs`` then knows only containers that exist.
+        retained_log_dirs: log directories of removed containers kept.
+        retained_log_max_bytes: output kept per allocation, the newest bytes.
     """
 
     name = "docker"
@@ -1020,8 +1098,12 @@ class DockerDriver:
     def __init__(self, client: docker.DockerClient, node: NodeId, host: str,
                  wall_clock: Callable[[], float], dns_servers: Sequence[str] = (),
                  pull: bool = False, *, network_mode: str = "host",
-                 owns_client: bool = False) -> None:
+                 owns_client: bool = False, state_dir: Path | None = None,
+                 retained_log_dirs: int = RETAINED_LOG_DIRS,
+                 retained_log_max_bytes: int = DOCKER_RETAINED_LOG_MAX_BYTES) -> None:
         assert network_mode in ("host", "bridge"), network_mode
+        assert retained_log_dirs >= 0
+        assert retained_log_max_bytes > 0
         self._client = client
         self._node = node
         self._host = host
@@ -1030,6 +1112,9 @@ class DockerDriver:
         self._pull = pull
         self._network_mode = network_mode
         self._owns_client = owns_client
+        self._state_dir = state_dir
+        self._retained_log_dirs = retained_log_dirs
+        self._retained_log_max_bytes = retained_log_max_bytes
         self._limiter = trio.CapacityLimiter(DOCKER_THREADS)
         self._stream_limiter = trio.CapacityLimiter(DOCKER_STREAM_THREADS)
         self._changes = ChangeSignal()
@@ -1054,9 +1139,13 @@ class DockerDriver:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Pump the engine's container events into :meth:`wait_changed` until cancelled,
-        reconnecting with backoff when the stream breaks."""
+        reconnecting with backoff when the stream breaks. Prunes the kept output of
+        removed containers first (``retained_log_dirs`` may have shrunk)."""
         send, receive = trio.open_memory_channel[dict[str, Any]](DOCKER_EVENT_BUFFER)
         try:
+            if self._state_dir is not None:
+                await trio.to_thread.run_sync(prune_log_dirs, self._state_dir,
+                                              self._retained_log_dirs, self._node)
             async with trio.open_nursery() as nursery, receive:
                 nursery.start_soon(self._pump_events, send)
                 task_status.started()
@@ -1094,6 +1183,71 @@ class DockerDriver:
                 await trio.sleep(delay)
                 delay = min(delay * 2, DOCKER_EVENT_RETRY_MAX_S)
 
+    # -- output of removed containers -----------------------------------------
+
+    def _read_output(self, container: Any, alloc: AllocId) -> bytes | None:
+        """Runs in a thread: the newest ``retained_log_max_bytes`` of the output of
+        ``container`` (about to be removed), or ``None`` when there is nothing to keep
+        (no ``state_dir``, never started) or it cannot be read (logged)."""
+        if self._state_dir is None or container.status == "created":
+            return None
+        limit = self._retained_log_max_bytes
+        output = bytearray()
+        try:
+            # Every line holds at least its newline, so the newest `limit` lines hold
+            # the newest `limit` bytes: the engine need not send all of a long log.
+            stream = container.logs(stdout=True, stderr=True, stream=True, follow=False,
+                                    tail=limit)
+            try:
+                for chunk in stream:
+                    output += chunk
+                    if len(output) > 2 * limit:
+                        del output[:-limit]
+            finally:
+                stream.close()
+        except (OSError, docker.errors.DockerException, requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError) as exc:
+            LOGGER.warning("output_unsaved node=%s alloc=%s container=%s reason=%r",
+                           self._node, alloc, container.short_id, exc)
+            return None
+        return bytes(output[-limit:])
+
+    def _keep_output(self, alloc: AllocId, output: bytes) -> None:
+        """Runs in a thread: append ``output`` (of a removed container) to the alloc's
+        kept output and prune; a failure is logged, not raised."""
+        assert self._state_dir is not None, "only read when there is a state_dir"
+        try:
+            save_output(self._state_dir / alloc, output, self._retained_log_max_bytes)
+        except OSError as exc:
+            LOGGER.warning("output_unsaved node=%s alloc=%s reason=%r", self._node, alloc,
+                           exc)
+            return
+        LOGGER.debug("output_saved node=%s alloc=%s bytes=%s", self._node, alloc,
+                     len(output))
+        prune_log_dirs(self._state_dir, self._retained_log_dirs, self._node)
+
+    def _remove_container(self, container: Any, alloc: AllocId, **options: Any) -> None:
+        """Runs in a thread: remove ``container`` of ``alloc`` and its anonymous volumes
+        (``options`` go to ``Container.remove``), keeping its output.
+
+        The output is read before and written after the removal, so that a removal
+        that fails and is retried does not keep it twice.
+
+        Raises:
+            docker.errors.DockerException: the engine refused the removal.
+        """
+        output = self._read_output(container, alloc)
+        container.remove(v=True, **options)
+        if output is not None:
+            self._keep_output(alloc, output)
+
+    def _read_kept(self, alloc: AllocId, lines: int) -> bytes | None:
+        """Runs in a thread: the last ``lines`` lines of the kept output of ``alloc``;
+        ``None`` when none is kept."""
+        if self._state_dir is None or not (self._state_dir / alloc).is_dir():
+            return None
+        return _read_tail(self._state_dir / alloc, lines)[0]
+
     # -- the Driver API ------------------------------------------------------
 
     def _ensure_image(self, image: str) -> None:
@@ -1124,7 +1278,7 @@ class DockerDriver:
             if old.status in ("running", "restarting", "paused"):
                 raise DriverError(f"allocation {run.alloc} is already running on node "
                                   f"{self._node} (container {old.short_id}); stop it first")
-            old.remove(v=True, force=True)
+            self._remove_container(old, run.alloc, force=True)
         self._ensure_image(run.image)
         host_net = self._network_mode == "host"
         ports = _reserve_ports(run, self._host, self._node) if host_net else {
@@ -1256,7 +1410,8 @@ class DockerDriver:
         self._changes.notify()
 
     async def remove(self, alloc: AllocId) -> None:
-        """Remove the container (and its anonymous volumes) of an exited workload."""
+        """Remove the container (and its anonymous volumes) of an exited workload; its
+        output is kept in ``state_dir`` (best effort, see the module docstring)."""
         def remove_blocking() -> None:
             container = self._get(alloc)
             if container is None:
@@ -1265,7 +1420,7 @@ class DockerDriver:
                 raise DriverError(f"allocation {alloc} is still running on node "
                                   f"{self._node}; stop it before removing it")
             with contextlib.suppress(docker.errors.NotFound):
-                container.remove(v=True)
+                self._remove_container(container, alloc)
             self._finished_at.pop(container.id, None)
         try:
             await self._call(remove_blocking)
@@ -1298,24 +1453,33 @@ class DockerDriver:
 
     async def logs(self, alloc: AllocId, *, tail: int = 100,
                    follow: bool = False) -> AsyncGenerator[bytes, None]:
-        """``docker logs`` of the container (stdout and stderr interleaved).
+        """``docker logs`` of the container (stdout and stderr interleaved); without a
+        container, the output kept when its containers were removed (``follow`` then
+        ends after it).
 
         Raises:
-            DriverError: there is no container of ``alloc`` on this node.
+            DriverError: ``alloc`` has no container on this node and no kept output.
         """
         assert tail >= 0
 
         def open_logs() -> Any:
             container = self._get(alloc)
             if container is None:
-                raise DriverError(f"no logs of allocation {alloc} on node {self._node}; it "
-                                  "has no container here (removed, or never ran here)")
+                return None
             return container.logs(tail=tail, stream=follow, follow=follow)
 
         try:
             logs = await self._call(open_logs)
         except docker.errors.DockerException as exc:
             raise self._api_error(f"cannot read the logs of allocation {alloc}", exc) from None
+        if logs is None:
+            kept = await trio.to_thread.run_sync(self._read_kept, alloc, tail)
+            if kept is None:
+                raise DriverError(f"no logs of allocation {alloc} on node {self._node}; it "
+                                  "never ran here or its logs were pruned")
+            if kept:
+                yield kept
+            return
         if not follow:
             if logs:
                 yield logs
@@ -1448,7 +1612,8 @@ async def open_driver(kind: str, *, state_dir: Path, node: NodeId, host: str,
     Args:
         kind: ``"auto"`` (docker if an engine answers a ping within
             :data:`DOCKER_PING_TIMEOUT_S`, else process), ``"docker"`` or ``"process"``.
-        state_dir: the process driver's directory.
+        state_dir: the driver's directory: the process driver's workloads, the docker
+            driver's output of removed containers.
         node: this node's name.
         host: the address workloads bind.
         wall_clock: wall-clock seconds.
@@ -1476,7 +1641,7 @@ async def open_driver(kind: str, *, state_dir: Path, node: NodeId, host: str,
             LOGGER.info("driver_selected node=%s driver=docker reason=%r", node,
                         "requested" if kind == "docker" else "a Docker engine answered")
             return DockerDriver(client, node, host, wall_clock, dns_servers, docker_pull,
-                                owns_client=True)
+                                owns_client=True, state_dir=state_dir)
     else:
         LOGGER.info("driver_selected node=%s driver=process reason=requested", node)
     return ProcessDriver(state_dir, node, host, wall_clock)
