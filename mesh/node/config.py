@@ -89,7 +89,8 @@ class NodeConfig:
 
     @property
     def allocs_dir(self) -> Path:
-        """Where the process driver keeps its workloads' state and output."""
+        """Where the drivers keep their workloads' state and output (the docker
+        driver: the output of containers it removed)."""
         return self.data_dir / "allocs"
 
 
