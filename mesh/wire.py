@@ -21,6 +21,7 @@ parses). Every length is bounded and every decode treats its input as hostile.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,8 +56,22 @@ class Envelope:
 
 
 def pack_body(body: Any) -> bytes:
-    """Msgpack-encode ``body`` (bin for bytes, str for text, no extension types)."""
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    """Msgpack-encode ``body`` (bin for bytes, str for text, no extension types).
+
+    Uses a packer kept per thread (``msgpack.packb`` builds one per call: about
+    0.5 us more for a small body, paid by every command and message)."""
+    try:
+        packer = _PACKERS.packer
+    except AttributeError:
+        packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True)
+    packed: bytes = packer.pack(body)
+    if len(packed) > FrameEncoder.KEPT_BUFFER_BYTES:
+        del _PACKERS.packer  # do not keep the buffer of the largest body packed
+    return packed
+
+
+_PACKERS = threading.local()
+"""This thread's msgpack packer (``packer``), once it packed something."""
 
 
 def pack_array_header(n: int) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mesh.security import pki
 from mesh.streams import DirectSocketStream, DirectTlsStream
@@ -130,3 +131,42 @@ async def test_direct_socket_stream_round_trip_and_close() -> None:
     await right.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await right.receive_some()
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its ``recv`` calls."""
+
+    __slots__ = ("recvs",)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.recvs += 1
+        return super().recv(bufsize, flags)
+
+
+async def test_direct_socket_waits_before_receiving_again_after_a_short_read() -> None:
+    a, b = socket.socketpair()
+    counting = CountingSocket(a.family, a.type, fileno=a.detach())
+    counting.recvs = 0
+    stream = DirectSocketStream(counting)
+    b.send(b"hello")
+    assert await stream.receive_some(100) == b"hello"  # short: the socket is empty now
+    assert counting.recvs == 1
+    async with trio.open_nursery() as nursery:
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            got.append(await stream.receive_some(100))
+
+        nursery.start_soon(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        assert counting.recvs == 1  # parked on readability, no recv failing with EAGAIN
+        b.send(b"x" * 100)
+    assert got == [b"x" * 100]
+    assert counting.recvs == 2
+    b.send(b"rest")
+    # The last read filled what was asked: the next one tries recv at once.
+    assert await stream.receive_some(100) == b"rest"
+    assert counting.recvs == 3
+    b.close()
+    assert await stream.receive_some(100) == b""
+    await stream.aclose()

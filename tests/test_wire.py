@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -145,3 +148,25 @@ def test_next_payloads_returns_the_frames_before_an_oversized_one_then_refuses()
     with pytest.raises(RemoteProtocolError, match="exceeds limit 100"):
         dec.next_payloads()
     assert wire.FrameDecoder().next_payloads() == []
+
+
+@given(bodies)
+def test_pack_body_is_msgpack_packb(body: object) -> None:
+    assert wire.pack_body(body) == msgpack.packb(body, use_bin_type=True)
+
+
+def test_pack_body_keeps_one_packer_per_thread() -> None:
+    big = [b"x" * (wire.FrameEncoder.KEPT_BUFFER_BYTES + 1)]
+    results: dict[int, list[bytes]] = {}
+
+    def pack_many(n: int) -> None:
+        results[n] = [wire.pack_body([n, i, big if i % 50 == 0 else b"v"]) for i in range(500)]
+
+    threads = [threading.Thread(target=pack_many, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n, packed in results.items():
+        assert [wire.unpack_body(p, 1 << 20) for p in packed] == [
+            [n, i, big if i % 50 == 0 else b"v"] for i in range(500)]
