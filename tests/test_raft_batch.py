@@ -81,6 +81,30 @@ def test_a_batch_holds_key_value_commands_only_and_no_request_id() -> None:
         decode_command(encode_batch(too_many))
 
 
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ([1, True, b"", "a", b"1", None], "not supported"),  # a boolean is not kind 1
+        ([True, 1, b"", "a", b"1", None], "format"),
+        ([1, 1, b"", "", b"1", None], "key must be"),
+        ([1, 1, b"", "a\n", b"1", None], "key must be"),
+        ([1, 1, b"", "a", "text", None], "value must be"),
+        ([1, 1, b"", "a", b"1", True], "cas must be"),
+        ([1, 1, "rid", "a", b"1", None], "request_id must be"),
+        ([1, 1, b"", "a", b"1"], "3 fields"),
+    ],
+)
+def test_a_batched_put_is_validated_like_one_of_its_own(raw: list[object],
+                                                         problem: str) -> None:
+    # The batch's fast path hands a put's fields straight to KvPut: every field
+    # is still checked (as decoding the put alone does).
+    with pytest.raises(RemoteProtocolError, match=problem):
+        decode_command(wire.pack_body(raw))
+    batch = wire.pack_body([1, 96, b"", [[1, 1, b"", "ok", b"1", None], raw]])
+    with pytest.raises(RemoteProtocolError, match=problem):
+        decode_command(batch)
+
+
 def test_only_a_batch_may_exceed_one_commands_size() -> None:
     # One put's value may not exceed MAX_VALUE_BYTES; a batch of several big
     # ones may be up to MAX_BATCH_BYTES.

@@ -906,14 +906,34 @@ def _parse_command(raw: Any, *, batch_ok: bool) -> Command:
             if not batch_ok:
                 raise _Invalid("a batch inside a batch")
             (raw_cmds,) = _array(fields, 1, "batch")
-            subs = [_parse_command(c, batch_ok=False) for c in _list(raw_cmds, "commands")]
-            cmd = Batch(tuple(c for c in subs if type(c) is KvPut or type(c) is KvDelete),
-                        rid)
-            if len(cmd.commands) != len(subs):
-                raise _Invalid("a batch holds key-value commands only")
+            cmd = Batch(_parse_batched(_list(raw_cmds, "commands")), rid)
     except (_Invalid, LocalProtocolError) as exc:
         raise RemoteProtocolError(f"bad {ck.name.lower()} command: {exc}") from None
     return cmd
+
+
+def _parse_batched(raw_cmds: list[Any]) -> tuple[KvPut | KvDelete, ...]:
+    """The commands of a batch (its hot path: a put's fields go straight to
+    :class:`KvPut`, which validates them).
+
+    Raises:
+        _Invalid: one of them is not a key-value command.
+        RemoteProtocolError: one of them is malformed.
+    """
+    out: list[KvPut | KvDelete] = []
+    for raw in raw_cmds:
+        if (type(raw) is list and len(raw) == 6 and raw[1] == _KV_PUT_KIND
+                and type(raw[1]) is int and raw[0] == COMMAND_FORMAT and type(raw[0]) is int):
+            out.append(KvPut(raw[3], raw[4], raw[5], raw[2]))
+            continue
+        c = _parse_command(raw, batch_ok=False)
+        if type(c) is not KvPut and type(c) is not KvDelete:
+            raise _Invalid("a batch holds key-value commands only")
+        out.append(c)
+    return tuple(out)
+
+
+_KV_PUT_KIND: Final = int(CommandKind.KV_PUT)
 
 
 # --------------------------------------------------------------------------- the state
@@ -1468,7 +1488,9 @@ def _key(raw: Any) -> str:
     if (
         not isinstance(raw, str)
         or not raw
-        or len(raw.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES
+        # (at most 4 bytes per character: only a long key is worth encoding)
+        or (len(raw) > MAX_KEY_BYTES // 4
+            and len(raw.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES)
         or not raw.isprintable()
     ):
         raise _Invalid(f"key must be printable text of 1-{MAX_KEY_BYTES} bytes, got {raw!r:.60}")
