@@ -121,6 +121,26 @@ async def test_answers_are_exactly_the_encoded_responses(
         Response(True))]
 
 
+async def test_a_shared_result_answers_every_call_with_one_encoding(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    writes = Writes()
+    shared = api.SharedResult({"ok": True, "index": 9})
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(api.serve_api_stream, server, {}, "n1", {"w": writes.start})
+        await client.send_all(request({}) * 3 + request({"now": {"other": 1}}))
+        await trio.sleep(1)
+        for later in writes.begun:
+            later.resolve(shared)
+        await client.send_eof()
+        frames = await read_until_closed(client)
+    expected = wire.frame(Response(True, result={"ok": True, "index": 9}).encode())
+    assert frames[:3] == [expected] * 3
+    assert shared.frame == expected  # encoded once, kept for the next answer
+    assert decoded(frames[3:]) == [(True, {"other": 1})]
+
+
 async def test_a_connection_stops_reading_at_the_pipelining_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -69,11 +69,25 @@ class Pending(Protocol):
         """Return once :attr:`done`."""
 
     def outcome(self) -> Any:
-        """The result (once :attr:`done`).
+        """The result (once :attr:`done`), or a :class:`SharedResult` that other
+        calls answer with too.
 
         Raises:
             ApiError: the call failed (its message is the answer).
         """
+
+
+class SharedResult:
+    """A result many calls answer with, encoded once for all of them (the writes
+    that shared a log entry share one Raft result, so their answers are the same
+    bytes). Its ``value`` must not change once answered with."""
+
+    __slots__ = ("value", "frame")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.frame: bytes | None = None
+        """The answer's frame, once encoded."""
 
 
 Starter = Callable[[dict[str, Any]], Pending | None]
@@ -132,6 +146,10 @@ MAX_PIPELINED = 256
 def _result_frame(encoder: wire.FrameEncoder, result: Any) -> bytes:
     """The frame of a successful answer, or of an error saying it is too large to
     send (a handler's answer bigger than the frame limit must not end the daemon)."""
+    if type(result) is SharedResult:
+        if result.frame is None:
+            result.frame = _result_frame(encoder, result.value)
+        return result.frame
     try:
         return encode_answer(encoder, True, result)
     except LocalProtocolError as exc:

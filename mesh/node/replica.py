@@ -209,6 +209,7 @@ class Replica:
         self._settings = settings
         self._links: dict[NodeId, api.RpcLink] = {}
         self._dialing: dict[NodeId, trio.Lock] = {}
+        self._answers = _Answers()
         self._nursery: trio.Nursery | None = None
         self._fed_at = -float("inf")
         """When Raft last fed this node (a Ready while a member that knows a leader)."""
@@ -641,7 +642,8 @@ class Replica:
         except NotLeader as exc:
             return await self._forward(method, params, self._leader_hint(exc))
         await pending.wait()
-        return pending.outcome()
+        answer: dict[str, Any] = pending.outcome().value
+        return answer
 
     def _leader_hint(self, exc: NotLeader) -> NodeId | None:
         if not self.raft_feeds():
@@ -667,7 +669,8 @@ class Replica:
             ApiError: refused at once (the message says what to do).
         """
         try:
-            return _PendingWrite(self.raft.propose_nowait(command, batch_key=key))
+            return _PendingWrite(self.raft.propose_nowait(command, batch_key=key),
+                                 self._answers)
         except ProposalDropped as exc:
             raise api.ApiError(_not_committed(exc)) from None
         except StorageError as exc:
@@ -1121,13 +1124,31 @@ class _ForwardedWrite:
             raise api.ApiError(str(exc)) from None
 
 
+class _Answers:
+    """The answer of the latest successful write result, shared by the writes it
+    is the result of (the puts of one log entry share one :class:`Result`)."""
+
+    __slots__ = ("_result", "_answer")
+
+    def __init__(self) -> None:
+        self._result: Result | None = None
+        self._answer = api.SharedResult(None)
+
+    def of(self, result: Result) -> api.SharedResult:
+        if result is not self._result:
+            self._result = result
+            self._answer = api.SharedResult(result.as_dict())
+        return self._answer
+
+
 class _PendingWrite:
     """A write proposed on this node, as the API waits for it (:class:`api.Pending`)."""
 
-    __slots__ = ("_proposal",)
+    __slots__ = ("_proposal", "_answers")
 
-    def __init__(self, proposal: Proposal) -> None:
+    def __init__(self, proposal: Proposal, answers: _Answers) -> None:
         self._proposal = proposal
+        self._answers = answers
 
     @property
     def done(self) -> bool:
@@ -1136,7 +1157,7 @@ class _PendingWrite:
     async def wait(self) -> None:
         await self._proposal.event.wait()
 
-    def outcome(self) -> dict[str, Any]:
+    def outcome(self) -> api.SharedResult:
         try:
             result = self._proposal.outcome()
         except ProposalDropped as exc:
@@ -1144,7 +1165,7 @@ class _PendingWrite:
         assert isinstance(result, Result)
         if not result.ok:
             raise api.ApiError(result.message or result.code.value)
-        return result.as_dict()
+        return self._answers.of(result)
 
 
 def _kv_bytes(entries: list[KvEntry]) -> int:
