@@ -93,6 +93,7 @@ async def test_httpd_with_host_networking_labels_and_limits(
     assert (host_config["NanoCpus"], host_config["Memory"]) == (500_000_000, 64 * 1024 * 1024)
     assert host_config["RestartPolicy"]["Name"] == "no"
     assert host_config["NetworkMode"] == "host"
+    assert host_config["Init"] is True
     env = dict(e.split("=", 1) for e in attrs["Config"]["Env"])
     assert (env["PORT"], env["MESH_PORT_HTTP"], env["MESH_NODE"], env["GREETING"]) == (
         str(port), str(port), docker_node, "hi")
@@ -128,8 +129,8 @@ async def test_exit_code_reaches_wait_changed(driver: DockerDriver,
 
 async def test_stop_then_remove(driver: DockerDriver, docker_client: docker.DockerClient,
                                 docker_node: NodeId) -> None:
-    # busybox sleep as PID 1 ignores SIGTERM, so docker stop kills it after the grace.
-    run = run_spec(docker_node, "a1", "sleep", "60")
+    # A shell that ignores SIGTERM: docker stop kills it after the grace.
+    run = run_spec(docker_node, "a1", "sh", "-c", "trap '' TERM; sleep 60")
     await driver.start(run)
     with pytest.raises(DriverError, match="already running"):
         await driver.start(run)
@@ -144,6 +145,19 @@ async def test_stop_then_remove(driver: DockerDriver, docker_client: docker.Dock
     assert await driver.list() == []
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(container_name(run.alloc))
+
+
+async def test_an_init_is_pid_1_and_passes_sigterm_on(
+        driver: DockerDriver, docker_client: docker.DockerClient, docker_node: NodeId) -> None:
+    # Without Docker's init, busybox sleep would be PID 1, which the kernel spares
+    # the SIGTERM it has no handler for: docker stop would kill it after the grace.
+    run = run_spec(docker_node, "a1", "sleep", "600")
+    w = await driver.start(run)
+    assert docker_client.api.inspect_container(w.ref)["HostConfig"]["Init"] is True
+    assert await driver.exec(run.alloc, ["cat", "/proc/1/comm"], 10.0) == (0, b"docker-init\n")
+    await driver.stop(run.alloc, DEADLINE_S)
+    [w] = await driver.list()
+    assert (w.state, w.exit_code, w.message) == ("exited", 143, "killed by signal SIGTERM")
 
 
 async def test_a_new_driver_adopts_running_containers(driver: DockerDriver,
@@ -163,7 +177,6 @@ async def test_a_new_driver_adopts_running_containers(driver: DockerDriver,
 
 
 async def test_missing_image_and_bad_command(driver: DockerDriver,
-                                             docker_client: docker.DockerClient,
                                              docker_node: NodeId) -> None:
     missing = run_spec(docker_node, "a1", "true", image="meshd-test/absent:1")
     with pytest.raises(DriverError) as info:
@@ -171,11 +184,15 @@ async def test_missing_image_and_bad_command(driver: DockerDriver,
     assert str(info.value) == (
         f"image meshd-test/absent:1 is not present on node {docker_node}; load it "
         "(docker load / docker import) or start meshd with --docker-pull")
+    # The container's init starts, fails to exec the command and exits 127 (a
+    # command not found), saying so in the output.
     bad = run_spec(docker_node, "a2", "no-such-command-xyz")
-    with pytest.raises(DriverError, match="could not start on node .*no-such-command-xyz"):
-        await driver.start(bad)
-    with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(container_name(bad.alloc))
+    await driver.start(bad)
+    w = await wait_state(driver, bad.alloc, "exited")
+    assert (w.exit_code, w.message) == (127, "exited with status 127")
+    assert b"exec no-such-command-xyz failed: No such file or directory" in await _logs(
+        driver, bad.alloc, 10)
+    await driver.remove(bad.alloc)
     assert await driver.list() == []
 
 

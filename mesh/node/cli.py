@@ -2,7 +2,9 @@
 
 Output is a table for people and, with ``--json``, a stable document for tools
 (``kv watch`` prints a line per change as it comes, until Ctrl-C: exit status 0).
-Errors are one line on stderr saying what to do, with exit status 1.
+Errors are one line on stderr saying what to do, with exit status 1. Ctrl-C
+anywhere else exits 130 without a word (the console script,
+:func:`mesh.node.entry.meshctl`, sees to it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import trio
 import mesh
 from mesh.errors import MeshError, RemoteProtocolError, StreamClosed
 from mesh.node import api, cli_workloads
+from mesh.node.entry import run_interruptible
 from mesh.types import Addr
 
 DEFAULT_SOCKET = "/var/lib/meshd/meshd.sock"
@@ -482,7 +485,9 @@ class PartialFailure(MeshError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``meshctl`` entry point; returns the exit status."""
+    """Run ``meshctl``; returns the exit status. Ctrl-C raises KeyboardInterrupt
+    (in a group if it interrupted a nursery): :func:`mesh.node.entry.run_interruptible`
+    turns it into exit status 130."""
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"meshctl {mesh.__version__}")
@@ -508,4 +513,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

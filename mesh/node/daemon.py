@@ -61,6 +61,7 @@ from mesh.node.config import (
     parse_label,
 )
 from mesh.node.driver import Driver, open_driver
+from mesh.node.entry import run_interruptible
 from mesh.node.events import EventLog
 from mesh.node.metrics import Metric, counter, gauge, render
 from mesh.node.orchestrate import DRIVER_LABEL
@@ -781,7 +782,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``meshd`` entry point; returns the exit status."""
+    """Run ``meshd``; returns the exit status. A started node leaves the cluster
+    on SIGINT or SIGTERM and returns 0; a Ctrl-C during start-up raises
+    KeyboardInterrupt (in a group if it interrupted a nursery), which
+    :func:`mesh.node.entry.run_interruptible` turns into exit status 130."""
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"meshd {mesh.__version__}")
@@ -805,8 +809,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"meshd: error: {_first_leaf(startup)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 
@@ -818,4 +820,4 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_interruptible(main))

@@ -1297,6 +1297,11 @@ class DockerDriver:
             "name": container_name(run.alloc), "labels": labels, "detach": True,
             "command": list(run.command) or None, "entrypoint": list(run.entrypoint) or None,
             "restart_policy": {"Name": "no"}, "network_mode": self._network_mode,
+            # Docker's init (tini) as PID 1: it reaps the children a workload
+            # orphans and passes signals on, so a command that would ignore SIGTERM
+            # as PID 1 (the kernel drops signals PID 1 has no handler for) stops
+            # on it instead of waiting out its grace for SIGKILL.
+            "init": True,
         }
         if host_net:
             options["environment"] = workload_env(run, ports, self._node, self._host)
