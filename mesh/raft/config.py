@@ -109,7 +109,7 @@ class RaftConfig:
 
     send_timeout_s: float = 5.0
     """Seconds one write to a peer may block before the stream is dropped and
-    reopened. Default 5 s."""
+    reopened (checked at every tick). Default 5 s."""
 
     reconnect_min_s: float = 0.05
     """First wait after a failed dial or send; doubles per failure up to
@@ -120,7 +120,9 @@ class RaftConfig:
 
     stream_idle_timeout_s: float = 30.0
     """A peer stream with no frame for this long is closed (it is reopened on
-    demand; a leader's heartbeats keep its streams busy). Default 30 s."""
+    demand; a leader's heartbeats keep its streams busy). Outbound streams are
+    checked at every tick; an inbound one closes at most a quarter later. Default
+    30 s."""
 
     propose_timeout_s: float = 10.0
     """Seconds :meth:`~mesh.raft.adapter.RaftAdapter.propose` and ``read_index``
