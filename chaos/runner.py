@@ -359,8 +359,8 @@ class Runner:
         if fault.target in ("follower", "voters"):
             followers = [v for v in voters if v != leader and v in live]
             return [self.rng.choice(followers)] if followers else []
-        learners = [n for n in live if n not in voters]
-        return [self.rng.choice(learners)] if learners else []
+        watchers = [n for n in live if n not in voters]
+        return [self.rng.choice(watchers)] if watchers else []
 
     async def run_fault(self, index: int, fault: Fault) -> None:
         """Inject, hold, heal and measure one fault."""

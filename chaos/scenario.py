@@ -11,7 +11,7 @@ Faults run one after another. Each is injected, held for its ``duration_s``,
 healed, and followed by a wait for the cluster to converge (which measures the
 time to heal) and a ``gap_s`` of calm. Which node a fault hits is decided here
 when the target names a node or ``random`` (seeded), and at run time when it
-names a role (``leader``, ``follower``, ``learner``), since roles are only known
+names a role (``leader``, ``follower``, ``watcher``), since roles are only known
 then.
 
 Pure: no I/O (the caller reads the file and hands over the parsed mapping).
@@ -81,9 +81,13 @@ KILLING_FAULTS: Final = frozenset({FaultKind.KILL, FaultKind.LEADER_KILL, FaultK
 DETECTED_FAULTS: Final = KILLING_FAULTS | {FaultKind.FREEZE, FaultKind.ISOLATE}
 """Faults after which the others must see the victims dead (time to detect)."""
 
-ROLE_TARGETS: Final = frozenset({"leader", "follower", "learner"})
+ROLE_TARGETS: Final = frozenset({"leader", "follower", "watcher"})
 """Targets resolved at run time from ``raft status``: the leader, a voter that
-is not the leader, a node that is not a voter."""
+is not the leader, a node that is not a voter (it keeps its replica through the
+watch stream)."""
+
+_ROLE_ALIASES: Final = {"learner": "watcher"}
+"""Older spellings of a role: non-voters were learners before they watched."""
 
 DEFAULT_DURATION_S: Final = {
     FaultKind.KILL: 4.0, FaultKind.FREEZE: 4.0, FaultKind.STARVE: 6.0,
@@ -95,7 +99,7 @@ DEFAULT_DURATION_S: Final = {
 """How long a fault is held when the scenario does not say, in seconds."""
 
 _DEFAULT_TARGET: Final = {
-    FaultKind.LEADER_KILL: "leader", FaultKind.STALE_REJOIN: "learner",
+    FaultKind.LEADER_KILL: "leader", FaultKind.STALE_REJOIN: "watcher",
     FaultKind.LOSS: "all", FaultKind.PARTITION: "all", FaultKind.VOTERS_KILL: "voters",
 }
 _PARAMS: Final[Mapping[FaultKind, Mapping[str, float]]] = {
@@ -280,6 +284,7 @@ def _parse_fault(raw: object, where: str) -> Fault:
     target = raw.get("target", _DEFAULT_TARGET.get(kind, "random"))
     if not isinstance(target, str) or not target:
         raise ScenarioError(f"{where}: target must be a node name, 'random' or a role")
+    target = _ROLE_ALIASES.get(target, target)
     params = {k: _number(raw, k, v, where) for k, v in defaults.items()}
     if kind in (FaultKind.LOSS, FaultKind.DUPLICATE) and not 0 < params["probability"] < 1:
         raise ScenarioError(f"{where}: probability must be between 0 and 1")

@@ -98,10 +98,16 @@ def test_random_schedule_fits_its_duration_and_names_real_nodes() -> None:
     names = set(node_names(7))
     assert sum(planned_time_s(f) for f in schedule) <= 300
     for f in schedule:
-        assert f.target in names | {"leader", "learner", "voters", "all"}
+        assert f.target in names | {"leader", "watcher", "voters", "all"}
         if f.kind is FaultKind.PARTITION:
             assert 0 < len(f.minority) < 7 / 2
             assert set(f.minority) <= names
+
+
+def test_the_old_role_name_learner_means_a_watcher() -> None:
+    sc = parse_scenario({"name": "t", "faults": [{"kind": "kill", "target": "learner"},
+                                                  {"kind": "stale_rejoin"}]})
+    assert [f.target for f in build_schedule(sc, 5, 60, seed=1)] == ["watcher", "watcher"]
 
 
 def test_fixed_random_targets_are_drawn_from_the_seed() -> None:
