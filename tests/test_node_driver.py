@@ -289,6 +289,13 @@ async def test_stop_sends_sigterm_to_the_group(driver: ProcessDriver) -> None:
     await driver.stop(AllocId("unknown"), 10.0)
 
 
+async def test_a_command_the_shell_cannot_find_says_so(driver: ProcessDriver) -> None:
+    await driver.start(spec("a1", "sh", "-c", "exec /nonexistent/meshd-test-command"))
+    w = await wait_state(driver, "a1", "exited")
+    assert (w.exit_code, w.message) == (
+        127, "exited with status 127 (command not found: see meshctl logs)")
+
+
 async def test_stop_kills_after_grace_when_sigterm_is_trapped(driver: ProcessDriver) -> None:
     code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "print('ready', flush=True); time.sleep(60)")

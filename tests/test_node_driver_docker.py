@@ -189,7 +189,8 @@ async def test_missing_image_and_bad_command(driver: DockerDriver,
     bad = run_spec(docker_node, "a2", "no-such-command-xyz")
     await driver.start(bad)
     w = await wait_state(driver, bad.alloc, "exited")
-    assert (w.exit_code, w.message) == (127, "exited with status 127")
+    assert (w.exit_code, w.message) == (
+        127, "exited with status 127 (command not found: see meshctl logs)")
     assert b"exec no-such-command-xyz failed: No such file or directory" in await _logs(
         driver, bad.alloc, 10)
     await driver.remove(bad.alloc)

@@ -420,13 +420,20 @@ def _reserve_ports(run: RunSpec, host: str, node: NodeId) -> dict[str, int]:
 
 
 def exit_message(code: int) -> str:
-    """``"exited with status N"``, or ``"killed by signal SIGX"`` for 128 + N."""
+    """``"exited with status N"``, or ``"killed by signal SIGX"`` for 128 + N; the
+    shell's (and docker-init's) 126 and 127 say what they mean."""
     if code > 128 and code - 128 < signal.NSIG:
         try:
             return f"killed by signal {signal.Signals(code - 128).name}"
         except ValueError:
             pass
-    return f"exited with status {code}"
+    hint = _EXEC_FAILURES.get(code)
+    return f"exited with status {code}" + (f" ({hint}: see meshctl logs)" if hint else "")
+
+
+_EXEC_FAILURES: Final = {126: "command not executable", 127: "command not found"}
+"""Exit statuses with which a shell or an init reports that it could not run the
+command it was given."""
 
 
 # ---------------------------------------------------------------------------
