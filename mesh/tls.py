@@ -54,7 +54,13 @@ from mesh.errors import (
     StorageError,
 )
 from mesh.gossip.keyring import DEFAULT_REPLAY_WINDOW_S, KEY_BYTES, Keyring
-from mesh.security.join import JoinClient, JoinRedirected, JoinResult, JoinServer
+from mesh.security.join import (
+    JoinClient,
+    JoinRateLimited,
+    JoinRedirected,
+    JoinResult,
+    JoinServer,
+)
 from mesh.security.messages import (
     MAX_JOIN_FRAME_BYTES,
     NONCE_BYTES,
@@ -1038,6 +1044,10 @@ def join_handler(
 ) -> Handler:
     """The ``mesh-join/1`` handler to register with :class:`TlsServer`.
 
+    The join server's rate limits are asked first, keyed by the peer's address: a
+    refused connection gets ``LinkRefused(reason, retry_in_s)`` and costs nothing
+    more (no nonce, no proof check, no signature).
+
     Args:
         server: the node's join core (it holds the CA key and current token).
         taken: live member names (any live container); joining under one is refused.
@@ -1046,6 +1056,14 @@ def join_handler(
     """
 
     async def handle(stream: SSLStreamT, peer: PeerInfo) -> None:
+        source = peer.addr.host
+        refusal = server.admit(
+            source, trio.current_time(), authenticated=peer.identity is not None
+        )
+        if refusal is not None:
+            with trio.fail_after(timeout_s):
+                await send_message(stream, refusal)
+            return
         challenge = server.challenge(entropy(NONCE_BYTES))
         with trio.fail_after(timeout_s):
             await send_message(stream, challenge)
@@ -1057,6 +1075,8 @@ def join_handler(
                 challenge=challenge,
                 tls_binding=_channel_binding(stream),
                 peer=peer.identity,
+                source=source,
+                now=trio.current_time(),
                 taken=taken,
             )
             await send_message(stream, reply)
@@ -1089,7 +1109,7 @@ async def _run_join_client(
                 )
                 await send_message(stream, request)
                 return client.handle_reply(await receive_message(stream))
-    except JoinRedirected:
+    except (JoinRedirected, JoinRateLimited):
         raise
     except StartupError as exc:
         raise StartupError(f"join via {addr} failed: {exc}") from None
@@ -1132,6 +1152,8 @@ async def request_join(
         timeout_s: bound on the whole exchange.
 
     Raises:
+        JoinRateLimited: the node refused the attempt for now (too many join
+            attempts); try again after its ``retry_in_s``.
         StartupError: one line for the person who ran ``meshd``: wrong or rotated
             token, another cluster's CA, unreachable address, timeout, refusal.
     """

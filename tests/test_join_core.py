@@ -18,10 +18,12 @@ from mesh.security import pki
 from mesh.security.join import (
     REJECT_WRONG_TOKEN,
     JoinClient,
+    JoinRateLimited,
     JoinServer,
     join_proof,
 )
 from mesh.security.messages import (
+    MAX_RETRY_S,
     MSG_JOIN_ACCEPT,
     MSG_JOIN_CHALLENGE,
     MSG_LINK_REFUSED,
@@ -43,6 +45,7 @@ from mesh.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 BINDING = b"\x42" * 48
 NONCE = b"\x01" * 32
+SOURCE = "10.0.0.2"
 
 
 def clock(at: datetime = T0) -> pki.WallClock:
@@ -67,6 +70,7 @@ messages: st.SearchStrategy[SecurityMessage] = st.one_of(
     st.builds(JoinReject, text),
     st.just(LinkAccepted()),
     st.builds(LinkRefused, text),
+    st.builds(LinkRefused, text, st.floats(0.0, MAX_RETRY_S)),
     st.builds(JoinRedirect, st.lists(text, max_size=16).map(tuple)),
 )
 
@@ -97,7 +101,7 @@ msgpack_values = st.recursive(
     max_leaves=20,
 )
 field_names = st.sampled_from(
-    ["ca", "n", "p", "csr", "name", "addr", "cert", "keys", "label", "why"]
+    ["ca", "n", "p", "csr", "name", "addr", "cert", "keys", "label", "why", "retry"]
 )
 
 
@@ -132,6 +136,20 @@ def test_decoder_refusals() -> None:
         decode_message(bytes((2, 0, MSG_LINK_REFUSED)) + msgpack.packb({"why": "x"}))
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         decode_message(bytes((1, 0, MSG_LINK_REFUSED)) + msgpack.packb({"why": "x" * 2000}))
+    for retry in (-1.0, float("nan"), float("inf"), MAX_RETRY_S * 2, True, "4"):
+        with pytest.raises(RemoteProtocolError, match="retry"):
+            decode_message(
+                bytes((1, 0, MSG_LINK_REFUSED)) + msgpack.packb({"why": "x", "retry": retry})
+            )
+
+
+def test_link_refused_sends_retry_only_when_temporary() -> None:
+    """A permanent refusal encodes as before, so older joiners read it unchanged."""
+    assert LinkRefused("no").to_wire() == bytes((1, 0, MSG_LINK_REFUSED)) + msgpack.packb(
+        {"why": "no"}
+    )
+    limited = decode_message(LinkRefused("slow down", 4.5).to_wire())
+    assert limited == LinkRefused("slow down", 4.5)
 
 
 # -- the exchange ---------------------------------------------------------------------
@@ -174,7 +192,8 @@ def exchange(
     request = client.handle_challenge(decode_message(challenge.to_wire()), cluster.tls_der, BINDING)
     assert isinstance(request, JoinRequest)
     reply = cluster.server.handle_request(
-        request, challenge=challenge, tls_binding=server_binding, peer=None, taken=taken
+        request, challenge=challenge, tls_binding=server_binding, peer=None, source=SOURCE, now=0.0,
+        taken=taken
     )
     return reply
 
@@ -237,7 +256,7 @@ def test_request_fields_are_covered_by_the_proof(cluster: Cluster) -> None:
     assert isinstance(request, JoinRequest)
     forged = JoinRequest(request.proof, request.csr_pem, "other-name", request.advertise)
     reply = cluster.server.handle_request(
-        forged, challenge=challenge, tls_binding=BINDING, peer=None
+        forged, challenge=challenge, tls_binding=BINDING, peer=None, source=SOURCE, now=0.0
     )
     assert reply == JoinReject(REJECT_WRONG_TOKEN)
 
@@ -265,6 +284,19 @@ def test_link_refused_instead_of_challenge(cluster: Cluster) -> None:
     client, _ = joiner(cluster.token)
     with pytest.raises(StartupError, match="no CA key"):
         client.handle_challenge(LinkRefused("holds no CA key"), cluster.tls_der, BINDING)
+
+
+def test_rate_limited_refusal_raises_join_rate_limited(cluster: Cluster) -> None:
+    """A temporary refusal is told apart from a permanent one, with the advised delay."""
+    client, _ = joiner(cluster.token)
+    refusal = LinkRefused("too many join attempts from 10.0.0.2; retry in 5 s", 4.2)
+    with pytest.raises(JoinRateLimited, match="retry in 5 s") as raised:
+        client.handle_challenge(decode_message(refusal.to_wire()), cluster.tls_der, BINDING)
+    assert raised.value.retry_in_s == 4.2
+    assert isinstance(raised.value, StartupError)
+    # the client has not pinned anything yet: it can be handed a challenge after
+    with pytest.raises(LocalProtocolError):
+        client.handle_reply(JoinReject("x"))
 
 
 def test_reply_before_challenge_is_a_bug(cluster: Cluster) -> None:
@@ -326,18 +358,20 @@ def test_renewal_keeps_name_and_role(cluster: Cluster) -> None:
     request = client.handle_challenge(challenge, cluster.tls_der, BINDING)
     assert isinstance(request, RenewRequest)
     reply = cluster.server.handle_request(
-        request, challenge=challenge, tls_binding=BINDING, peer=peer
+        request, challenge=challenge, tls_binding=BINDING, peer=peer, source=SOURCE, now=0.0
     )
     result = client.handle_reply(reply)
     assert result.node_id == "n2"
     assert cluster.server.poll_issued()[-1].renewal
     # without a certificate there is nothing to renew
-    reply = cluster.server.handle_request(request, challenge=challenge, tls_binding=b"", peer=None)
+    reply = cluster.server.handle_request(request, challenge=challenge, tls_binding=b"", peer=None,
+                                          source=SOURCE, now=0.0)
     assert isinstance(reply, JoinReject)
     assert "current certificate" in reply.reason
     # a renewal cannot change the name: the CSR must match the certificate
     other = pki.CertIdentity(pki.Role.NODE, "n7", 99, T0)
-    reply = cluster.server.handle_request(request, challenge=challenge, tls_binding=b"", peer=other)
+    reply = cluster.server.handle_request(request, challenge=challenge, tls_binding=b"", peer=other,
+                                          source=SOURCE, now=0.0)
     assert isinstance(reply, JoinReject)
     assert "common name" in reply.reason
 
@@ -347,7 +381,8 @@ def test_admin_renewal_gets_admin_cert(cluster: Cluster) -> None:
     request = RenewRequest(pki.csr_to_pem(pki.create_csr(key, "admin")), "10.0.0.5:7946")
     peer = pki.CertIdentity(pki.Role.ADMIN, "admin", 5, T0)
     reply = cluster.server.handle_request(
-        request, challenge=cluster.server.challenge(NONCE), tls_binding=b"", peer=peer
+        request, challenge=cluster.server.challenge(NONCE), tls_binding=b"", peer=peer,
+        source=SOURCE, now=0.0,
     )
     assert isinstance(reply, JoinAccept)
     assert pki.identity_of(pki.load_cert_pem(reply.cert_pem)).role is pki.Role.ADMIN
@@ -373,6 +408,8 @@ def test_server_survives_garbage_requests_with_valid_proof(
         challenge=JoinChallenge(b"", NONCE),
         tls_binding=BINDING,
         peer=None,
+        source=SOURCE,
+        now=0.0,
     )
     assert isinstance(reply, JoinReject)
 

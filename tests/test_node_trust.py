@@ -1,20 +1,34 @@
 """The node's trust life cycle, in process over real TLS on 127.0.0.1: a first node
 bootstraps, a second joins with the token and later renews its certificate through the
-member that announces the CA (the ``join`` port in its gossip metadata)."""
+member that announces the CA (the ``join`` port in its gossip metadata). A joiner that
+a node refuses for too many join attempts waits the advised delay and tries again."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from pathlib import Path
 
+import pytest
 import trio
+import trio.testing
+from cryptography import x509
 
 from mesh import tls
+from mesh.errors import StartupError
 from mesh.gossip.config import GossipConfig
 from mesh.gossip.core import Membership
+from mesh.gossip.keyring import Keyring
 from mesh.gossip.messages import MemberState, Meta, Status
 from mesh.node import trust
 from mesh.node.config import NodeConfig
+from mesh.node.metrics import render
+from mesh.security import pki
+from mesh.security.join import JoinClient, JoinRateLimited, JoinResult, JoinServer
+from mesh.security.messages import JoinRequest
+from mesh.security.ratelimit import JoinLimits
+from mesh.security.token import JoinToken, new_token
 from mesh.types import Addr, NodeId
 
 
@@ -81,3 +95,139 @@ async def test_renewal_without_a_ca_member_fails_and_keeps_the_certificate(
     assert not await trust._renew_once(alone, core, node_config(tmp_path / "a", "a", addr),
                                        trust.utc_now)
     assert alone.identity.load_cert().serial_number == before.serial_number
+
+
+# -- rate limits on joins -----------------------------------------------------------------
+
+
+CA = pki.create_ca("test", trust.utc_now)
+TOKEN = new_token(CA.fingerprint, os.urandom)
+
+
+class LimitedSeed:
+    """A CA-holding node as a join requester (:class:`trust.JoinRequester`), in
+    memory: the real join core and its rate limits on trio's clock, the real join
+    client. Every joiner appears to come from one address (a NAT)."""
+
+    SOURCE = "192.0.2.1"
+
+    def __init__(self, limits: JoinLimits) -> None:
+        self.token = TOKEN
+        self.server = JoinServer(CA, TOKEN, Keyring([b"\x11" * 32]), trust.utc_now,
+                                 limits=limits, node="seed")
+        cert = pki.issue_node_certificate(
+            CA, pki.create_csr(pki.generate_key(), "seed"), "seed", "10.0.0.1", trust.utc_now)
+        self.tls_der = pki.cert_to_der(cert)
+        self.calls: list[float] = []
+
+    async def __call__(self, addr: Addr, token: JoinToken, csr: x509.CertificateSigningRequest,
+                       advertise: Addr, *, wall_clock: pki.WallClock) -> JoinResult:
+        now = trio.current_time()
+        self.calls.append(now)
+        client = JoinClient.for_token(token, csr, advertise, wall_clock)
+        refusal = self.server.admit(self.SOURCE, now)
+        if refusal is not None:
+            client.handle_challenge(refusal, self.tls_der, b"")  # raises JoinRateLimited
+        challenge = self.server.challenge(os.urandom(32))
+        request = client.handle_challenge(challenge, self.tls_der, b"")
+        assert isinstance(request, JoinRequest)
+        reply = self.server.handle_request(request, challenge=challenge, tls_binding=b"",
+                                           peer=None, source=self.SOURCE, now=now)
+        return client.handle_reply(reply)
+
+
+ONE_PER_4S = JoinLimits(source_burst=1, source_rate_per_s=0.25)
+
+
+async def test_joiner_retries_after_the_advised_delay(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    seed = LimitedSeed(ONE_PER_4S)
+    start = trio.current_time()
+    assert seed.server.admit(LimitedSeed.SOURCE, start) is None  # another node just joined
+    config = node_config(tmp_path / "b", "b", Addr("10.0.0.2", 7946),
+                         join=(Addr("10.0.0.1", 7946),))
+    await trust._join_with_token(config, seed.token, trust.utc_now, seed)
+    assert tls.TlsIdentity.node(config.data_dir).exists()
+    # refused at once with 4 s to wait; back after 4 s plus this node's jitter
+    jitter = random.Random("join-retry:b").random()
+    assert [t - start for t in seed.calls] == [0.0, 4.0 * (1 + trust.RATE_LIMIT_JITTER * jitter)]
+    assert seed.server.statistics().limiter.refused_source == 1
+    assert seed.server.statistics().joins_accepted == 1
+
+
+ONE_PER_HOUR = JoinLimits(source_burst=1, source_rate_per_s=1 / 3600)
+
+
+async def test_joiner_gives_up_on_a_node_that_keeps_refusing(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    slow = LimitedSeed(ONE_PER_HOUR)
+    slow.server.admit(LimitedSeed.SOURCE, trio.current_time())
+    start = trio.current_time()
+    config = node_config(tmp_path / "b", "b", Addr("10.0.0.2", 7946),
+                         join=(Addr("10.0.0.1", 7946),))
+    with pytest.raises(StartupError) as raised:
+        await trust._join_with_token(config, slow.token, trust.utc_now, slow)
+    message = str(raised.value)
+    assert "join via 10.0.0.1:7946 refused: too many join attempts from 192.0.2.1" in message
+    assert "--join through another member" in message
+    # each advised hour was cut to MAX_RATE_LIMIT_WAIT_S (plus jitter), and the waits
+    # stayed within the patience
+    gaps = [b - a for a, b in itertools.pairwise(slow.calls)]
+    assert len(gaps) >= 2
+    assert all(trust.MAX_RATE_LIMIT_WAIT_S <= g
+               <= trust.MAX_RATE_LIMIT_WAIT_S * (1 + trust.RATE_LIMIT_JITTER) for g in gaps)
+    assert trio.current_time() - start <= trust.JOIN_RATE_LIMIT_PATIENCE_S
+    assert not tls.TlsIdentity.node(config.data_dir).exists()
+
+
+async def test_joiner_moves_on_to_the_next_join_address(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """The patience is shared by every address tried, but running out of it on one
+    node only ends the waiting there: the next address is tried at once."""
+    slow, quick = LimitedSeed(ONE_PER_HOUR), LimitedSeed(ONE_PER_4S)
+    slow.server.admit(LimitedSeed.SOURCE, trio.current_time())
+    seeds = {Addr("10.0.0.1", 7946): slow, Addr("10.0.0.9", 7946): quick}
+
+    async def route(addr: Addr, token: JoinToken, csr: x509.CertificateSigningRequest,
+                    advertise: Addr, *, wall_clock: pki.WallClock) -> JoinResult:
+        return await seeds[addr](addr, token, csr, advertise, wall_clock=wall_clock)
+
+    config = node_config(tmp_path / "b", "b", Addr("10.0.0.2", 7946), join=tuple(seeds))
+    await trust._join_with_token(config, TOKEN, trust.utc_now, route)
+    assert tls.TlsIdentity.node(config.data_dir).exists()
+    assert len(slow.calls) >= 3
+    assert quick.calls == [slow.calls[-1]]
+
+
+async def test_rate_limited_join_over_tls_says_when_to_retry(tmp_path: Path) -> None:
+    """The real listener and dialer: a second join from the same address within the
+    limit is refused with the reason and the delay, before any proof is checked."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    ca_addr = Addr("127.0.0.1", listeners[0].socket.getsockname()[1])
+    first = await trust.establish(node_config(tmp_path / "a", "a", ca_addr), None,
+                                  trust.utc_now, "test")
+    assert first.join_server is not None
+    ca = tls.load_ca(first.data_dir)
+    assert ca is not None
+    server = JoinServer(ca, first.join_server.token, first.keyring, trust.utc_now,
+                        limits=JoinLimits(source_burst=1, source_rate_per_s=1 / 3600))
+    tls_server = tls.TlsServer(first.server_ctx, {tls.ALPN_JOIN: tls.join_handler(server)})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tls_server.serve, listeners)
+        csr = pki.create_csr(pki.generate_key(), "b")
+        result = await tls.request_join(ca_addr, server.token, csr, Addr("127.0.0.2", 7946),
+                                        wall_clock=trust.utc_now)
+        assert result.node_id == "b"
+        csr = pki.create_csr(pki.generate_key(), "c")
+        with pytest.raises(JoinRateLimited) as raised:
+            await tls.request_join(ca_addr, server.token, csr, Addr("127.0.0.3", 7946),
+                                   wall_clock=trust.utc_now)
+        assert str(raised.value).startswith("too many join attempts from 127.0.0.1; retry in ")
+        assert 3500 < raised.value.retry_in_s <= 3600
+        nursery.cancel_scope.cancel()
+    text = render(trust.join_metrics(server), {})
+    assert "meshd_join_attempts_total 2" in text
+    assert 'meshd_join_rate_limited_total{scope="source"} 1' in text
+    assert 'meshd_join_rate_limited_total{scope="global"} 0' in text
+    assert "meshd_join_accepted_total 1" in text
+    assert "meshd_join_failed_proofs_total 0" in text

@@ -4,7 +4,9 @@
   certificate, the admin client certificate, the gossip key ring and a join token.
 * Joining node (empty data dir, ``--join``): proves the token to a CA-holding node
   over ``mesh-join/1`` (the CA pinned by the token's fingerprint first) and receives
-  its certificate, the CA certificate and the gossip keys.
+  its certificate, the CA certificate and the gossip keys. A node that refuses it
+  for too many join attempts is asked again after the delay it advises, for up to
+  :data:`JOIN_RATE_LIMIT_PATIENCE_S` of waiting in all.
 * Restart (credentials in the data dir): loads them; no token needed.
 
 Then, while running: the deny list of revoked serials (checked on every link), the
@@ -38,9 +40,10 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+from cryptography import x509
 
 from mesh import tls
 from mesh.errors import MeshError, RemoteProtocolError, StartupError
@@ -49,7 +52,8 @@ from mesh.gossip.keyring import Keyring, KeyringCodec
 from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
-from mesh.security.join import JoinRedirected, JoinServer
+from mesh.node.metrics import Metric, counter, gauge
+from mesh.security.join import JoinRateLimited, JoinRedirected, JoinResult, JoinServer
 from mesh.security.pki import WallClock, create_csr, generate_key, renewal_time
 from mesh.security.token import JoinToken
 from mesh.types import Addr, NodeId
@@ -65,6 +69,20 @@ FAN_OUT_TIMEOUT_S = 10.0
 
 MAX_JOIN_ATTEMPTS = 8
 """Join addresses (given and redirected to) tried before giving up."""
+
+JOIN_RATE_LIMIT_PATIENCE_S = 120.0
+"""Seconds a joining node waits in all, over every node that refused it for too
+many join attempts, before it gives up with the node's reason. At the default limits
+a rack of 50 nodes behind one NAT address is in after about 30 s."""
+
+MAX_RATE_LIMIT_WAIT_S = 30.0
+"""Longest single wait a rate-limit refusal imposes. The advice arrives before the
+CA is pinned, so it is not trusted further than this."""
+
+RATE_LIMIT_JITTER = 0.5
+"""Each wait is the advised delay times ``1 + RATE_LIMIT_JITTER * u``, with ``u``
+drawn from an RNG seeded with the node name, so that joiners refused at the same
+moment do not all come back at the same moment."""
 
 RENEW_RETRY_S = 60.0
 """Wait between renewal attempts that failed."""
@@ -205,11 +223,26 @@ async def establish(config: NodeConfig, token: JoinToken | None, wall_clock: Wal
     elif token is not None:
         LOGGER.info("token_ignored node=%s reason=already_joined data_dir=%s", config.name,
                     data_dir)
-    return await trio.to_thread.run_sync(_load, data_dir, wall_clock, created)
+    return await trio.to_thread.run_sync(_load, data_dir, wall_clock, created, config.name)
+
+
+class JoinRequester(Protocol):
+    """Runs one join exchange with one node (:func:`mesh.tls.request_join`)."""
+
+    async def __call__(self, addr: Addr, token: JoinToken, csr: x509.CertificateSigningRequest,
+                       advertise: Addr, *, wall_clock: WallClock) -> JoinResult:
+        """Join through ``addr``.
+
+        Raises:
+            JoinRedirected: the node holds no CA key and names members that do.
+            JoinRateLimited: the node refused the attempt for now.
+            StartupError: the join failed.
+        """
 
 
 async def _join_with_token(config: NodeConfig, token: JoinToken | None,
-                           wall_clock: WallClock) -> None:
+                           wall_clock: WallClock,
+                           request: JoinRequester = tls.request_join) -> None:
     if token is None:
         raise StartupError(
             "joining a cluster needs its join token: on a cluster node run `meshctl token` "
@@ -219,14 +252,15 @@ async def _join_with_token(config: NodeConfig, token: JoinToken | None,
     errors = []
     queue = list(config.join)
     tried: set[Addr] = set()
+    patience = _Patience(config.name, trio.current_time())
     while queue and len(tried) < MAX_JOIN_ATTEMPTS:
         seed = queue.pop(0)
         if seed in tried:
             continue
         tried.add(seed)
         try:
-            result = await tls.request_join(seed, token, csr, config.advertise,
-                                            wall_clock=wall_clock)
+            result = await patience.join(request, seed, token, csr, config.advertise,
+                                         wall_clock)
         except JoinRedirected as redirect:
             # A node without the CA key named the ones that have it: try them next.
             LOGGER.info("join_redirected node=%s via=%s to=%s", config.name, seed,
@@ -248,7 +282,48 @@ async def _join_with_token(config: NodeConfig, token: JoinToken | None,
     raise StartupError("; ".join(errors) or "no join address could be tried")
 
 
-def _load(data_dir: Path, wall_clock: WallClock, created: bool) -> Trust:
+class _Patience:
+    """Retries joins that a node refused for rate limiting, within one deadline
+    (:data:`JOIN_RATE_LIMIT_PATIENCE_S` after ``started_at``) shared by every node
+    tried."""
+
+    def __init__(self, name: NodeId, started_at: float) -> None:
+        self._name = name
+        self._started_at = started_at
+        self._rng = random.Random(f"join-retry:{name}")
+
+    async def join(self, request: JoinRequester, seed: Addr, token: JoinToken,
+                   csr: x509.CertificateSigningRequest, advertise: Addr,
+                   wall_clock: WallClock) -> JoinResult:
+        """``request`` through ``seed``, again after each rate-limit refusal.
+
+        Raises:
+            StartupError: the join failed, or the advised waits no longer fit
+                before the deadline (the message keeps the node's reason).
+            JoinRedirected: as ``request``.
+        """
+        while True:
+            try:
+                return await request(seed, token, csr, advertise, wall_clock=wall_clock)
+            except JoinRateLimited as refused:
+                wait_s = (min(refused.retry_in_s, MAX_RATE_LIMIT_WAIT_S)
+                          * (1.0 + RATE_LIMIT_JITTER * self._rng.random()))
+                now = trio.current_time()
+                if now + wait_s > self._started_at + JOIN_RATE_LIMIT_PATIENCE_S:
+                    raise StartupError(
+                        f"join via {seed} refused: {refused.reason}; stopped retrying after "
+                        f"{now - self._started_at:.0f} s (this node waits at most "
+                        f"{JOIN_RATE_LIMIT_PATIENCE_S:g} s for rate limits). Too many join "
+                        "attempts reach that node (many nodes joining from one address, or "
+                        "a flood): start this node again in a minute, or --join through "
+                        "another member"
+                    ) from None
+                LOGGER.warning("join_rate_limited node=%s via=%s retry_in=%.1f reason=%s",
+                               self._name, seed, wait_s, refused.reason)
+                await trio.sleep(wait_s)
+
+
+def _load(data_dir: Path, wall_clock: WallClock, created: bool, name: NodeId) -> Trust:
     identity = tls.TlsIdentity.node(data_dir)
     keyring = tls.load_keyring(data_dir)
     label = tls.load_cluster_label(data_dir)
@@ -256,7 +331,7 @@ def _load(data_dir: Path, wall_clock: WallClock, created: bool) -> Trust:
     ca = tls.load_ca(data_dir)
     join_server = issued = None
     if ca is not None:
-        join_server = JoinServer(ca, tls.load_token(data_dir), keyring, wall_clock)
+        join_server = JoinServer(ca, tls.load_token(data_dir), keyring, wall_clock, node=name)
         issued = IssuedRegistry.load(data_dir)
     return Trust(data_dir, identity, keyring, codec, tls.client_context(identity),
                  tls.server_context(identity), RevocationList.load(data_dir), join_server,
@@ -280,6 +355,33 @@ def issuers(core: Membership) -> list[Addr]:
     """Addresses of alive members that hold the CA key (serve joins and renewals)."""
     return [m.addr for m in core.members()
             if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict]
+
+
+def join_metrics(server: JoinServer) -> list[Metric]:
+    """The join server's counters as metric families (for a CA-holding node's
+    metrics page)."""
+    s = server.statistics()
+    limiter = s.limiter
+    j = "meshd_join_"
+    return [
+        counter(j + "attempts_total",
+                "Connections on mesh-join/1 presented to the rate limits.", limiter.attempts),
+        Metric(j + "rate_limited_total", "counter",
+               "Join attempts refused by the rate limits, by the bucket that was empty.",
+               (((("scope", "source"),), float(limiter.refused_source)),
+                ((("scope", "global"),), float(limiter.refused_global)))),
+        counter(j + "failed_proofs_total",
+                "Join requests with a wrong proof (wrong or rotated token).", s.rejected_token),
+        counter(j + "rejected_other_total",
+                "Join requests refused for another reason (name taken, bad CSR).",
+                s.rejected_other),
+        counter(j + "accepted_total", "Certificates issued to joining nodes.",
+                s.joins_accepted),
+        counter(j + "renewals_total", "Certificates issued to renewing nodes.",
+                s.renewals_accepted),
+        gauge(j + "rate_limit_sources", "Source addresses the join rate limits track.",
+              limiter.sources),
+    ]
 
 
 async def record_issued(trust: Trust) -> None:

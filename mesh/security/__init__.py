@@ -6,6 +6,8 @@
 - :mod:`mesh.security.messages`: the ``mesh-join/1`` messages and the link status
   messages (wire type tags 32-47).
 - :mod:`mesh.security.join`: the join/renewal exchange as sans-I/O client and server.
+- :mod:`mesh.security.ratelimit`: the rate limits on join attempts (token buckets per
+  source address and in total).
 
 The trio glue (contexts, the ALPN-routing listener, ``request_join``, credential
 files) lives in :mod:`mesh.tls`; the gossip datagram key ring in

@@ -25,6 +25,13 @@ cannot pin a CA it only knows by fingerprint). Instead:
    ``JoinAccept(cert_pem, ca_pem, gossip_keys, cluster_label)`` or
    ``JoinReject(reason)``; the reason is written for a person.
 
+Before any of this the server asks its :class:`~mesh.security.ratelimit.JoinLimiter`
+(:meth:`JoinServer.admit`): a source, or all anonymous sources together, past their
+rate gets ``LinkRefused(reason, retry_in_s)`` instead of the challenge, so a flood
+costs the node a handshake per connection and nothing more. A wrong proof costs its
+source several attempts' worth. The joiner raises :class:`JoinRateLimited`, and
+``meshd start --join`` waits the advised delay and tries again.
+
 Renewal reuses the ALPN: a node that presents its (valid, unrevoked) certificate in
 the handshake sends ``RenewRequest(csr_pem, advertise)`` instead of a ``JoinRequest``
 and receives a new certificate for the same name and role. The joiner of a renewal
@@ -81,6 +88,12 @@ from mesh.security.pki import (
     load_csr_pem,
     validate_node_name,
     verify_issued_by,
+)
+from mesh.security.ratelimit import (
+    DEFAULT_JOIN_LIMITS,
+    JoinLimiter,
+    JoinLimiterStatistics,
+    JoinLimits,
 )
 from mesh.security.token import JoinToken
 from mesh.types import Addr, NodeId
@@ -147,6 +160,24 @@ class JoinRedirected(StartupError):
         self.issuers = issuers
 
 
+class JoinRateLimited(StartupError):
+    """The node refused the attempt for now: too many join attempts reached it.
+
+    The advice comes before the CA is pinned, so it is unauthenticated: a caller
+    bounds how long it lets the advice make it wait.
+
+    Attributes:
+        reason: the node's words, e.g. ``too many join attempts from 10.1.2.3;
+            retry in 4 s``.
+        retry_in_s: the seconds after which the node would admit the attempt.
+    """
+
+    def __init__(self, reason: str, retry_in_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_in_s = retry_in_s
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedCertificate:
     """Output of :class:`JoinServer`: a certificate was issued.
@@ -170,20 +201,32 @@ class IssuedCertificate:
 
 @dataclass(frozen=True, slots=True)
 class JoinServerStatistics:
-    """Counters of :class:`JoinServer` (monotonic since start)."""
+    """Counters of :class:`JoinServer` (monotonic since start).
+
+    Attributes:
+        joins_accepted: certificates issued to joiners.
+        renewals_accepted: certificates issued to renewing nodes.
+        rejected_token: join requests with a wrong proof (wrong or rotated token).
+        rejected_other: requests refused for another reason (name taken, bad CSR).
+        limiter: attempts admitted and refused by the rate limits.
+    """
 
     joins_accepted: int
     renewals_accepted: int
     rejected_token: int
     rejected_other: int
+    limiter: JoinLimiterStatistics
 
 
 class JoinServer:
     """Validates join and renewal requests and issues certificates. Sans I/O.
 
-    One instance per node that holds the CA key; it serves every connection. The
-    daemon calls :meth:`rotate_token` when ``meshctl token rotate`` commits a new
-    token, and reads gossip keys from the shared :class:`Keyring` at accept time.
+    One instance per node that holds the CA key; it serves every connection. For
+    each connection the caller asks :meth:`admit` first (the rate limits), then
+    sends :meth:`challenge` and decides the request with :meth:`handle_request`.
+    The daemon calls :meth:`rotate_token` when ``meshctl token rotate`` commits a
+    new token, and reads gossip keys from the shared :class:`Keyring` at accept
+    time.
 
     Args:
         ca: the CA, with its private key.
@@ -191,6 +234,8 @@ class JoinServer:
         keyring: the live gossip key ring (read, never changed).
         wall_clock: the injected clock for certificate validity.
         node_cert_lifetime: life of issued node certificates.
+        limits: the rate limits on join attempts.
+        node: this node's id, for log lines.
     """
 
     def __init__(
@@ -201,7 +246,11 @@ class JoinServer:
         wall_clock: WallClock,
         *,
         node_cert_lifetime: timedelta = NODE_CERT_LIFETIME,
+        limits: JoinLimits = DEFAULT_JOIN_LIMITS,
+        node: str = "-",
     ) -> None:
+        self._node = node
+        self._limiter = JoinLimiter(limits)
         self._ca = ca
         self._ca_pem = cert_to_pem(ca.cert)
         self._keyring = keyring
@@ -227,6 +276,38 @@ class JoinServer:
             raise LocalProtocolError("token names another CA than this join server's")
         self._token = token
 
+    def admit(self, source: str, now: float, *, authenticated: bool = False) -> LinkRefused | None:
+        """Gate one connection before any work is done for it (before the challenge).
+
+        Refusals are logged as ``join_rate_limited``, throttled so that a flood
+        cannot flood the log (see :mod:`mesh.security.ratelimit`).
+
+        Args:
+            source: the caller's IP address, from the socket.
+            now: a monotonic clock reading in seconds.
+            authenticated: the caller presented a cluster certificate in the TLS
+                handshake (a renewal); it is not charged to the global limit.
+
+        Returns:
+            ``None`` to go ahead, or the refusal to send instead of the challenge
+            (it carries the advised ``retry_in_s``).
+        """
+        refusal = self._limiter.admit(source, now, authenticated=authenticated)
+        if refusal is None:
+            return None
+        if refusal.log:
+            LOGGER.warning(
+                "join_rate_limited node=%s source=%s key=%s scope=%s retry_in=%.1f "
+                "unlogged=%d",
+                self._node,
+                source,
+                refusal.source,
+                refusal.scope.value,
+                refusal.retry_in_s,
+                refusal.unlogged,
+            )
+        return LinkRefused(refusal.reason, refusal.retry_in_s)
+
     def challenge(self, nonce: bytes) -> JoinChallenge:
         """The first frame of a connection; ``nonce`` is 32 fresh CSPRNG bytes."""
         if len(nonce) != NONCE_BYTES:
@@ -240,9 +321,11 @@ class JoinServer:
         challenge: JoinChallenge,
         tls_binding: bytes,
         peer: CertIdentity | None,
+        source: str,
+        now: float,
         taken: Container[str] = (),
     ) -> JoinAccept | JoinReject:
-        """Decide one request.
+        """Decide one request (of a connection that :meth:`admit` let through).
 
         Args:
             request: the decoded request.
@@ -250,6 +333,9 @@ class JoinServer:
             tls_binding: this connection's ``tls-unique`` (``b""`` if unavailable).
             peer: the identity from the verified client certificate, if one was
                 presented (the listener has already refused revoked serials).
+            source: the caller's IP address, as given to :meth:`admit`; a wrong
+                proof is charged to it as a failed attempt.
+            now: a monotonic clock reading in seconds (the clock of :meth:`admit`).
             taken: names of live members other than the requester; joining under one
                 of them is refused.
 
@@ -270,7 +356,13 @@ class JoinServer:
         )
         if not hmac.compare_digest(expected, request.proof):
             self._bad_token += 1
-            LOGGER.info("join_rejected reason=wrong_token name=%s", request.node_name)
+            self._limiter.record_failure(source, now)
+            LOGGER.info(
+                "join_rejected node=%s reason=wrong_token name=%s source=%s",
+                self._node,
+                request.node_name,
+                source,
+            )
             return JoinReject(REJECT_WRONG_TOKEN)
         if request.node_name in taken:
             return self._reject(
@@ -288,7 +380,7 @@ class JoinServer:
 
     def _reject(self, name: str, reason: str) -> JoinReject:
         self._bad_other += 1
-        LOGGER.info("join_rejected name=%s reason=%r", name, reason)
+        LOGGER.info("join_rejected node=%s name=%s reason=%r", self._node, name, reason)
         return JoinReject(reason)
 
     def _issue(
@@ -325,7 +417,8 @@ class JoinServer:
             )
         )
         LOGGER.info(
-            "certificate_issued name=%s role=%s serial=%x renewal=%s addr=%s",
+            "certificate_issued node=%s name=%s role=%s serial=%x renewal=%s addr=%s",
+            self._node,
             name,
             role.value,
             cert.serial_number,
@@ -346,7 +439,13 @@ class JoinServer:
 
     def statistics(self) -> JoinServerStatistics:
         """Counters since start."""
-        return JoinServerStatistics(self._joins, self._renewals, self._bad_token, self._bad_other)
+        return JoinServerStatistics(
+            self._joins,
+            self._renewals,
+            self._bad_token,
+            self._bad_other,
+            self._limiter.statistics(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,12 +515,16 @@ class JoinClient:
             tls_binding: this connection's ``tls-unique`` (``b""`` if unavailable).
 
         Raises:
+            JoinRateLimited: the server refused the attempt for now; try again
+                after ``retry_in_s``.
             StartupError: the server refused the link, belongs to another cluster (CA
                 fingerprint mismatch) or presented a certificate the pinned CA did not
                 issue. Nothing must be sent.
             RemoteProtocolError: the frame is not a challenge.
         """
         if isinstance(message, LinkRefused):
+            if message.retry_in_s > 0:
+                raise JoinRateLimited(message.reason, message.retry_in_s)
             raise StartupError(f"the node refused to serve the join: {message.reason}")
         if isinstance(message, JoinRedirect):
             raise JoinRedirected(message.issuers)

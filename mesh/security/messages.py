@@ -15,7 +15,9 @@ The exchange on ``mesh-join/1`` (see :mod:`mesh.security.join`)::
 
 On every other ALPN the listener sends one status frame before the protocol starts:
 ``LinkAccepted()`` or ``LinkRefused(reason)``. On ``mesh-join/1`` a refusal is also a
-``LinkRefused``, sent instead of the challenge.
+``LinkRefused``, sent instead of the challenge; one for too many join attempts
+carries ``retry_in_s``, the delay after which the joiner may try again (an older
+joiner ignores the field and shows the reason).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ MAX_NAME_CHARS: Final = 64
 MAX_ADDR_CHARS: Final = 300
 MAX_REASON_CHARS: Final = 1024
 MAX_LABEL_CHARS: Final = 128
+MAX_RETRY_S: Final = 3600.0
+"""Longest retry delay a ``LinkRefused`` may advise (an hour)."""
 
 
 def _map(env: Envelope, expected: int) -> dict[str, Any]:
@@ -229,19 +233,34 @@ class LinkAccepted:
 @dataclass(frozen=True, slots=True)
 class LinkRefused:
     """The listener refused the link (no or wrong certificate, revoked, ALPN not
-    served); the reason says what to do. The connection closes after it."""
+    served, too many join attempts); the reason says what to do. The connection
+    closes after it.
+
+    Attributes:
+        reason: for a person.
+        retry_in_s: above 0 when the refusal is temporary (rate limiting): the
+            seconds after which the same attempt would be admitted. Sent only then.
+    """
 
     MSG_TYPE: ClassVar[int] = MSG_LINK_REFUSED
     reason: str
+    retry_in_s: float = 0.0
 
     def to_wire(self) -> bytes:
         """One envelope."""
-        return encode(self.MSG_TYPE, {"why": self.reason[:MAX_REASON_CHARS]})
+        body: dict[str, Any] = {"why": self.reason[:MAX_REASON_CHARS]}
+        if self.retry_in_s > 0:
+            body["retry"] = min(float(self.retry_in_s), MAX_RETRY_S)
+        return encode(self.MSG_TYPE, body)
 
     @classmethod
     def from_wire(cls, env: Envelope) -> LinkRefused:
         """Validate an untrusted envelope. Raises RemoteProtocolError."""
-        return cls(_str(_map(env, cls.MSG_TYPE), "why", MAX_REASON_CHARS))
+        body = _map(env, cls.MSG_TYPE)
+        retry = body.get("retry", 0.0)
+        if type(retry) not in (int, float) or not 0 <= retry <= MAX_RETRY_S:
+            raise RemoteProtocolError(f"field 'retry' must be 0-{MAX_RETRY_S:g} seconds")
+        return cls(_str(body, "why", MAX_REASON_CHARS), float(retry))
 
 
 @dataclass(frozen=True, slots=True)
