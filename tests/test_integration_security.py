@@ -83,6 +83,10 @@ def test_join_through_a_node_without_ca_key_is_redirected(trio3: Cluster) -> Non
     log = trio3["n2"].log_events("join_redirected")
     assert log, trio3["n2"].log_tail()
     assert trio3["n2"].info()["members"]["alive"] == 3
+    # The CA holder admitted both joins through its rate limits and counted them.
+    metrics = trio3["n0"].metrics()
+    assert metric(metrics, "meshd_join_accepted_total") >= 2
+    assert metric(metrics, "meshd_join_attempts_total") >= 2
 
 
 def test_remote_meshctl_over_mutual_tls(trio3: Cluster) -> None:

@@ -304,6 +304,8 @@ class Node:
                 counter(t + "handshake_failures_total", "TLS handshakes that failed.",
                         s.handshake_failures),
             ]
+        if self.trust.join_server is not None:  # a node that holds the CA key
+            out += trust.join_metrics(self.trust.join_server)
         return out
 
     def render_metrics(self) -> str:
