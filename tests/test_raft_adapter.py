@@ -517,18 +517,28 @@ async def test_a_write_blocked_for_send_timeout_drops_the_stream_and_redials(
         nursery.cancel_scope.cancel()
 
 
+def quiet(stream_idle_timeout_s: float) -> RaftConfig:
+    """Nobody campaigns (a huge election timeout): a node only answers what it is sent."""
+    return dataclasses.replace(CONFIG, election_ticks=100_000,
+                               stream_idle_timeout_s=stream_idle_timeout_s)
+
+
+def stream_into(nursery: trio.Nursery, adapter: RaftAdapter) -> trio.abc.Stream:
+    """The client end of a new inbound stream ``adapter`` serves."""
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(adapter.serve_stream, server, None)
+    return client
+
+
 async def test_an_idle_peer_stream_closes_and_the_next_message_dials_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Nobody campaigns (huge election timeout): n1 only answers what it is sent.
-    config = dataclasses.replace(CONFIG, election_ticks=100_000, stream_idle_timeout_s=2.0)
     n1, n2 = ids("n1", "n2")
     async with trio.open_nursery() as nursery:
-        c = Cluster(nursery, ["n1", "n2", "n3"], config=config)
+        c = Cluster(nursery, ["n1", "n2", "n3"], config=quiet(2.0))
         await c.start(n1, n2)
         a1 = c.adapters[n1]
-        client, server = trio.testing.memory_stream_pair()
-        nursery.start_soon(a1.serve_stream, server, None)
+        client = stream_into(nursery, a1)
 
         async def heartbeat_from_n2() -> None:
             await client.send_all(wire.frame(Heartbeat(n2, n1, 5, 0).to_wire()))
@@ -549,13 +559,11 @@ async def test_an_idle_peer_stream_closes_and_the_next_message_dials_again(
 async def test_an_idle_inbound_stream_closes_between_the_limit_and_a_quarter_more(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    config = dataclasses.replace(CONFIG, election_ticks=100_000, stream_idle_timeout_s=4.0)
     n1, n2 = ids("n1", "n2")
     async with trio.open_nursery() as nursery:
-        c = Cluster(nursery, ["n1", "n2", "n3"], config=config)
+        c = Cluster(nursery, ["n1", "n2", "n3"], config=quiet(4.0))
         await c.start(n1)
-        client, server = trio.testing.memory_stream_pair()
-        nursery.start_soon(c.adapters[n1].serve_stream, server, None)
+        client = stream_into(nursery, c.adapters[n1])
         t0 = trio.current_time()
         for at in (1.0, 2.0, 3.5, 6.0):  # each frame keeps the stream open
             await trio.sleep_until(t0 + at)
