@@ -16,8 +16,10 @@ from mesh.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, EntryKind
 from mesh.raft.state import (
     DEDUP_ENTRIES,
+    ClusterConfig,
     Command,
     CommandKind,
+    ConfigSet,
     DenyAdd,
     DenyRemove,
     KvDelete,
@@ -316,6 +318,42 @@ def test_snapshot_round_trip_is_exact() -> None:
     assert dup.duplicate
 
 
+def test_cluster_config_is_set_with_cas_and_travels_in_snapshots() -> None:
+    r = Replica()
+    r.apply(KvPut("k", b"v"))
+    old_image = r.sm.snapshot()
+    assert r.sm.cluster_config() == ClusterConfig()
+    assert len(wire.unpack_body(old_image, 1 << 20)) == 9  # unset: what older versions read
+    set5 = r.apply(ConfigSet(raft_voters=5, cas=0))
+    assert (set5.ok, set5.index, set5.mod_index) == (True, 2, 2)
+    assert r.sm.cluster_config() == ClusterConfig(5, 2)
+    assert [(c.table, c.key, c.record) for c in r.sm.changes_since(1)] == [
+        (Table.CONFIG, "cluster", ClusterConfig(5, 2))]
+    stale = r.apply(ConfigSet(raft_voters=3, cas=0))
+    assert stale.code is ResultCode.CAS_FAILED
+    assert "at index 2, not 0" in stale.message
+    same = r.apply(ConfigSet(raft_voters=5))  # no change: the config keeps its index
+    assert (same.ok, same.mod_index) == (True, 2)
+    keep = r.apply(ConfigSet(raft_voters=None, cas=2))  # None keeps the value
+    assert (keep.ok, r.sm.cluster_config()) == (True, ClusterConfig(5, 2))
+    copy = MeshState()
+    copy.restore(r.sm.snapshot(), r.sm.applied_index)
+    assert copy.cluster_config() == ClusterConfig(5, 2)
+    assert copy.snapshot() == r.sm.snapshot()
+    older = MeshState()
+    older.restore(old_image, 1)  # an image without the field: never set
+    assert older.cluster_config() == ClusterConfig()
+
+
+@pytest.mark.parametrize("voters", [0, 2, 17, True, "3", -1])
+def test_a_config_with_a_bad_voter_count_is_refused(voters: object) -> None:
+    with pytest.raises(LocalProtocolError, match="raft_voters"):
+        ConfigSet(raft_voters=voters)  # type: ignore[arg-type]
+    data = wire.pack_body([1, int(CommandKind.CONFIG_SET), b"", voters, None])
+    with pytest.raises(RemoteProtocolError, match="raft_voters"):
+        decode_command(data)
+
+
 @pytest.mark.parametrize(
     "image",
     [
@@ -363,6 +401,7 @@ COMMANDS = st.one_of(
     st.builds(NodeClear, NODES, RIDS),
     st.builds(DenyAdd, st.sampled_from(["01", "ab"]), NODES, st.just("r"), RIDS),
     st.builds(DenyRemove, st.sampled_from(["01", "ab"]), RIDS),
+    st.builds(ConfigSet, st.sampled_from([None, 1, 3, 5]), CAS, RIDS),
 )
 
 

@@ -47,9 +47,12 @@ batch inside, or a command that is not a put or a delete is invalid as a whole.
 
 Implemented now: the key-value store (put with optional compare-and-swap on
 the key's ``mod_index``, delete), node overrides (drain, labels), the deny
-list of certificate serials, services (a spec blob with versions) and
+list of certificate serials, services (a spec blob with versions),
 allocations (the committed placement plan plus the status each node reports
-for its own allocations).
+for its own allocations) and the cluster configuration (:class:`ClusterConfig`:
+the voter count, set with an optional compare-and-swap; a snapshot carries it
+as a tenth field once it was ever set, so images of clusters that never set it
+stay readable by older versions). CA material (72-79) is not in the state yet.
 
 Services and allocations
 ------------------------
@@ -180,6 +183,7 @@ class CommandKind(enum.IntEnum):
     SERVICE_ROLLOUT = 34
     ALLOC_PLAN = 48
     ALLOC_REPORT = 49
+    CONFIG_SET = 64
     BATCH = 96
 
 
@@ -201,6 +205,7 @@ class Table(enum.Enum):
     DENY = "deny"
     SERVICE = "service"
     ALLOC = "alloc"
+    CONFIG = "config"
 
 
 # --------------------------------------------------------------------------- records
@@ -359,7 +364,35 @@ class AllocRecord:
         }
 
 
-Record: TypeAlias = KvEntry | NodeOverride | DenyEntry | ServiceRecord | AllocRecord
+MAX_RAFT_VOTERS: Final = 15
+"""Largest voter count the cluster configuration holds (the node refuses counts
+it does not run: :data:`mesh.raft.voters.ALLOWED_VOTER_COUNTS`; the state
+machine accepts any odd count up to this, so that a later version's counts do
+not make older replicas disagree)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The cluster-wide settings agreed through Raft (``meshctl raft config``).
+
+    A field that is ``None`` was never set: each node then uses its own flag
+    (e.g. ``--raft-voters``)."""
+
+    raft_voters: int | None = None
+    """Voters the leader keeps (fewer while fewer members qualify)."""
+    mod_index: int = 0
+    """Log index of the last change (0: never set; the CAS token)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-ready form."""
+        return {"raft_voters": self.raft_voters, "mod_index": self.mod_index}
+
+
+CONFIG_KEY: Final = "cluster"
+"""The key of the cluster configuration's changes (there is one record)."""
+
+Record: TypeAlias = (KvEntry | NodeOverride | DenyEntry | ServiceRecord | AllocRecord
+                     | ClusterConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +614,26 @@ class DenyRemove(_Command):
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigSet(_Command):
+    """Change the cluster configuration: a field left ``None`` keeps its value.
+
+    ``cas``: ``None`` writes unconditionally; otherwise only if the
+    configuration's ``mod_index`` is ``cas`` (0: never set)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.CONFIG_SET
+    raft_voters: int | None = None
+    cas: int | None = None
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.raft_voters, self.cas]
+
+    def _validate(self) -> None:
+        _voters(self.raft_voters)
+        _cas(self.cas)
+
+
+@dataclass(frozen=True, slots=True)
 class ServicePut(_Command):
     """Create or change a service.
 
@@ -778,7 +831,7 @@ class Batch(_Command):
 
 Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
                       | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport
-                      | Batch)
+                      | ConfigSet | Batch)
 
 Applied: TypeAlias = Result | tuple[Result, ...] | None
 """What :meth:`MeshState.apply` returns for one entry: a command's result, one
@@ -883,6 +936,9 @@ def _parse_command(raw: Any, *, batch_ok: bool) -> Command:
         elif ck is CommandKind.DENY_REMOVE:
             (serial,) = _array(fields, 1, "deny_remove")
             cmd = DenyRemove(_serial(serial), rid)
+        elif ck is CommandKind.CONFIG_SET:
+            voters, cas = _array(fields, 2, "config_set")
+            cmd = ConfigSet(_voters(voters), _cas(cas), rid)
         elif ck is CommandKind.SERVICE_PUT:
             name, spec, restart, cas = _array(fields, 4, "service_put")
             cmd = ServicePut(_service(name), _bytes(spec, "spec", MAX_SPEC_BYTES),
@@ -960,6 +1016,7 @@ class MeshState:
         self._allocs: dict[AllocId, AllocRecord] = {}
         self._alloc_seq = 0
         """The last allocation number handed out (ids are never reused)."""
+        self._config = ClusterConfig()
         self._dedup: OrderedDict[bytes, Result] = OrderedDict()
         self._events: deque[Change] = deque()
         self._events_floor = 0
@@ -1024,6 +1081,10 @@ class MeshState:
     def deny_list(self) -> list[DenyEntry]:
         """The deny list, sorted by serial."""
         return [self._deny[s] for s in sorted(self._deny)]
+
+    def cluster_config(self) -> ClusterConfig:
+        """The cluster-wide settings (:class:`ClusterConfig`)."""
+        return self._config
 
     def service(self, name: ServiceId) -> ServiceRecord | None:
         """The service called ``name``, if any."""
@@ -1245,6 +1306,8 @@ class MeshState:
             self._services[cmd.name] = new_svc
             self._record(Change(index, Table.SERVICE, cmd.name, new_svc))
             return Result(ResultCode.OK, index, index)
+        if isinstance(cmd, ConfigSet):
+            return self._config_set(cmd, index)
         if isinstance(cmd, AllocPlan):
             for op in cmd.ops:
                 self._plan_op(op, index)
@@ -1260,6 +1323,19 @@ class MeshState:
             if replace(fresh, mod_index=held.mod_index) != held:
                 self._allocs[held.id] = fresh
                 self._record(Change(index, Table.ALLOC, held.id, fresh))
+        return Result(ResultCode.OK, index, index)
+
+    def _config_set(self, cmd: ConfigSet, index: int) -> Result:
+        cur = self._config
+        if cmd.cas is not None and cmd.cas != cur.mod_index:
+            return Result(ResultCode.CAS_FAILED, index, cur.mod_index,
+                          f"the cluster configuration is at index {cur.mod_index}, not "
+                          f"{cmd.cas}; read it again and retry")
+        voters = cmd.raft_voters if cmd.raft_voters is not None else cur.raft_voters
+        if voters == cur.raft_voters:
+            return Result(ResultCode.OK, index, cur.mod_index)
+        self._config = ClusterConfig(voters, index)
+        self._record(Change(index, Table.CONFIG, CONFIG_KEY, self._config))
         return Result(ResultCode.OK, index, index)
 
     def _service_put(self, cmd: ServicePut, index: int) -> Result:
@@ -1335,6 +1411,9 @@ class MeshState:
                   dict(a.ports), a.message, a.restarts, a.since, a.create_index, a.mod_index]
                  for a in sorted(self._allocs.values(), key=lambda a: a.id)],
                 self._alloc_seq,
+                # Only once set: an image without it stays readable by older versions.
+                *([[self._config.raft_voters, self._config.mod_index]]
+                  if self._config.mod_index else []),
             ]
         )
 
@@ -1364,6 +1443,7 @@ class MeshState:
         self._services = fresh._services
         self._allocs = fresh._allocs
         self._alloc_seq = fresh._alloc_seq
+        self._config = fresh._config
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
@@ -1372,6 +1452,9 @@ class MeshState:
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
         raw = wire.unpack_body(data, max(len(data), 1))
+        config = None
+        if isinstance(raw, list) and len(raw) == 10:
+            *raw, config = raw
         fmt, applied, kv, nodes, deny, dedup, services, allocs, seq = _array(raw, 9, "snapshot")
         if fmt != SNAPSHOT_FORMAT:
             raise _Invalid(f"snapshot format {fmt!r:.20} is not {SNAPSHOT_FORMAT}")
@@ -1430,6 +1513,9 @@ class MeshState:
                 report.health, report.ports, report.message, report.restarts, report.since,
                 _uint(create, "create"), _uint(mod, "mod"))
         st._alloc_seq = _uint(seq, "alloc_seq")
+        if config is not None:
+            voters, mod = _array(config, 2, "cluster config")
+            st._config = ClusterConfig(_voters(voters), _uint(mod, "mod"))
         return st
 
     def digest(self) -> str:
@@ -1501,6 +1587,14 @@ def _cas(raw: Any) -> int | None:
     if raw is None:
         return None
     return _uint(raw, "cas")
+
+
+def _voters(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    if type(raw) is not int or not 0 < raw <= MAX_RAFT_VOTERS or raw % 2 == 0:
+        raise _Invalid(f"raft_voters must be an odd number from 1 to {MAX_RAFT_VOTERS}")
+    return raw
 
 
 def _node(raw: Any) -> NodeId:
