@@ -578,11 +578,11 @@ def test_spawn_in_cgroups_places_the_child_before_it_runs(
         # SigIgn: the helper must hand over default SIGPIPE/SIGXFSZ, as posix_spawn does.
         pid = spawn_in_cgroups("/bin/sh", ["sh", "-c", "cat /proc/self/cgroup; "
                                            "grep SigIgn /proc/self/status"], os.environ, fd,
-                               placed)
+                               placed, cgroup_node)
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if version == 2:
             # An exec failure in the helper is an exit status, the reason in the log.
-            bad = spawn_in_cgroups(str(log), [str(log)], os.environ, fd, placed)
+            bad = spawn_in_cgroups(str(log), [str(log)], os.environ, fd, placed, cgroup_node)
             assert os.waitstatus_to_exitcode(os.waitpid(bad, 0)[1]) == 126
             assert f"meshd: cannot run {log}: Permission denied" in log.read_text()
     finally:

@@ -44,7 +44,10 @@ kernel kills a process in it and counts the kill (``oom_kill`` in v1
 ``memory.oom_control``, kernel 4.13 and later, and in v2 ``memory.events``) *before*
 it sends the ``SIGKILL`` ("task reaper must see this", ``mm/oom_kill.c``). So once
 the driver sees the main process dead, the counter already says whether the kernel
-killed it: :func:`oom_exit_message`.
+killed it: :func:`oom_exit_message`. The count covers kills by any out-of-memory
+condition (the cgroup's limit, a parent cgroup's, the whole host's), as Docker's
+``OOMKilled`` does; with a limit of its own a workload nearly always meets that
+first, so the message names it.
 """
 
 from __future__ import annotations

@@ -641,9 +641,10 @@ arguments are the ``cgroup.procs`` files, ``--``, the path and the argv."""
 
 
 def spawn_in_cgroups(path: str, argv: Sequence[str], env: Mapping[str, str], log_fd: int,
-                     placed: Sequence[tuple[Hierarchy, str]]) -> int:
+                     placed: Sequence[tuple[Hierarchy, str]], node: NodeId) -> int:
     """Start ``path`` as ``_spawn_session`` does, as a member of every cgroup
-    directory in ``placed`` (its hierarchy, its directory) from its first instruction.
+    directory in ``placed`` (its hierarchy, its directory) from its first instruction;
+    ``node`` names this node in log lines.
 
     When every hierarchy is cgroup v1, a fresh thread joins the cgroups, spawns and
     leaves them again (:func:`_spawn_as_member`); otherwise the child joins them
@@ -660,7 +661,7 @@ def spawn_in_cgroups(path: str, argv: Sequence[str], env: Mapping[str, str], log
 
         def run() -> None:
             try:
-                outcome.append(_spawn_as_member(path, argv, env, log_fd, placed))
+                outcome.append(_spawn_as_member(path, argv, env, log_fd, placed, node))
             except BaseException as exc:  # handed to the caller's thread
                 outcome.append(exc)
 
@@ -683,7 +684,7 @@ def spawn_in_cgroups(path: str, argv: Sequence[str], env: Mapping[str, str], log
 
 
 def _spawn_as_member(path: str, argv: Sequence[str], env: Mapping[str, str], log_fd: int,
-                     placed: Sequence[tuple[Hierarchy, str]]) -> int:
+                     placed: Sequence[tuple[Hierarchy, str]], node: NodeId) -> int:
     """Runs in a fresh thread: move this thread into each (v1) cgroup of ``placed``,
     spawn (the child starts in its parent thread's cgroups), move back."""
     tid = str(threading.get_native_id())
@@ -706,8 +707,8 @@ def _spawn_as_member(path: str, argv: Sequence[str], env: Mapping[str, str], log
                 _cgroup_write(f"{moves[directory]}/tasks", tid)
             except DriverError as exc:
                 # The thread ends in a moment, which takes it out of the cgroup.
-                LOGGER.warning("cgroup_thread_not_returned tid=%s cgroup=%s reason=%s",
-                               tid, directory, exc)
+                LOGGER.warning("cgroup_thread_not_returned node=%s tid=%s cgroup=%s "
+                               "reason=%s", node, tid, directory, exc)
 
 
 def _cgroup_error(action: str, path: str, exc: OSError) -> DriverError:
@@ -1431,7 +1432,7 @@ class ProcessDriver:
         if not placed:
             return _spawn_session(path, argv, env, log_fd)
         try:
-            return spawn_in_cgroups(path, argv, env, log_fd, placed)
+            return spawn_in_cgroups(path, argv, env, log_fd, placed, self._node)
         except DriverError as exc:
             for hierarchy, _ in placed:
                 self._not_enforced(run, hierarchy.controller, str(exc))
