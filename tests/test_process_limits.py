@@ -512,10 +512,9 @@ async def test_children_share_the_cgroups_and_die_with_the_main_process(
         limited: ProcessDriver) -> None:
     # The child leaves the process group (setsid): only the cgroup still holds it.
     code = ("import os, time\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    os.setsid(); time.sleep(60)\n"
-            "print(f'child={pid}', flush=True); time.sleep(60)\n")
+            "if os.fork() == 0:\n"
+            "    os.setsid(); print(f'child={os.getpid()}', flush=True)\n"
+            "time.sleep(60)\n")
     w = await limited.start(limits(python("a1", code), cpu_millis=500, memory_bytes=64 * MiB))
     child = int((await wait_output(limited, "a1", b"child=")).split(b"=")[1])
     assert os.getsid(child) == child
@@ -556,6 +555,35 @@ async def test_an_unlimited_workload_gets_no_cgroup(limited: ProcessDriver,
     assert limited.cgroups(AllocId("a1")) == {}
     assert not _has_parents(cgroup_node)
     await limited.stop(AllocId("a1"), 5.0)
+
+
+@pytest.fixture
+def foreign(cgroup_node: NodeId, tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """The memory cgroup of allocation a1 holding a process meshd did not start (as
+    if another meshd with this node name ran a1 here); killed and reaped after."""
+    memory = _hierarchies()[MEMORY]
+    directory = Path(memory.alloc_dir(cgroup_node, AllocId("a1")))
+    directory.parent.mkdir()
+    directory.mkdir()
+    with (tmp_path / "out").open("wb") as out:
+        stray = spawn_in_cgroups("/bin/sleep", ["sleep", "60"], os.environ, out.fileno(),
+                                 [(memory, str(directory))], cgroup_node)
+    yield directory, stray
+    os.kill(stray, signal.SIGKILL)
+    os.waitpid(stray, 0)
+
+
+@needs_cgroups
+async def test_a_cgroup_holding_foreign_processes_is_not_used(
+        limited: ProcessDriver, foreign: tuple[Path, int]) -> None:
+    directory, stray = foreign
+    w = await limited.start(limits(spec("a1", "sleep", "60"), memory_bytes=64 * MiB))
+    assert w.state == "running"
+    assert limited.cgroups(AllocId("a1")) == {}  # started, without the limit
+    assert _pids(directory) == {stray}  # and nothing of the other's was killed
+    await limited.stop(AllocId("a1"), 5.0)
+    await limited.remove(AllocId("a1"))
+    assert _pids(directory) == {stray}
 
 
 @needs_cgroups

@@ -65,8 +65,10 @@ Resource limits (process driver):
     A controller that is missing, read-only or refused (not root, no delegation,
     v2's "no internal processes" rule) leaves that limit unenforced, with a
     ``process_limits_not_enforced`` warning naming the path and the error; the
-    workload starts all the same. A limit that no kernel could enforce (negative,
-    memory below 6 MiB) is a :class:`~mesh.errors.DriverError`. When the main
+    workload starts all the same; so does a leftover cgroup of the same name that
+    holds processes meshd did not start for this run (they are not killed). A limit
+    that no kernel could enforce (negative, memory below 6 MiB) is a
+    :class:`~mesh.errors.DriverError`. When the main
     process exits, every process left in its cgroups is killed, as its process
     group is. A main process the kernel killed for exceeding its memory limit exits
     with ``killed: out of memory (limit 64 MiB)``. :meth:`ProcessDriver.remove`
@@ -1241,9 +1243,19 @@ class ProcessDriver:
             if hierarchy.version == 2:
                 _enable_controller(parent, controller)
             if not _make_cgroup_dir(directory):
-                # Left by an earlier run of the alloc (its removal failed, or meshd
-                # died first): what still runs there is not the new run's.
-                _kill_cgroup(directory, self._node)
+                # Left over (meshd died before it recorded the start, or it could not
+                # be removed); reused if empty. Processes in it may be another meshd's
+                # of the same node name on this host: never killed on a guess.
+                try:
+                    strays = sorted(_cgroup_pids(directory))
+                except (OSError, ValueError) as exc:
+                    raise DriverError(f"cannot read {directory}/cgroup.procs: {exc}"
+                                      ) from None
+                if strays:
+                    raise DriverError(
+                        f"cgroup {directory} already holds processes {strays} that meshd "
+                        f"did not start for this run (another meshd named {self._node} on "
+                        "this host?); stop them or remove the cgroup")
             for write in limit_writes(controller, hierarchy.version, limit):
                 path = f"{directory}/{write.file}"
                 if write.optional and not os.path.exists(path):
