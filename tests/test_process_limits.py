@@ -27,6 +27,7 @@ import trio
 from test_node_driver import (  # noqa: F401 (state_dir is a fixture)
     DEADLINE_S,
     HOST,
+    _alive,
     eventually,
     python,
     read_logs,
@@ -361,14 +362,6 @@ def _pids(directory: Path) -> set[int]:
 def _has_parents(node: NodeId) -> bool:
     """Whether a ``meshd-<node>`` directory exists in any hierarchy."""
     return any(os.path.exists(h.parent(node)) for h in _hierarchies().values())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return text[text.rindex(")") + 2] != "Z"
 
 
 _NODE_NUMBERS = itertools.count()

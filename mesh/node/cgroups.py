@@ -30,7 +30,10 @@ the real root cgroup (exempt from the rule) and elsewhere fails with ``EBUSY``,
 reported as the reason the limits are not enforced. The names are deterministic
 from the node and the allocation; where they hang depends on meshd's own cgroup,
 which may differ after a restart, so the driver records the directories it made in
-the allocation's state file.
+the allocation's state file. Two meshd instances with one node name on one host
+(test clusters) share the names: a start does not use a directory holding
+processes it did not start, but one instance's removal can still end what the
+other started in a directory it found empty and reused. Give them distinct names.
 
 Limits. ``0`` means no limit and gets no cgroup of that controller. Memory: v1
 ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``, memory plus swap,
