@@ -37,6 +37,43 @@ Ports:
     milliseconds and the workload then fails to bind and exits, which the agent sees
     and restarts. A static port already in use is refused before anything starts.
 
+Resource limits (process driver):
+    A workload's CPU and memory limits are enforced with Linux cgroups where the
+    host offers them (:mod:`mesh.node.cgroups` says where the cgroups go and what is
+    written into them). Each limited allocation gets a cgroup of each limited
+    controller, ``.../meshd-<node>/<alloc>``, made before its process starts and
+    recorded in ``workload.json`` (an adopted workload keeps it); an allocation
+    without limits gets none. The process must be a member from its first
+    instruction, or a child it forks at once would escape; ``posix_spawn`` cannot
+    place a child, so:
+
+    * cgroup v1 (each needed hierarchy is v1): a fresh thread moves itself into the
+      allocation's cgroups (its TID into each ``tasks`` file; v1 moves single
+      threads), calls ``posix_spawn`` (the child starts in its parent thread's
+      cgroups), and moves itself back. A v1 memory charge follows the process's
+      main thread, not the moving one, so meshd's own memory is never charged to
+      the workload, and meshd's own threads never move.
+    * cgroup v2: a thread cannot join a cgroup with the memory controller (memory
+      is not a "threaded" controller), and Python has no ``clone3`` with
+      ``CLONE_INTO_CGROUP``. The driver spawns a small Python program
+      (``sys.executable -I -S``) that writes its own pid into each cgroup's
+      ``cgroup.procs``, restores the default ``SIGPIPE`` and ``SIGXFSZ``, and
+      replaces itself with the workload (``execv`` keeps the pid, session and start
+      time). It costs one interpreter start (some 25 ms). If it cannot join, nothing
+      runs: it exits 125 and says why in the log; an exec failure exits 126 or 127.
+
+    A controller that is missing, read-only or refused (not root, no delegation,
+    v2's "no internal processes" rule) leaves that limit unenforced, with a
+    ``process_limits_not_enforced`` warning naming the path and the error; the
+    workload starts all the same; so does a leftover cgroup of the same name that
+    holds processes meshd did not start for this run (they are not killed). A limit
+    that no kernel could enforce (negative, memory below 6 MiB) is a
+    :class:`~mesh.errors.DriverError`. When the main
+    process exits, every process left in its cgroups is killed, as its process
+    group is. A main process the kernel killed for exceeding its memory limit exits
+    with ``killed: out of memory (limit 64 MiB)``. :meth:`ProcessDriver.remove`
+    removes the cgroups (and ``meshd-<node>`` once it is empty).
+
 Logs (process driver):
     stdout and stderr are appended to ``<alloc>/output.log``. The serve loop rotates
     it once it exceeds ``log_max_bytes`` (default :data:`LOG_MAX_BYTES`) by
@@ -91,6 +128,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +144,24 @@ import trio
 import urllib3.exceptions
 
 from mesh.errors import DriverError
+from mesh.node.cgroups import (
+    CONTROLLERS,
+    MEMORY,
+    OOM_COUNTER_FILE,
+    AllocCgroup,
+    Hierarchy,
+    Unavailable,
+    check_limits,
+    format_bytes,
+    limit_writes,
+    locate,
+    oom_exit_message,
+    oom_kills,
+    parse_alloc_cgroups,
+    parse_mountinfo,
+    parse_proc_cgroup,
+    v2_base,
+)
 from mesh.types import AllocId, NodeId, ServiceId
 
 LOGGER = logging.getLogger(__name__)
@@ -467,6 +524,13 @@ class _ProcessRecord:
     exit_code: int | None = None
     finished_at: float | None = None
     message: str = ""
+    cgroups: tuple[AllocCgroup, ...] = ()
+    """The cgroups its processes run in (none without limits)."""
+    memory_limit_bytes: int = 0
+    """Its enforced memory limit (0: none), for the out-of-memory message."""
+    oom_kills_before: int = 0
+    """The memory cgroup's ``oom_kill`` count when it started (a reused directory
+    keeps the count of an earlier run)."""
     own: bool = False
     """Started by this driver instance, which is its parent and learns its status."""
     reaping: bool = False
@@ -482,12 +546,15 @@ class _ProcessRecord:
             "version": self.version, "pid": self.pid, "start_ticks": self.start_ticks,
             "ports": self.ports, "env": self.env, "started_at": self.started_at,
             "exit_code": self.exit_code, "finished_at": self.finished_at,
-            "message": self.message,
+            "message": self.message, "cgroups": [c.to_json() for c in self.cgroups],
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "oom_kills_before": self.oom_kills_before,
         }
 
     @classmethod
     def from_json(cls, data: object) -> _ProcessRecord:
-        """Parse a state file's content, treating every field as untrusted.
+        """Parse a state file's content, treating every field as untrusted; its
+        ``cgroups`` are parsed by the caller, who knows the node and the mounts.
 
         Raises:
             ValueError: it is not a format-1 workload record.
@@ -515,13 +582,21 @@ class _ProcessRecord:
         pid = get("pid", int)
         if pid <= 1:
             raise ValueError(f"pid {pid} is not a workload's")
+        alloc = AllocId(get("alloc", str))
+        memory_limit, oom_before = data.get("memory_limit_bytes", 0), \
+            data.get("oom_kills_before", 0)
+        for key, value in (("memory_limit_bytes", memory_limit),
+                           ("oom_kills_before", oom_before)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"field {key!r} is not a count")
         return cls(
-            alloc=AllocId(get("alloc", str)), service=ServiceId(get("service", str)),
+            alloc=alloc, service=ServiceId(get("service", str)),
             version=get("version", int), pid=pid, start_ticks=get("start_ticks", int),
             ports=ports, env=env, started_at=float(get("started_at", (int, float))),
             exit_code=exit_code,
             finished_at=None if finished_at is None else float(finished_at),
             message=str(data.get("message") or ""),
+            memory_limit_bytes=memory_limit, oom_kills_before=oom_before,
         )
 
     def workload(self) -> Workload:
@@ -548,6 +623,226 @@ def _spawn_session(path: str, argv: Sequence[str], env: Mapping[str, str],
         setsid=True, setsigmask=(),
         # Python ignores SIGPIPE and SIGXFSZ; a workload expects the defaults.
         setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+
+
+_JOIN_AND_EXEC: Final = """\
+import os, signal, sys
+n = sys.argv.index("--")
+for procs in sys.argv[1:n]:
+    try:
+        fd = os.open(procs, os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    except OSError as exc:
+        sys.stderr.write(f"meshd: cannot join cgroup {os.path.dirname(procs)}: "
+                         f"{exc.strerror}; the workload did not start\\n")
+        sys.exit(125)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+try:
+    os.execv(sys.argv[n + 1], sys.argv[n + 2:])
+except OSError as exc:
+    sys.stderr.write(f"meshd: cannot run {sys.argv[n + 1]}: {exc.strerror}\\n")
+    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+"""
+"""The program that joins cgroups and then becomes the workload (cgroup v2): its
+arguments are the ``cgroup.procs`` files, ``--``, the path and the argv."""
+
+
+def spawn_in_cgroups(path: str, argv: Sequence[str], env: Mapping[str, str], log_fd: int,
+                     placed: Sequence[tuple[Hierarchy, str]], node: NodeId) -> int:
+    """Start ``path`` as ``_spawn_session`` does, as a member of every cgroup
+    directory in ``placed`` (its hierarchy, its directory) from its first instruction;
+    ``node`` names this node in log lines.
+
+    When every hierarchy is cgroup v1, a fresh thread joins the cgroups, spawns and
+    leaves them again (:func:`_spawn_as_member`); otherwise the child joins them
+    itself before it execs the workload (:data:`_JOIN_AND_EXEC`). See "Resource
+    limits" in the module docstring for why.
+
+    Raises:
+        OSError: the exec failed (v1; on v2 the helper exits 126 or 127 instead).
+        DriverError: the spawning thread could not join a cgroup (v1); nothing was
+            started.
+    """
+    if all(hierarchy.version == 1 for hierarchy, _ in placed):
+        outcome: list[int | BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(_spawn_as_member(path, argv, env, log_fd, placed, node))
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+
+        # A thread of its own, not one of trio's cached workers: should it fail to
+        # leave the cgroups, it ends anyway and nothing else ever runs in it.
+        thread = threading.Thread(target=run, name="meshd-spawn")
+        thread.start()
+        thread.join()  # a few file writes and a vfork: as fast as a plain spawn
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    procs = list(dict.fromkeys(f"{directory}/cgroup.procs" for _, directory in placed))
+    python = sys.executable
+    if not python:
+        raise DriverError("meshd knows no Python interpreter (sys.executable is empty) "
+                          "to place a process into a cgroup v2 with")
+    return _spawn_session(python, [python, "-I", "-S", "-c", _JOIN_AND_EXEC, *procs, "--",
+                                   path, *argv], env, log_fd)
+
+
+def _spawn_as_member(path: str, argv: Sequence[str], env: Mapping[str, str], log_fd: int,
+                     placed: Sequence[tuple[Hierarchy, str]], node: NodeId) -> int:
+    """Runs in a fresh thread: move this thread into each (v1) cgroup of ``placed``,
+    spawn (the child starts in its parent thread's cgroups), move back."""
+    tid = str(threading.get_native_id())
+    try:
+        home = parse_proc_cgroup(Path("/proc/thread-self/cgroup").read_text())
+        moves = {directory: hierarchy.directory(home[hierarchy.controller])
+                 for hierarchy, directory in placed}
+    except (OSError, KeyError, ValueError) as exc:
+        raise DriverError(f"cannot tell which cgroups the spawning thread is in: {exc}"
+                          ) from None
+    joined: list[str] = []
+    try:
+        for directory in moves:
+            _cgroup_write(f"{directory}/tasks", tid)
+            joined.append(directory)
+        return _spawn_session(path, argv, env, log_fd)
+    finally:
+        for directory in joined:
+            try:
+                _cgroup_write(f"{moves[directory]}/tasks", tid)
+            except DriverError as exc:
+                # The thread ends in a moment, which takes it out of the cgroup.
+                LOGGER.warning("cgroup_thread_not_returned node=%s tid=%s cgroup=%s "
+                               "reason=%s", node, tid, directory, exc)
+
+
+def _cgroup_error(action: str, path: str, exc: OSError) -> DriverError:
+    """What went wrong at ``path``, with a hint for the errors a person can fix."""
+    hint = {
+        errno.EACCES: "; meshd needs root, or a cgroup delegated to its user",
+        errno.EPERM: "; meshd needs root, or a cgroup delegated to its user",
+        errno.EROFS: "; the cgroup file system is mounted read-only",
+        errno.EBUSY: "; cgroup v2 enables a controller only for the children of a "
+                     "cgroup without processes of its own",
+    }.get(exc.errno or 0, "")
+    return DriverError(f"cannot {action} {path}: {exc.strerror or exc}{hint}")
+
+
+def _cgroup_write(path: str, value: str) -> None:
+    """Write ``value`` into an existing cgroup file (never creates one: a missing
+    knob is an error, not a new file).
+
+    Raises:
+        DriverError: the file is missing or refused the value.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _cgroup_error(f"write {value!r} to", path, exc) from None
+
+
+def _cgroup_pids(directory: str) -> set[int]:
+    with open(f"{directory}/cgroup.procs") as f:
+        return {int(line) for line in f.read().split()}
+
+
+def _kill_cgroup(directory: str, node: NodeId) -> None:
+    """SIGKILL every process in the cgroup at ``directory`` except meshd itself.
+
+    Each pid is pinned with a pidfd and signalled only if the cgroup still lists
+    it after that, so a pid that exited and was reused outside the cgroup is never
+    signalled. A failure is logged (``cgroup_kill_failed``), not raised.
+    """
+    pidfds: dict[int, int] = {}
+    try:
+        pids = _cgroup_pids(directory) - {os.getpid()}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                pidfds[pid] = os.pidfd_open(pid)
+        members = _cgroup_pids(directory)
+        for pid, pidfd in pidfds.items():
+            if pid in members:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except FileNotFoundError:
+        return  # already removed
+    except (OSError, ValueError) as exc:
+        LOGGER.warning("cgroup_kill_failed node=%s cgroup=%s reason=%s", node, directory,
+                       exc)
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+
+
+def _cgroup_dirs(rec: _ProcessRecord) -> list[str]:
+    """The directories of ``rec``'s cgroups, each once (v2 controllers share one)."""
+    return list(dict.fromkeys(c.path for c in rec.cgroups))
+
+
+def _discard_cgroups(placed: Sequence[tuple[Hierarchy, str]]) -> None:
+    """Remove the cgroups made for a start that failed (they hold no process)."""
+    for _, directory in placed:
+        with contextlib.suppress(DriverError):
+            _remove_cgroup_dir(directory)
+
+
+def _make_cgroup_dir(path: str) -> bool:
+    """``mkdir`` a cgroup: ``True`` if made, ``False`` if it existed.
+
+    Raises:
+        DriverError: it cannot be made.
+    """
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _cgroup_error("create cgroup", path, exc) from None
+    return True
+
+
+def _enable_controller(directory: str, controller: str) -> None:
+    """Enable ``controller`` for the children of the v2 cgroup at ``directory``.
+
+    Raises:
+        DriverError: it is not enabled and cannot be.
+    """
+    path = f"{directory}/cgroup.subtree_control"
+    try:
+        enabled = Path(path).read_text().split()
+    except OSError as exc:
+        raise _cgroup_error("read", path, exc) from None
+    if controller not in enabled:
+        _cgroup_write(path, f"+{controller}")
+
+
+def _remove_cgroup_dir(directory: str) -> bool:
+    """``rmdir`` a cgroup: ``True`` once it is gone, ``False`` while processes are
+    still in it.
+
+    Raises:
+        DriverError: it cannot be removed for another reason.
+    """
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise _cgroup_error("remove cgroup", directory, exc) from None
+    # Its parent, meshd-<node>, goes with the node's last allocation cgroup.
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(directory))
+    return True
 
 
 def _collect_exit_status(pid: int) -> int:
@@ -674,9 +969,11 @@ class ProcessDriver:
 
     The argv is ``entrypoint + command`` (``image`` is ignored), resolved on the
     workload's ``PATH``; it runs in meshd's working directory (``posix_spawn`` cannot
-    change it), so give absolute paths. CPU and memory limits are not enforced (a
-    warning says so). When the main process exits, the rest of its process group is
-    killed, as a container's processes end with its main process.
+    change it), so give absolute paths. CPU and memory limits are enforced with
+    cgroups where the host allows it, else a warning says which limit is not and why
+    ("Resource limits" in the module docstring). When the main process exits, the
+    rest of its process group and of its cgroups is killed, as a container's
+    processes end with its main process.
 
     Args:
         state_dir: where ``<alloc>/workload.json`` and ``<alloc>/output.log`` live;
@@ -689,6 +986,8 @@ class ProcessDriver:
         log_max_bytes: rotation size of ``output.log``.
         retained_log_dirs: log directories of removed workloads kept.
         poll_interval_s: how often adopted processes and log sizes are checked.
+        proc_dir: the ``/proc`` directory of meshd itself, whose ``mountinfo`` and
+            ``cgroup`` say where cgroups can be made (tests describe other hosts).
     """
 
     name = "process"
@@ -698,7 +997,8 @@ class ProcessDriver:
                  base_env: Mapping[str, str] | None = None,
                  log_max_bytes: int = LOG_MAX_BYTES,
                  retained_log_dirs: int = RETAINED_LOG_DIRS,
-                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+                 poll_interval_s: float = POLL_INTERVAL_S,
+                 proc_dir: Path = Path("/proc/self")) -> None:
         assert log_max_bytes > 0
         assert retained_log_dirs >= 0
         assert poll_interval_s > 0
@@ -711,6 +1011,10 @@ class ProcessDriver:
         self._log_max_bytes = log_max_bytes
         self._retained_log_dirs = retained_log_dirs
         self._poll_interval_s = poll_interval_s
+        self._proc_dir = proc_dir
+        self._hierarchies: dict[str, Hierarchy | Unavailable] | None = None
+        """Where each controller's cgroups go (found once, by :meth:`_cgroup_layout`)."""
+        self._cgroup_mounts: list[str] = []
         self._records: dict[AllocId, _ProcessRecord] = {}
         self._loaded = False
         self._changes = ChangeSignal()
@@ -751,15 +1055,25 @@ class ProcessDriver:
             raise DriverError(f"cannot create the process driver's directory "
                               f"{self._state_dir}: {exc.strerror or exc}; check its "
                               "permissions or use another --data-dir") from None
+        self._cgroup_layout()  # the mounts that recorded cgroups must be under
         for path in sorted(self._state_dir.glob(f"*/{STATE_FILE}")):
             try:
-                rec = _ProcessRecord.from_json(json.loads(path.read_bytes()))
+                data = json.loads(path.read_bytes())
+                rec = _ProcessRecord.from_json(data)
                 if rec.alloc != path.parent.name:
                     raise ValueError(f"it names allocation {rec.alloc!r}")
             except (OSError, ValueError) as exc:
                 LOGGER.warning("workload_state_skipped node=%s path=%s reason=%s",
                                self._node, path, exc)
                 continue
+            try:
+                # Absent in files written before limits were enforced.
+                rec.cgroups = parse_alloc_cgroups(data.get("cgroups", []), self._node,
+                                                  rec.alloc, self._cgroup_mounts)
+            except ValueError as exc:
+                # Still adopted: its limits hold, but meshd leaves these cgroups alone.
+                LOGGER.warning("workload_cgroups_skipped node=%s path=%s reason=%s",
+                               self._node, path, exc)
             self._records[rec.alloc] = rec
             LOGGER.info("workload_adopted node=%s alloc=%s pid=%s finished=%s",
                         self._node, rec.alloc, rec.pid, rec.finished)
@@ -773,7 +1087,14 @@ class ProcessDriver:
     def _refresh_adopted(self) -> None:
         for rec in self._records.values():
             if not rec.own and not rec.finished and not self._is_alive(rec):
-                self._finish(rec, None, "exited while meshd was not its parent")
+                self._finish_adopted(rec)
+
+    def _finish_adopted(self, rec: _ProcessRecord) -> None:
+        """``rec`` (not our child) was seen gone: end what is left in its cgroups."""
+        for directory in _cgroup_dirs(rec):
+            _kill_cgroup(directory, self._node)
+        self._finish(rec, None, self._with_oom(rec, "exited while meshd was not its parent",
+                                               None))
 
     def _finish(self, rec: _ProcessRecord, code: int | None, message: str) -> None:
         rec.exit_code = code
@@ -807,11 +1128,23 @@ class ProcessDriver:
             rec.reaping = False
             os.close(pidfd)
         # The leader is a zombie, so its pid (our group id) cannot be reused yet: end
-        # what is left of its group, as a container ends with its main process.
+        # what is left of its group and its cgroups, as a container ends with its
+        # main process.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(rec.pid, signal.SIGKILL)
         code = _collect_exit_status(rec.pid)
-        self._finish(rec, code, exit_message(code))
+        message = exit_message(code)
+        if self._records.get(rec.alloc) is rec:
+            for directory in _cgroup_dirs(rec):
+                _kill_cgroup(directory, self._node)
+            message = self._with_oom(rec, message, code)
+        else:
+            # A start that failed after spawning. A new start of the alloc may use the
+            # same directories already, so only empty ones are removed.
+            for directory in _cgroup_dirs(rec):
+                with contextlib.suppress(DriverError):
+                    _remove_cgroup_dir(directory)
+        self._finish(rec, code, message)
 
     def _rotate_logs(self, allocs: Sequence[AllocId]) -> None:
         """Runs in a thread: copy-and-truncate every log over the limit."""
@@ -830,6 +1163,178 @@ class ProcessDriver:
                                self._node, alloc, exc)
                 continue
             LOGGER.debug("log_rotated node=%s alloc=%s bytes=%s", self._node, alloc, size)
+
+    # -- cgroups ---------------------------------------------------------------
+
+    def _cgroup_layout(self) -> dict[str, Hierarchy | Unavailable]:
+        """Where each controller's cgroups go, or why they cannot; found (and
+        logged) once."""
+        if self._hierarchies is None:
+            self._hierarchies = self._detect_cgroups()
+            for controller in CONTROLLERS:
+                where = self._hierarchies[controller]
+                if isinstance(where, Hierarchy):
+                    LOGGER.info("cgroup_controller_found node=%s controller=%s version=%s "
+                                "base=%s", self._node, controller, where.version, where.base)
+                else:
+                    LOGGER.info("cgroup_controller_unavailable node=%s controller=%s "
+                                "reason=%r", self._node, controller, where.reason)
+        return self._hierarchies
+
+    def _detect_cgroups(self) -> dict[str, Hierarchy | Unavailable]:
+        try:
+            mounts = parse_mountinfo((self._proc_dir / "mountinfo").read_text())
+            own = parse_proc_cgroup((self._proc_dir / "cgroup").read_text())
+        except OSError as exc:
+            reason = f"cannot read {exc.filename}: {exc.strerror or exc}"
+            return {c: Unavailable(c, reason) for c in CONTROLLERS}
+        self._cgroup_mounts = [m.mount_point for m in mounts]
+        listed: list[str] | None = None
+        base = v2_base(mounts, own)
+        if base is not None:
+            with contextlib.suppress(OSError):
+                listed = Path(base, "cgroup.controllers").read_text().split()
+        return locate(mounts, own, listed)
+
+    def _not_enforced(self, run: RunSpec, controller: str, reason: str) -> None:
+        limit = format_bytes(run.memory_limit_bytes) if controller == MEMORY else \
+            f"{run.cpu_limit_millis}m"
+        LOGGER.warning("process_limits_not_enforced node=%s alloc=%s controller=%s "
+                       "limit=%r reason=%r", self._node, run.alloc, controller, limit,
+                       reason)
+
+    def _setup_cgroups(self, run: RunSpec) -> tuple[list[tuple[Hierarchy, str]], int]:
+        """Make the cgroups that enforce the limits of ``run``; a limit whose cgroup
+        cannot be made is left unenforced (``process_limits_not_enforced``).
+
+        Returns:
+            The hierarchy and directory of each cgroup made, and the ``oom_kill``
+            count of the memory cgroup now.
+        """
+        placed: list[tuple[Hierarchy, str]] = []
+        oom_before = 0
+        layout = self._cgroup_layout()
+        for controller in CONTROLLERS:
+            limit = run.memory_limit_bytes if controller == MEMORY else run.cpu_limit_millis
+            if not limit:
+                continue
+            where = layout[controller]
+            if isinstance(where, Unavailable):
+                self._not_enforced(run, controller, where.reason)
+                continue
+            try:
+                directory = self._make_cgroup(where, run.alloc, limit)
+            except DriverError as exc:
+                self._not_enforced(run, controller, str(exc))
+                continue
+            if controller == MEMORY:
+                oom_before = self._oom_kill_count(
+                    AllocCgroup(MEMORY, where.version, directory)) or 0
+            placed.append((where, directory))
+        return placed, oom_before
+
+    def _make_cgroup(self, hierarchy: Hierarchy, alloc: AllocId, limit: int) -> str:
+        """Make (or reuse) the cgroup of ``alloc`` in ``hierarchy``, set its limit and
+        return its directory; what was made is removed again on failure.
+
+        Raises:
+            DriverError: a directory cannot be made or a knob is missing or refused.
+        """
+        controller = hierarchy.controller
+        parent = hierarchy.parent(self._node)
+        directory = hierarchy.alloc_dir(self._node, alloc)
+        try:
+            if hierarchy.version == 2:
+                _enable_controller(hierarchy.base, controller)
+            _make_cgroup_dir(parent)
+            if hierarchy.version == 2:
+                _enable_controller(parent, controller)
+            if not _make_cgroup_dir(directory):
+                # Left over (meshd died before it recorded the start, or it could not
+                # be removed); reused if empty. Processes in it may be another meshd's
+                # of the same node name on this host: never killed on a guess.
+                try:
+                    strays = sorted(_cgroup_pids(directory))
+                except (OSError, ValueError) as exc:
+                    raise DriverError(f"cannot read {directory}/cgroup.procs: {exc}"
+                                      ) from None
+                if strays:
+                    raise DriverError(
+                        f"cgroup {directory} already holds processes {strays} that meshd "
+                        f"did not start for this run (another meshd named {self._node} on "
+                        "this host?); stop them or remove the cgroup")
+            for write in limit_writes(controller, hierarchy.version, limit):
+                path = f"{directory}/{write.file}"
+                if write.optional and not os.path.exists(path):
+                    continue
+                _cgroup_write(path, write.value)
+        except DriverError:
+            for made in (directory, parent):
+                with contextlib.suppress(OSError):
+                    os.rmdir(made)
+            raise
+        return directory
+
+    def _oom_kill_count(self, cgroup: AllocCgroup) -> int | None:
+        """The ``oom_kill`` count of a memory cgroup; ``None`` if unknown (logged
+        when unreadable)."""
+        path = f"{cgroup.path}/{OOM_COUNTER_FILE[cgroup.version]}"
+        try:
+            return oom_kills(Path(path).read_text())
+        except OSError as exc:
+            LOGGER.warning("cgroup_unreadable node=%s path=%s reason=%s", self._node, path,
+                           exc.strerror or exc)
+            return None
+
+    def _with_oom(self, rec: _ProcessRecord, message: str, code: int | None) -> str:
+        """``message``, saying so if the kernel killed processes of ``rec`` for memory."""
+        memory = next((c for c in rec.cgroups if c.controller == MEMORY), None)
+        if memory is None:
+            return message
+        kills = self._oom_kill_count(memory)
+        if kills is None:
+            return message
+        return oom_exit_message(message, code, kills - rec.oom_kills_before,
+                                rec.memory_limit_bytes)
+
+    async def _remove_cgroups(self, rec: _ProcessRecord) -> None:
+        """Kill what is left in the cgroups of the finished ``rec`` and remove them
+        (a replacement of ``rec`` meanwhile keeps them: they are its).
+
+        Raises:
+            DriverError: processes outlive SIGKILL by :data:`KILL_WAIT_S`.
+        """
+        pending = _cgroup_dirs(rec)
+        with trio.move_on_after(KILL_WAIT_S):
+            while True:
+                pending = [d for d in pending if not self._remove_cgroup_or_warn(d)]
+                if not pending:
+                    return
+                for directory in pending:
+                    _kill_cgroup(directory, self._node)
+                await trio.sleep(PROC_POLL_S)
+                if self._records.get(rec.alloc) is not rec:
+                    return
+        raise DriverError(f"processes of allocation {rec.alloc} are still in cgroup "
+                          f"{pending[0]} {KILL_WAIT_S} s after SIGKILL (stuck in the "
+                          f"kernel?); look at {pending[0]}/cgroup.procs with ps")
+
+    def _remove_cgroup_or_warn(self, directory: str) -> bool:
+        """``rmdir`` a cgroup: ``False`` while processes are still in it. Any other
+        failure (not root any more) leaves it, logged as ``cgroup_not_removed``,
+        rather than keeping its workload forever."""
+        try:
+            return _remove_cgroup_dir(directory)
+        except DriverError as exc:
+            LOGGER.warning("cgroup_not_removed node=%s cgroup=%s reason=%s", self._node,
+                           directory, exc)
+            return True
+
+    def cgroups(self, alloc: AllocId) -> dict[str, Path]:
+        """Controller -> directory of each cgroup the workload of ``alloc`` runs in:
+        empty without limits, or where they could not be enforced."""
+        rec = self._records.get(alloc)
+        return {} if rec is None else {c.controller: Path(c.path) for c in rec.cgroups}
 
     def _prune_log_dirs(self) -> None:
         """Delete all but the newest ``retained_log_dirs`` directories that belong to
@@ -859,11 +1364,13 @@ class ProcessDriver:
     async def start(self, run: RunSpec) -> Workload:
         """Start ``run.entrypoint + run.command`` as a new session; see :class:`Driver`.
 
-        The process driver does not enforce CPU or memory limits (they are logged).
+        Its CPU and memory limits are enforced with cgroups where the host allows it
+        (else a warning says which limit is not, and why; the workload starts).
 
         Raises:
             DriverError: no command, command not found or not executable, a port in
-                use, the alloc already running, or the state cannot be written.
+                use, a limit no kernel could enforce, the alloc already running, or
+                the state cannot be written.
         """
         self._load()
         old = self._records.get(run.alloc)
@@ -871,25 +1378,33 @@ class ProcessDriver:
             raise DriverError(f"allocation {run.alloc} is already running on node "
                               f"{self._node} (pid {old.pid}); stop it before starting it again")
         check_ports(run)
+        check_limits(run.cpu_limit_millis, run.memory_limit_bytes,
+                     f"allocation {run.alloc} of {run.service}")
         ports = _reserve_ports(run, self._host, self._node)
         env = workload_env(run, ports, self._node, self._host, self._base_env)
         path, argv = self._resolve(run, env)
-        if run.cpu_limit_millis or run.memory_limit_bytes:
-            LOGGER.warning("process_limits_not_enforced node=%s alloc=%s cpu_millis=%s "
-                           "memory_bytes=%s", self._node, run.alloc, run.cpu_limit_millis,
-                           run.memory_limit_bytes)
+        if old is not None:
+            # Its exited predecessor's cgroups: emptied at its exit; fresh counters
+            # for the new run (a directory that cannot go yet is reused).
+            for cgroup_dir in _cgroup_dirs(old):
+                _kill_cgroup(cgroup_dir, self._node)
+                with contextlib.suppress(DriverError):
+                    _remove_cgroup_dir(cgroup_dir)
+        placed, oom_before = self._setup_cgroups(run)
         directory = self._state_dir / run.alloc
         try:
             directory.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(directory / OUTPUT_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                              0o640)
         except OSError as exc:
+            _discard_cgroups(placed)
             raise DriverError(f"cannot write the log of allocation {run.alloc} under "
                               f"{directory}: {exc.strerror or exc}; check the disk and the "
                               "data directory's permissions") from None
         try:
-            pid = _spawn_session(path, argv, env, log_fd)
+            pid = self._spawn(run, path, argv, env, log_fd, placed)
         except OSError as exc:
+            _discard_cgroups(placed)
             raise DriverError(f"cannot run {path!r} for {run.service} on node {self._node}: "
                               f"{exc.strerror or exc}; check that it is a program for "
                               "this machine") from None
@@ -897,9 +1412,13 @@ class ProcessDriver:
             os.close(log_fd)
         stat = _proc_stat(pid)
         assert stat is not None, "an unreaped child always has a /proc entry"
-        rec = _ProcessRecord(alloc=run.alloc, service=run.service, version=run.version,
-                             pid=pid, start_ticks=stat[1], ports=ports, env=env,
-                             started_at=self._wall_clock(), own=True)
+        cgroups = tuple(AllocCgroup(h.controller, h.version, d) for h, d in placed)
+        rec = _ProcessRecord(
+            alloc=run.alloc, service=run.service, version=run.version, pid=pid,
+            start_ticks=stat[1], ports=ports, env=env, started_at=self._wall_clock(),
+            cgroups=cgroups, oom_kills_before=oom_before, own=True,
+            memory_limit_bytes=run.memory_limit_bytes if any(
+                c.controller == MEMORY for c in cgroups) else 0)
         # Saved before the reaper starts, and without a checkpoint in between, so the
         # "exited" record of a command that ends at once can only come after this one.
         try:
@@ -914,10 +1433,31 @@ class ProcessDriver:
                               f"{directory}: {exc.strerror or exc}; check the disk") from None
         self._records[run.alloc] = rec
         self._start_reaper(rec)
-        LOGGER.info("workload_started node=%s alloc=%s service=%s pid=%s ports=%s",
-                    self._node, run.alloc, run.service, pid, ports)
+        LOGGER.info("workload_started node=%s alloc=%s service=%s pid=%s ports=%s "
+                    "cgroups=%s", self._node, run.alloc, run.service, pid, ports,
+                    _cgroup_dirs(rec))
         self._changes.notify()
         return rec.workload()
+
+    def _spawn(self, run: RunSpec, path: str, argv: Sequence[str], env: Mapping[str, str],
+               log_fd: int, placed: list[tuple[Hierarchy, str]]) -> int:
+        """Spawn into the cgroups of ``placed``; if the spawning thread cannot join
+        them, their limits are not enforced (``placed`` is emptied, the cgroups
+        removed) and the workload is spawned outside.
+
+        Raises:
+            OSError: the exec failed.
+        """
+        if not placed:
+            return _spawn_session(path, argv, env, log_fd)
+        try:
+            return spawn_in_cgroups(path, argv, env, log_fd, placed, self._node)
+        except DriverError as exc:
+            for hierarchy, _ in placed:
+                self._not_enforced(run, hierarchy.controller, str(exc))
+            _discard_cgroups(placed)
+            placed.clear()
+        return _spawn_session(path, argv, env, log_fd)
 
     def _signal(self, rec: _ProcessRecord, sig: signal.Signals) -> None:
         # Check identity first: an adopted pid may belong to someone else by now.
@@ -937,7 +1477,7 @@ class ProcessDriver:
             if rec.own:
                 await self._changes.wait_past(self._changes.generation)
             elif not self._is_alive(rec):
-                self._finish(rec, None, "exited while meshd was not its parent")
+                self._finish_adopted(rec)
             else:
                 await trio.sleep(PROC_POLL_S)
 
@@ -967,7 +1507,13 @@ class ProcessDriver:
                               "check it with ps")
 
     async def remove(self, alloc: AllocId) -> None:
-        """Delete the state file; the logs stay (see the module docstring)."""
+        """Delete the state file and the cgroups; the logs stay (see the module
+        docstring).
+
+        Raises:
+            DriverError: it is still running, or processes in its cgroups do not die
+                (stuck in the kernel); a retry finishes the removal.
+        """
         self._load()
         rec = self._records.get(alloc)
         if rec is None:
@@ -975,6 +1521,9 @@ class ProcessDriver:
         if not rec.finished:
             raise DriverError(f"allocation {alloc} is still running on node {self._node}; "
                               "stop it before removing it")
+        await self._remove_cgroups(rec)
+        if self._records.get(alloc) is not rec:
+            return  # started again while its cgroups were emptied
         del self._records[alloc]
         directory = self._state_dir / alloc
         with contextlib.suppress(FileNotFoundError):
