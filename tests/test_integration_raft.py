@@ -95,6 +95,34 @@ def test_leader_sigkill_new_leader_takes_writes_and_voter_is_replaced(four: Clus
     assert meshctl(spare, "kv", "get", "after").stdout.strip() == "failover"
 
 
+def test_the_voter_count_is_set_cluster_wide_through_raft(four: Cluster) -> None:
+    st = settled(four, four["n0"], voters=3, learners=0)
+    watcher = watcher_of(four, st)
+    shown = meshctl(watcher, "raft", "config", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"raft_voters": None, "mod_index": 0,
+                                        "desired_voters": 3}
+    bad = meshctl(watcher, "raft", "config", "--voters", "4")
+    assert bad.returncode == 1
+    assert "one of 1, 3, 5, 7" in bad.stderr
+    one = meshctl(watcher, "raft", "config", "--voters", "1", "--cas", "0", "--json")
+    assert one.returncode == 0, one.stderr  # forwarded to the leader, read back here
+    config = json.loads(one.stdout)
+    assert (config["raft_voters"], config["desired_voters"]) == (1, 1)
+    # Every node reads the same configuration, and the leader shrinks the group.
+    settled(four, four["n0"], voters=1, learners=0)
+    for d in four:
+        assert raft_status(d)["config"]["raft_voters"] == 1
+    stale = meshctl(watcher, "raft", "config", "--voters", "3", "--cas", "0")
+    assert stale.returncode == 1
+    assert f"at index {config['mod_index']}, not 0" in stale.stderr
+    back = meshctl(four["n1"], "raft", "config", "--voters", "3",
+                   "--cas", str(config["mod_index"]))
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.strip().startswith("voters 3 (set at index ")
+    settled(four, four["n0"], voters=3, learners=0)
+
+
 def read_lines(proc: subprocess.Popen[bytes], count: int, timeout_s: float) -> list[str]:
     """The first ``count`` lines ``proc`` prints, read as they come (a deadline,
     not a sleep); fails with its stderr if it exits or stays silent."""

@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = raft_sub.add_parser("transfer", help="hand leadership to another voter")
     transfer.add_argument("--to", default=None, help="the voter (default: any other)")
     transfer.add_argument("--json", action="store_true", help="print JSON")
+    config = raft_sub.add_parser(
+        "config", help="the cluster-wide Raft settings, held by Raft itself; set the voter "
+        "count for every node (it overrides each node's --raft-voters)")
+    config.add_argument("--voters", type=int, default=None,
+                        help="voters the leader keeps: 1, 3, 5 or 7 (fewer while fewer "
+                        "members qualify)")
+    config.add_argument("--cas", type=int, default=None,
+                        help="only if the configuration is at this modify index (0: never set)")
+    config.add_argument("--stale", action="store_true",
+                        help="read this node's replica without asking the leader")
+    config.add_argument("--json", action="store_true", help="print JSON")
     cli_workloads.add_commands(sub, node_sub)
     sub.add_parser("version", help="print the version")
     return parser
@@ -287,6 +298,14 @@ async def _run(args: argparse.Namespace) -> str | None:
             raise MeshError(f"meshd is running on {data_dir}: stop it first (recovery "
                             "rewrites its Raft log)")
         return await trio.to_thread.run_sync(raft_recover, data_dir, args.yes)
+    if args.command == "raft" and args.raft_command == "config":
+        settings: dict[str, Any] = {"stale": args.stale}
+        if args.voters is not None:
+            settings.update(voters=args.voters, request_id=os.urandom(16))
+            if args.cas is not None:
+                settings["cas"] = args.cas
+        config = await client.call("raft_config", settings)
+        return json.dumps(config, indent=2) if args.json else raft_config_text(config)
     if args.command == "raft":
         method = "raft_status" if args.raft_command == "status" else "raft_transfer"
         params = {"to": args.to} if args.raft_command == "transfer" and args.to else {}
@@ -471,9 +490,19 @@ def raft_text(st: dict[str, Any]) -> str:
         rows = [[n, "learner" if p["learner"] else "voter", str(p["match"]), str(p["lag"]),
                  "yes" if p["active"] else "no"] for n, p in sorted(st["peers"].items())]
         lines.append(format_table(["PEER", "ROLE", "MATCH", "LAG", "ACTIVE"], rows))
+    if st.get("config"):
+        lines.append(f"config:   {raft_config_text(st['config'])}")
     if st.get("storage_error"):
         lines.append(f"STORAGE FAILING: {st['storage_error']}")
     return "\n".join(lines)
+
+
+def raft_config_text(config: dict[str, Any]) -> str:
+    """``meshctl raft config`` for people."""
+    if config.get("raft_voters") is None:
+        return (f"voters {config['desired_voters']} (not set cluster-wide: the leader's "
+                "--raft-voters)")
+    return f"voters {config['raft_voters']} (set at index {config['mod_index']})"
 
 
 class PartialFailure(MeshError):

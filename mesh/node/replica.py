@@ -85,6 +85,7 @@ from mesh.raft.state import (
     MAX_INDEX,
     Change,
     Command,
+    ConfigSet,
     DenyAdd,
     KvBatcher,
     KvDelete,
@@ -272,9 +273,19 @@ class Replica:
                                      stable_s=self._settings.stable_s)
 
         nursery.start_soon(functools.partial(self.raft.manage_voters, members,
-                                             desired=self._settings.voters))
+                                             desired=self.desired_voters))
         nursery.start_soon(self._watch_loop)
         nursery.start_soon(self._follow_deny_list)
+
+    def desired_voters(self) -> int:
+        """The voters the leader keeps: the cluster configuration's count (``meshctl
+        raft config --voters``), else this node's ``--raft-voters``. A count this
+        version does not run (set by a newer one) becomes the largest it runs below
+        it."""
+        configured = self.state.cluster_config().raft_voters
+        if configured is None:
+            return self._settings.voters
+        return max(c for c in voters.ALLOWED_VOTER_COUNTS if c <= configured)
 
     # --- which feed, who leads --------------------------------------------------------
 
@@ -408,6 +419,8 @@ class Replica:
                        "leader_commit": view.commit if view is not None else 0,
                        "snapshots": client.snapshots, "switches": client.switches}
         st["watchers"] = self._watch_server.watchers(now, WATCHERS_RECENT_S)
+        st["config"] = {**self.state.cluster_config().as_dict(),
+                        "desired_voters": self.desired_voters()}
         return st
 
     # --- the watch stream: serving ------------------------------------------------------
@@ -580,6 +593,21 @@ class Replica:
             raise api.ApiError(str(exc)) from None
         return await self._write("deny_add", params, command)
 
+    async def raft_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """API: the cluster configuration, after setting ``voters`` (1, 3, 5 or 7)
+        when given (``cas``: only if the configuration is at that ``mod_index``).
+        Read linearizably unless ``stale``."""
+        if params.get("voters") is not None:
+            try:
+                voters.check_desired(params["voters"])
+                command = ConfigSet(params["voters"], cas=self._cas(params),
+                                    request_id=self._request_id(params)).encode()
+            except MeshError as exc:
+                raise api.ApiError(str(exc)) from None
+            await self._write("raft_config", params, command)
+        await self.read_point(params)
+        return {**self.state.cluster_config().as_dict(), "desired_voters": self.desired_voters()}
+
     async def serve_link(self, stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
         """The ``mesh-raft/1`` handler: the sender is who its certificate says."""
         await self.raft.serve_stream(stream, peer=peer.node_id)
@@ -596,6 +624,7 @@ class Replica:
             "kv_watch": self.kv_watch,
             "raft_status": self.raft_status,
             "raft_transfer": self.raft_transfer,
+            "raft_config": self.raft_config,
             "raft_read_index": self.raft_read_index,
             "watch": self.watch,
             "deny_add": self.deny_add,
@@ -860,10 +889,24 @@ class Replica:
         if voter is None:
             raise api.ApiError("no voter is reachable for a linearizable read; retry, or "
                                "read this node's replica with --stale")
-        result = await self.call_node(voter, "raft_read_index", {})
+        # The voter watched may have just left the group (the voter count changed,
+        # or it was replaced) before the watch stream moved on: ask the others the
+        # group named last.
+        view = client.view
+        others = [v for v in (view.voters if view is not None else ()) if v != voter]
+        for asked in (voter, *others):
+            try:
+                result = await self.call_node(asked, "raft_read_index", {})
+            except api.ApiError as exc:
+                problem = exc
+                continue
+            break
+        else:
+            raise api.ApiError(f"no voter gave a linearizable read point ({problem}); retry, "
+                               "or read this node's replica with --stale")
         index = result.get("index") if isinstance(result, dict) else None
         if type(index) is not int:
-            raise api.ApiError(f"{voter} gave no read index; retry")
+            raise api.ApiError(f"{asked} gave no read index; retry")
         with trio.move_on_after(READ_APPLY_WAIT_S):
             while self.gate.readers_index < index:
                 await self.wait_changed(applied=True)

@@ -873,7 +873,7 @@ class RaftAdapter:
         self,
         members: Callable[[], Sequence[voter_selection.Candidate]],
         *,
-        desired: int = 3,
+        desired: int | Callable[[], int] = 3,
         interval_s: float = 1.0,
         catch_up_entries: int = 250,
     ) -> None:
@@ -883,7 +883,8 @@ class RaftAdapter:
         Args:
             members: the live members now (e.g. ``voters.candidates(...)`` over
                 the gossip members).
-            desired: wanted voters (``--raft-voters``).
+            desired: wanted voters (``--raft-voters``), or a function asked at
+                every look (the cluster configuration may change it).
             interval_s: seconds between two looks.
             catch_up_entries: a learner at most this many entries behind the
                 leader's log (and recently active) is promoted.
@@ -891,7 +892,8 @@ class RaftAdapter:
         Raises:
             ConfigError: ``desired`` is not allowed.
         """
-        voter_selection.check_desired(desired)
+        wanted = desired if callable(desired) else lambda: desired
+        voter_selection.check_desired(wanted())
         pause = interval_s
         while True:
             await trio.sleep(pause)
@@ -910,7 +912,7 @@ class RaftAdapter:
                 members(),
                 st.voters,
                 st.learners,
-                desired=desired,
+                desired=wanted(),
                 leader=self.me,
                 caught_up=caught_up,
             )
