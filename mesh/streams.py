@@ -62,6 +62,11 @@ class _DirectSocket:
         self._drained = False
         """The last receive emptied the socket's buffer."""
 
+    @property
+    def closed(self) -> bool:
+        """Whether the stream was closed here."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")

@@ -37,8 +37,9 @@ import os
 import socket
 import ssl
 import stat
+import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeAlias
@@ -494,6 +495,62 @@ def join_client_context() -> ssl.SSLContext:
 # -- peer identity and link policy -------------------------------------------------------
 
 
+class DenySet:
+    """The serials on the deny list, and the links open now by the serial of the
+    peer's certificate.
+
+    A link checks the deny list when it opens; :meth:`revoke` also closes the
+    links already open with a newly revoked serial, so that a revoked node loses
+    its Raft, gossip and API links at once instead of when they next close. The
+    :class:`TlsServer`, :class:`TlsDialer` and :func:`open_tls_stream` track the
+    links they open when their ``revoked`` is a ``DenySet``.
+    """
+
+    PRUNE_AT: Final = 1024
+    """Tracked serials beyond which the serials with no open link are forgotten."""
+
+    def __init__(self, serials: Iterable[int] = ()) -> None:
+        self._serials = set(serials)
+        self._links: dict[int, weakref.WeakSet[SSLStreamT]] = {}
+        self.links_closed = 0
+        """Open links closed because their peer's serial was revoked."""
+
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._serials))
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+    def track(self, serial: int, stream: SSLStreamT) -> bool:
+        """Note a link just opened with a peer whose certificate has ``serial``;
+        ``False`` if the serial was revoked meanwhile (the caller closes it)."""
+        if serial in self._serials:
+            return False
+        if len(self._links) >= self.PRUNE_AT:
+            self._links = {s: links for s, links in self._links.items() if links}
+        self._links.setdefault(serial, weakref.WeakSet()).add(stream)
+        return True
+
+    def open_links(self, serial: int) -> int:
+        """How many tracked links with ``serial`` are open."""
+        return sum(1 for stream in self._links.get(serial, ()) if not stream.closed)
+
+    async def revoke(self, serials: Iterable[int]) -> set[int]:
+        """Put ``serials`` on the list and close the links open with them; returns
+        the serials that were not on it yet."""
+        new = set(serials) - self._serials
+        self._serials |= new
+        for serial in sorted(new):
+            for stream in list(self._links.pop(serial, ())):
+                if not stream.closed:
+                    self.links_closed += 1
+                    await trio.aclose_forcefully(stream)
+        return new
+
+
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
     """The other end of a link, from its verified certificate.
@@ -793,6 +850,8 @@ class TlsServer:
             if admitted is None:
                 return
             handler, peer = admitted
+            if not _tracked(self._revoked, peer, stream):
+                return  # revoked while the link was being admitted
             self._served += 1
             try:
                 await handler(stream, peer)
@@ -920,10 +979,21 @@ async def open_tls_stream(
         stream = DirectTlsStream(sock, ctx, server_side=False)
         try:
             identity = await _client_handshake(stream, addr, ctx, alpn, expect, revoked)
+            peer = PeerInfo(addr, alpn, identity)
+            if not _tracked(revoked, peer, stream):
+                raise LinkRefusedError("revoked", f"{addr} was revoked while the link opened")
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-    return stream, PeerInfo(addr, alpn, identity)
+    return stream, peer
+
+
+def _tracked(revoked: Container[int], peer: PeerInfo, stream: SSLStreamT) -> bool:
+    """Track the link in ``revoked`` when it is a :class:`DenySet` (so that revoking
+    the peer closes it); ``False`` if the peer was revoked meanwhile."""
+    if isinstance(revoked, DenySet) and peer.identity is not None:
+        return revoked.track(peer.identity.serial, stream)
+    return True
 
 
 async def _client_handshake(

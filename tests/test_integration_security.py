@@ -189,6 +189,9 @@ def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
         cluster.start()
         cluster.wait_formed(FORM_TIMEOUT_S)
         n0, n2 = cluster["n0"], cluster["n2"]
+        # As a voter n2 holds Raft links with the others, open when it is removed.
+        cluster.wait_until(lambda: "n2" in n0.api("raft_status")["voters"], 60,
+                           "n2 to become a voter")
         removed = meshctl("node", "rm", "n2", "--json", socket=n0)
         assert removed.returncode == 0, removed.stderr
         result = json.loads(removed.stdout)
@@ -201,6 +204,11 @@ def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
             cluster.wait_until(
                 lambda d=d: json.loads((d.data_dir / "revoked.json").read_text())["serials"]
                 == result["serials"], 10, f"{d.name} to apply the deny list")
+        # The links already open with it (Raft, at least) were closed at once.
+        cluster.wait_until(
+            lambda: sum(metric(d.metrics(), "meshd_tls_links_closed_revoked_total")
+                        for d in (n0, cluster["n1"])) >= 1, 10,
+            "the links open with the removed node to be closed")
         # Its next push-pull attempts (reconnect) are refused at the TLS listener.
         cluster.wait_until(lambda: metric(n0.metrics(), "meshd_tls_links_refused_total") >= 1
                            or metric(cluster["n1"].metrics(),

@@ -33,6 +33,7 @@ from mesh.tls import (
     ALPN_JOIN,
     ALPN_RAFT,
     ALPN_RPC,
+    DenySet,
     Handler,
     LinkRefusedError,
     PeerInfo,
@@ -270,6 +271,54 @@ async def test_revoked_serial_refused_on_every_alpn(served: Served, env: Env) ->
     # other nodes are unaffected
     stream, _ = await open_tls_stream(served.addr, client_context(env.seed), ALPN_GOSSIP)
     await talk(stream, "seed")
+
+
+async def test_revoking_a_serial_closes_the_links_already_open_both_ways(
+    nursery: trio.Nursery, env: Env,
+) -> None:
+    server_denies, client_denies = DenySet(), DenySet()
+    ended: list[str] = []
+
+    async def hold(stream: SSLStreamT, peer: PeerInfo) -> None:
+        try:
+            await stream.send_all(b"hello")
+            while await stream.receive_some(100):
+                pass
+        finally:
+            ended.append(peer.node_id)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    addr = Addr("127.0.0.1", listeners[0].socket.getsockname()[1])
+    server = TlsServer(server_context(env.seed), {ALPN_RAFT: hold}, revoked=server_denies)
+    await nursery.start(server.serve, listeners)
+    n2_serial = env.n2.load_cert().serial_number
+    seed_serial = env.seed.load_cert().serial_number
+
+    n2_link, _ = await open_tls_stream(addr, client_context(env.n2), ALPN_RAFT)
+    seed_link, _ = await open_tls_stream(addr, client_context(env.seed), ALPN_RAFT)
+    for link in (n2_link, seed_link):
+        assert await link.receive_some(100) == b"hello"
+    await trio.testing.wait_all_tasks_blocked()
+    assert server_denies.open_links(n2_serial) == 1
+    # The server revokes n2: its link is cut at once, the other one stays.
+    assert await server_denies.revoke([n2_serial]) == {n2_serial}
+    assert await n2_link.receive_some(100) == b""  # closed by the server
+    await trio.testing.wait_all_tasks_blocked()
+    assert ended == ["n2"]
+    assert server_denies.open_links(seed_serial) == 1
+    assert server_denies.links_closed == 1
+    assert await server_denies.revoke([n2_serial]) == set()  # already revoked
+    # A dialer that revokes the server's serial closes its own end of its links.
+    dialed, _ = await open_tls_stream(addr, client_context(env.seed), ALPN_RAFT,
+                                      revoked=client_denies)
+    assert client_denies.open_links(seed_serial) == 1
+    assert await client_denies.revoke([seed_serial]) == {seed_serial}
+    assert dialed.closed
+    assert client_denies.open_links(seed_serial) == 0
+    with pytest.raises(LinkRefusedError, match="revoked"):
+        await open_tls_stream(addr, client_context(env.n2), ALPN_RAFT, revoked=client_denies)
+    await seed_link.aclose()
+    await n2_link.aclose()
 
 
 async def test_ca_signed_cert_without_meshd_role_refused(

@@ -294,6 +294,9 @@ class Node:
                     "Authenticated datagrams outside the replay window.", k.rejected_stale),
             gauge("meshd_gossip_keys", "Keys in the gossip key ring.", len(self.trust.keyring.keys)),
             gauge(t + "revoked_serials", "Serials on the deny list.", len(self.trust.revoked)),
+            counter(t + "links_closed_revoked_total",
+                    "Open links closed because the peer's certificate was revoked.",
+                    self.trust.revoked.links_closed),
         ]
         if self.tls_server is not None:
             s = self.tls_server.statistics()

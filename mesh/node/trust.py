@@ -36,7 +36,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,16 +104,17 @@ def _read_json(path: Path) -> Any:
         raise StartupError(f"{path} is damaged ({exc}): restore it or remove it") from None
 
 
-class RevocationList:
+class RevocationList(tls.DenySet):
     """The deny list of certificate serials, persisted in ``DIR/revoked.json``.
 
-    A live ``Container[int]``: the TLS server and dialers hold a reference and see
-    additions at once.
+    A live :class:`~mesh.tls.DenySet`: the TLS server and dialers hold a reference,
+    see additions at once and track the links they open, so that a revocation also
+    closes the links already open with the revoked certificates.
     """
 
     def __init__(self, path: Path, serials: Iterable[int] = ()) -> None:
+        super().__init__(serials)
         self._path = path
-        self._serials = set(serials)
 
     @classmethod
     def load(cls, data_dir: Path) -> RevocationList:
@@ -122,21 +123,12 @@ class RevocationList:
         raw = _read_json(path) or {"serials": []}
         return cls(path, (int(s, 16) for s in raw["serials"]))
 
-    def __contains__(self, serial: object) -> bool:
-        return serial in self._serials
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self._serials))
-
-    def __len__(self) -> int:
-        return len(self._serials)
-
     async def add(self, serials: Iterable[int]) -> int:
-        """Revoke ``serials`` and persist; returns how many were new."""
-        new = set(serials) - self._serials
+        """Revoke ``serials`` (closing their open links) and persist; returns how
+        many were new."""
+        new = await self.revoke(serials)
         if new:
-            self._serials |= new
-            data = {"serials": [f"{s:x}" for s in sorted(self._serials)]}
+            data = {"serials": [f"{s:x}" for s in self]}
             await trio.to_thread.run_sync(_write_json, self._path, data)
         return len(new)
 
