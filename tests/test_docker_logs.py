@@ -202,7 +202,10 @@ async def test_a_replaced_container_keeps_its_output(docker_client: docker.Docke
     second = _run(docker_node, "a1", "echo second run")
     await driver.start(second)  # replaces the exited container of the same alloc
     await _exited(driver, run.alloc)
-    assert await _logs(driver, run.alloc) == b"second run\n"  # the live container's
+    # The earlier container's output first, as one log file would give it...
+    assert await _logs(driver, run.alloc) == b"first run\nsecond run\n"
+    assert await _logs(driver, run.alloc, tail=1) == b"second run\n"
+    assert await _logs(driver, run.alloc, follow=True) == b"first run\nsecond run\n"
     await driver.remove(run.alloc)
     assert await _logs(driver, run.alloc) == b"first run\nsecond run\n"
 

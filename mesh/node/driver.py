@@ -2014,8 +2014,10 @@ class DockerDriver:
 
     async def logs(self, alloc: AllocId, *, tail: int = 100,
                    follow: bool = False) -> AsyncGenerator[bytes, None]:
-        """``docker logs`` of the container (stdout and stderr interleaved); without a
-        container, the output kept when its containers were removed (``follow`` then
+        """The output kept when earlier containers of ``alloc`` were removed, then
+        ``docker logs`` of its container (stdout and stderr interleaved): the last
+        ``tail`` lines of both together, as the process driver's one log file
+        gives them. Without a container, the kept output alone (``follow`` then
         ends after it).
 
         Raises:
@@ -2023,24 +2025,32 @@ class DockerDriver:
         """
         assert tail >= 0
 
-        def open_logs() -> Any:
+        def open_logs() -> tuple[Any, int] | None:
             container = self._get(alloc)
             if container is None:
                 return None
-            return container.logs(tail=tail, stream=follow, follow=follow)
+            recent = container.logs(tail=tail)
+            lines = recent.count(b"\n")
+            if follow:  # the same tail again, then what comes
+                return container.logs(tail=tail, stream=True, follow=True), lines
+            return recent, lines
 
         try:
-            logs = await self._call(open_logs)
+            opened = await self._call(open_logs)
         except docker.errors.DockerException as exc:
             raise self._api_error(f"cannot read the logs of allocation {alloc}", exc) from None
-        if logs is None:
-            kept = await trio.to_thread.run_sync(self._read_kept, alloc, tail)
-            if kept is None:
+        if opened is None or opened[1] < tail:
+            # Earlier containers' output first (whatever of the tail this one's lacks).
+            earlier = tail - (opened[1] if opened is not None else 0)
+            kept = await trio.to_thread.run_sync(self._read_kept, alloc, earlier)
+            if opened is None and kept is None:
                 raise DriverError(f"no logs of allocation {alloc} on node {self._node}; it "
                                   "never ran here or its logs were pruned")
             if kept:
                 yield kept
+        if opened is None:
             return
+        logs = opened[0]
         if not follow:
             if logs:
                 yield logs
