@@ -7,6 +7,7 @@ test runs random schedules against a small model of a driver.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,16 @@ def test_a_started_workload_is_reported_running_with_its_ports() -> None:
     b.now += 5
     assert b.step([(a, s)], actual=[running(a, ports={"http": 20000})]) == []
     assert b.reports() == {}
+
+
+def test_a_running_workload_reports_what_its_driver_says_of_it() -> None:
+    b, a, s = Bench(), alloc(), spec()
+    warned = dataclasses.replace(running(a), message="running without its cpu 200m limit")
+    assert b.step([(a, s)]) == [Start(a, s)]
+    b.rec.started(a.id, warned, b.now, WALL0 + b.now)
+    assert b.step([(a, s)], actual=[warned]) == []
+    r = b.report(a.id)
+    assert (r.state, r.message) == ("running", "running without its cpu 200m limit")
 
 
 def test_the_driver_showing_it_running_before_started_returns_takes_it_over() -> None:

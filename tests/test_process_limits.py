@@ -544,7 +544,8 @@ async def test_an_adopted_workload_keeps_its_cgroups_and_removal_cleans_them(
 @needs_cgroups
 async def test_an_unlimited_workload_gets_no_cgroup(limited: ProcessDriver,
                                                     cgroup_node: NodeId) -> None:
-    await limited.start(spec("a1", "sleep", "60"))
+    w = await limited.start(spec("a1", "sleep", "60"))
+    assert w.message == ""
     assert limited.cgroups(AllocId("a1")) == {}
     assert not _has_parents(cgroup_node)
     await limited.stop(AllocId("a1"), 5.0)
@@ -644,6 +645,10 @@ async def test_without_usable_cgroups_the_workload_starts_unlimited(
     w = await d.start(limits(spec("a1", "sleep", "60"), cpu_millis=200, memory_bytes=64 * MiB))
     assert w.state == "running"
     assert d.cgroups(AllocId("a1")) == {}
+    # meshctl ps says so while it runs (the reconciler reports a running workload's
+    # message).
+    assert w.message == ("running without its memory 64 MiB and cpu 200m limit (no usable "
+                         "cgroup: see process_limits_not_enforced in the meshd log)")
     # rw: the directories were made, a knob was missing, and they were removed again.
     assert list(mount.iterdir()) == []
     await d.stop(AllocId("a1"), 5.0)

@@ -146,6 +146,7 @@ import urllib3.exceptions
 from mesh.errors import DriverError
 from mesh.node.cgroups import (
     CONTROLLERS,
+    CPU,
     MEMORY,
     OOM_COUNTER_FILE,
     AllocCgroup,
@@ -605,6 +606,19 @@ class _ProcessRecord:
             state="exited" if self.finished else "running", exit_code=self.exit_code,
             ports=dict(self.ports), started_at=self.started_at,
             finished_at=self.finished_at, ref=str(self.pid), message=self.message)
+
+
+def _unenforced_message(run: RunSpec, enforced: Collection[str]) -> str:
+    """What a running workload says when a limit of ``run`` has no cgroup
+    (``meshctl ps`` shows it; ``""`` when every limit holds)."""
+    missing = [f"{controller} {limit}" for controller, limit, wanted in (
+        (MEMORY, format_bytes(run.memory_limit_bytes), run.memory_limit_bytes),
+        (CPU, f"{run.cpu_limit_millis}m", run.cpu_limit_millis))
+        if wanted and controller not in enforced]
+    if not missing:
+        return ""
+    return (f"running without its {' and '.join(missing)} limit (no usable cgroup: see "
+            "process_limits_not_enforced in the meshd log)")
 
 
 def _spawn_session(path: str, argv: Sequence[str], env: Mapping[str, str],
@@ -1416,6 +1430,7 @@ class ProcessDriver:
         rec = _ProcessRecord(
             alloc=run.alloc, service=run.service, version=run.version, pid=pid,
             start_ticks=stat[1], ports=ports, env=env, started_at=self._wall_clock(),
+            message=_unenforced_message(run, {c.controller for c in cgroups}),
             cgroups=cgroups, oom_kills_before=oom_before, own=True,
             memory_limit_bytes=run.memory_limit_bytes if any(
                 c.controller == MEMORY for c in cgroups) else 0)

@@ -267,7 +267,7 @@ class Reconciler:
                 local.started_at = now
                 local.ports = tuple(sorted(w.ports.items()))
                 local.health = HealthTracker(spec.health, now) if spec.health else None
-                local.message = ""
+                local.message = w.message  # e.g. a limit the driver could not enforce
                 local.since = w.started_at if w.started_at > 0 else wall  # adopted: kept
             if local.phase == "stopping" and not local.stop_pending:
                 # a liveness stop: sent again until the workload is gone
