@@ -120,11 +120,13 @@ def test_watcher_survives_its_voter_and_a_watcher_becomes_a_voter(five: Cluster)
         assert five.wait_until(functools.partial(has, d, "from", "new-voter"), 10,
                                f"the write on {d.name}")
     # The removed voter comes back believing it still votes (nobody tells a removed
-    # node): it watches a voter and reads linearizably through it.
+    # node): it watches a voter and reads linearizably through it, and its status
+    # says what the group says of it.
     removed = five[source]
     removed.start()
     five.wait_until(lambda: status(removed)["feed"] == "watch"
-                    and status(removed)["watch"]["source"] is not None, 30,
+                    and status(removed)["watch"]["source"] is not None
+                    and status(removed)["membership"] == "watcher", 30,
                     "the removed voter to watch a voter")
     assert meshctl(five[lead["id"]], "kv", "put", "back", "again").returncode == 0
     got = meshctl(removed, "kv", "get", "back")   # linearizable: no --stale

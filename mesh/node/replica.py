@@ -407,6 +407,11 @@ class Replica:
         client = self.watch_client
         view = client.view
         st["membership"] = self.membership()
+        if not feeds and view is not None and self.raft.me not in (*view.voters,
+                                                                     *view.learners):
+            # Removed while away (nobody tells a removed voter): its own log still
+            # names it, the group's view does not.
+            st["membership"] = "watcher"
         st["feed"] = "raft" if feeds else "watch"
         st["raft_applied_index"] = st["applied_index"]
         st["applied_index"] = self.gate.readers_index
