@@ -192,7 +192,13 @@ def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
         # As a voter n2 holds Raft links with the others, open when it is removed.
         cluster.wait_until(lambda: "n2" in n0.api("raft_status")["voters"], 60,
                            "n2 to become a voter")
-        removed = meshctl("node", "rm", "n2", "--json", socket=n0)
+        # n1 holds no CA key: the serials issued to n2 come from the replicated state
+        # (n0, which issued them, commits them there).
+        n1 = cluster["n1"]
+        removed = cluster.wait_until(
+            lambda: (r := meshctl("node", "rm", "n2", "--json", socket=n1)).returncode == 0
+            and r or ("is recorded" not in r.stderr and r), 20,
+            "n0's certificates to reach the replicated state")
         assert removed.returncode == 0, removed.stderr
         result = json.loads(removed.stdout)
         assert result["serials"]

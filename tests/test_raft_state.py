@@ -16,12 +16,14 @@ from mesh.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, EntryKind
 from mesh.raft.state import (
     DEDUP_ENTRIES,
+    CertIssued,
     ClusterConfig,
     Command,
     CommandKind,
     ConfigSet,
     DenyAdd,
     DenyRemove,
+    IssuedCert,
     KvDelete,
     KvPut,
     MeshState,
@@ -345,6 +347,31 @@ def test_cluster_config_is_set_with_cas_and_travels_in_snapshots() -> None:
     assert older.cluster_config() == ClusterConfig()
 
 
+def test_issued_certificates_are_recorded_once_and_travel_in_snapshots() -> None:
+    r = Replica()
+    n2 = NodeId("n2")
+    first = r.apply(CertIssued("ab12", n2))
+    assert (first.ok, first.mod_index) == (True, 1)
+    again = r.apply(CertIssued("ab12", n2))  # a retry, or another issuer's echo
+    assert (again.ok, again.mod_index) == (True, 1)
+    r.apply(CertIssued("cd34", n2))
+    r.apply(CertIssued("ef56", NodeId("n3")))
+    assert r.sm.issued_to(n2) == [IssuedCert("ab12", n2, 1), IssuedCert("cd34", n2, 3)]
+    assert [(c.table, c.key) for c in r.sm.changes_since(0)] == [
+        (Table.CERT, "ab12"), (Table.CERT, "cd34"), (Table.CERT, "ef56")]
+    r.apply(ConfigSet(raft_voters=3))
+    copy = MeshState()
+    copy.restore(r.sm.snapshot(), r.sm.applied_index)
+    assert copy.issued_to(n2) == r.sm.issued_to(n2)
+    assert copy.cluster_config() == r.sm.cluster_config()
+    assert copy.snapshot() == r.sm.snapshot()
+    assert [(t, k) for t, k, _ in iter_records(copy)] == [
+        (Table.CONFIG, "cluster"), (Table.CERT, "ab12"), (Table.CERT, "cd34"),
+        (Table.CERT, "ef56")]
+    with pytest.raises(LocalProtocolError, match="serial"):
+        CertIssued("AB12", n2)  # upper case: not how serials are written
+
+
 @pytest.mark.parametrize("voters", [0, 2, 17, True, "3", -1])
 def test_a_config_with_a_bad_voter_count_is_refused(voters: object) -> None:
     with pytest.raises(LocalProtocolError, match="raft_voters"):
@@ -402,6 +429,7 @@ COMMANDS = st.one_of(
     st.builds(DenyAdd, st.sampled_from(["01", "ab"]), NODES, st.just("r"), RIDS),
     st.builds(DenyRemove, st.sampled_from(["01", "ab"]), RIDS),
     st.builds(ConfigSet, st.sampled_from([None, 1, 3, 5]), CAS, RIDS),
+    st.builds(CertIssued, st.sampled_from(["01", "ab"]), NODES, RIDS),
 )
 
 

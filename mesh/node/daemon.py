@@ -68,7 +68,7 @@ from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
 from mesh.node.services import CatalogFeed, ServiceApi
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import Table
+from mesh.raft.state import CertIssued, Table
 from mesh.security.pki import WallClock
 from mesh.security.token import JoinToken
 from mesh.types import Addr, AllocId, NodeId
@@ -217,7 +217,8 @@ class Node:
         """The API methods this node serves (locally and over ``mesh-rpc/1``)."""
         assert self.replica is not None, "open the replica before serving the API"
         return {"members": self.api_members, "info": self.api_info,
-                **trust.SecurityApi(self.trust, self.core, self.replica.deny).handlers(),
+                **trust.SecurityApi(self.trust, self.core, self.replica.deny,
+                                    self.replica.issued_serials).handlers(),
                 **self.replica.handlers(),
                 **(self.services.handlers() if self.services is not None else {}),
                 **({"events": self.events.api_events} if self.events is not None else {})}
@@ -474,6 +475,30 @@ async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
         await trio.sleep(REJOIN_INTERVAL_S)
 
 
+ISSUED_RETRY_S = 5.0
+"""Pause before committing issued certificates again after a failed write."""
+
+
+async def _replicate_issued(registry: trust.IssuedRegistry, replica: Replica) -> None:
+    """Commit the certificates this CA-holding node issued to the replicated state
+    (``CertIssued``, idempotent): each new one, and at start those issued before
+    (recorded only in ``DIR/issued.json`` by older versions), so that ``meshctl
+    node rm`` finds them on any node."""
+    while True:
+        changed = registry.changed
+        known = {c.serial for c in replica.state.issued_certs()}
+        try:
+            for name, serial in registry.items():
+                if f"{serial:x}" not in known:
+                    await replica.write_command(CertIssued(f"{serial:x}", NodeId(name)))
+        except api.ApiError as exc:
+            LOGGER.info("certificates_not_recorded node=%s retry_in=%gs reason=%s",
+                        replica.raft.me, ISSUED_RETRY_S, exc)
+            await trio.sleep(ISSUED_RETRY_S)
+            continue
+        await changed.wait()
+
+
 def _link_handlers(node: Node) -> dict[str, tls.Handler]:
     """What each ALPN on the gossip port leads to."""
     adapter, credentials = node.adapter, node.trust
@@ -602,6 +627,8 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await _join(node, config, nursery)
                 nursery.start_soon(trust.renew_forever, credentials, core, config, wall_clock,
                                    random.Random(rng.getrandbits(64)))
+                if credentials.issued is not None:
+                    nursery.start_soon(_replicate_issued, credentials.issued, node.replica)
                 task_status.started(node)
                 await _wait_for_signal(node)
                 nursery.cancel_scope.cancel()

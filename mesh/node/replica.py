@@ -580,6 +580,10 @@ class Replica:
             if state.last_change(Table.DENY) <= seen:
                 await self.wait_changed((Table.DENY,))
 
+    def issued_serials(self, node: NodeId) -> list[str]:
+        """The serials (hex) the replicated state records as issued to ``node``."""
+        return [c.serial for c in self.state.issued_to(node)]
+
     async def deny(self, serials: list[str], node: NodeId, reason: str) -> list[int]:
         """Commit serials to the replicated deny list; returns their log indexes."""
         indexes = []

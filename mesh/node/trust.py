@@ -134,11 +134,15 @@ class RevocationList(tls.DenySet):
 
 
 class IssuedRegistry:
-    """Which serials a CA-holding node issued to which node (``DIR/issued.json``)."""
+    """Which serials a CA-holding node issued to which node (``DIR/issued.json``);
+    the node also commits them to the replicated state (``CertIssued``), so that
+    ``meshctl node rm`` works from any node."""
 
     def __init__(self, path: Path, by_name: dict[str, list[int]]) -> None:
         self._path = path
         self._by_name = by_name
+        self.changed = trio.Event()
+        """Set when a serial was recorded (replaced by a fresh event after each)."""
 
     @classmethod
     def load(cls, data_dir: Path) -> IssuedRegistry:
@@ -151,11 +155,17 @@ class IssuedRegistry:
         """Every serial issued to ``name``."""
         return list(self._by_name.get(name, []))
 
+    def items(self) -> list[tuple[str, int]]:
+        """Every (name, serial) issued, by name."""
+        return [(n, s) for n, ss in sorted(self._by_name.items()) for s in ss]
+
     async def record(self, name: str, serial: int) -> None:
         """Remember one issued serial and persist."""
         self._by_name.setdefault(name, []).append(serial)
         data = {n: [f"{s:x}" for s in ss] for n, ss in sorted(self._by_name.items())}
         await trio.to_thread.run_sync(_write_json, self._path, data)
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 @dataclass(slots=True)
@@ -466,6 +476,8 @@ async def fan_out(trust: Trust, core: Membership, method: str, params: dict[str,
 
 
 Deny = Callable[[list[str], NodeId, str], Awaitable[list[int]]]
+Issued = Callable[[NodeId], list[str]]
+"""The serials (hex) the replicated state records as issued to a node."""
 """Commits serials (hex) of a node to the replicated deny list; returns log indexes."""
 
 
@@ -476,13 +488,16 @@ class SecurityApi:
     member, which applies ``keys_local``; the answer lists the outcome per node, so a
     person sees exactly which node missed a change. ``node_rm`` commits the node's
     serials to the replicated deny list (every node applies it, also one that was
-    down) and then rotates the gossip key without the node.
+    down) and then rotates the gossip key without the node; it works on any node
+    (the serials come from the replicated state, and from this node's own registry
+    when it issued some).
     """
 
-    def __init__(self, trust: Trust, core: Membership, deny: Deny) -> None:
+    def __init__(self, trust: Trust, core: Membership, deny: Deny, issued: Issued) -> None:
         self._trust = trust
         self._core = core
         self._deny = deny
+        self._issued = issued
 
     def handlers(self) -> dict[str, api.Handler]:
         """The methods, by name."""
@@ -609,13 +624,11 @@ class SecurityApi:
             raise api.ApiError("name the node to remove")
         if name == self._core.me:
             raise api.ApiError("a node cannot remove itself; run `meshctl node rm` on another")
-        self._join_server()
-        assert self._trust.issued is not None
-        serials = self._trust.issued.serials_of(name)
-        if not serials:
-            raise api.ApiError(f"no certificate was issued to {name!r} by this node; check "
-                               "the name with `meshctl members`")
-        hex_serials = [f"{s:x}" for s in serials]
+        local = self._trust.issued.serials_of(name) if self._trust.issued is not None else []
+        hex_serials = sorted({*self._issued(NodeId(name)), *(f"{s:x}" for s in local)})
+        if not hex_serials:
+            raise api.ApiError(f"no certificate issued to {name!r} is recorded; check the "
+                               "name with `meshctl members`")
         try:
             indexes = await self._deny(hex_serials, NodeId(name), "removed with meshctl node rm")
         except api.ApiError as exc:

@@ -49,10 +49,13 @@ Implemented now: the key-value store (put with optional compare-and-swap on
 the key's ``mod_index``, delete), node overrides (drain, labels), the deny
 list of certificate serials, services (a spec blob with versions),
 allocations (the committed placement plan plus the status each node reports
-for its own allocations) and the cluster configuration (:class:`ClusterConfig`:
-the voter count, set with an optional compare-and-swap; a snapshot carries it
-as a tenth field once it was ever set, so images of clusters that never set it
-stay readable by older versions). CA material (72-79) is not in the state yet.
+for its own allocations), the cluster configuration (:class:`ClusterConfig`:
+the voter count, set with an optional compare-and-swap) and, of the CA material
+(72-79), the registry of the certificates the CA issued (:class:`CertIssued`:
+what ``meshctl node rm`` revokes); the CA key itself is not in the state yet.
+A snapshot carries these two in a tenth field, a map of later sections, only
+once one is not empty, so images of clusters that use neither stay readable by
+older versions.
 
 Services and allocations
 ------------------------
@@ -184,6 +187,7 @@ class CommandKind(enum.IntEnum):
     ALLOC_PLAN = 48
     ALLOC_REPORT = 49
     CONFIG_SET = 64
+    CERT_ISSUED = 72
     BATCH = 96
 
 
@@ -206,6 +210,7 @@ class Table(enum.Enum):
     SERVICE = "service"
     ALLOC = "alloc"
     CONFIG = "config"
+    CERT = "cert"
 
 
 # --------------------------------------------------------------------------- records
@@ -388,11 +393,26 @@ class ClusterConfig:
         return {"raft_voters": self.raft_voters, "mod_index": self.mod_index}
 
 
+@dataclass(frozen=True, slots=True)
+class IssuedCert:
+    """A node certificate the cluster CA issued (what ``meshctl node rm`` revokes)."""
+
+    serial: str
+    """Lower-case hexadecimal certificate serial."""
+    node: NodeId
+    """The node it was issued to."""
+    mod_index: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-ready form."""
+        return {"serial": self.serial, "node": self.node, "mod_index": self.mod_index}
+
+
 CONFIG_KEY: Final = "cluster"
 """The key of the cluster configuration's changes (there is one record)."""
 
 Record: TypeAlias = (KvEntry | NodeOverride | DenyEntry | ServiceRecord | AllocRecord
-                     | ClusterConfig)
+                     | ClusterConfig | IssuedCert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,6 +616,24 @@ class DenyAdd(_Command):
         _serial(self.serial)
         _node(self.node)
         _str(self.reason, "reason", MAX_REASON_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class CertIssued(_Command):
+    """Record a certificate the CA issued to ``node`` (idempotent: a serial is
+    recorded once)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.CERT_ISSUED
+    serial: str
+    node: NodeId
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.serial, self.node]
+
+    def _validate(self) -> None:
+        _serial(self.serial)
+        _node(self.node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -831,7 +869,7 @@ class Batch(_Command):
 
 Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
                       | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport
-                      | ConfigSet | Batch)
+                      | ConfigSet | CertIssued | Batch)
 
 Applied: TypeAlias = Result | tuple[Result, ...] | None
 """What :meth:`MeshState.apply` returns for one entry: a command's result, one
@@ -939,6 +977,9 @@ def _parse_command(raw: Any, *, batch_ok: bool) -> Command:
         elif ck is CommandKind.CONFIG_SET:
             voters, cas = _array(fields, 2, "config_set")
             cmd = ConfigSet(_voters(voters), _cas(cas), rid)
+        elif ck is CommandKind.CERT_ISSUED:
+            serial, node = _array(fields, 2, "cert_issued")
+            cmd = CertIssued(_serial(serial), _node(node), rid)
         elif ck is CommandKind.SERVICE_PUT:
             name, spec, restart, cas = _array(fields, 4, "service_put")
             cmd = ServicePut(_service(name), _bytes(spec, "spec", MAX_SPEC_BYTES),
@@ -1017,6 +1058,7 @@ class MeshState:
         self._alloc_seq = 0
         """The last allocation number handed out (ids are never reused)."""
         self._config = ClusterConfig()
+        self._issued: dict[str, IssuedCert] = {}
         self._dedup: OrderedDict[bytes, Result] = OrderedDict()
         self._events: deque[Change] = deque()
         self._events_floor = 0
@@ -1085,6 +1127,14 @@ class MeshState:
     def cluster_config(self) -> ClusterConfig:
         """The cluster-wide settings (:class:`ClusterConfig`)."""
         return self._config
+
+    def issued_certs(self) -> list[IssuedCert]:
+        """Every certificate recorded as issued, by serial."""
+        return [self._issued[s] for s in sorted(self._issued)]
+
+    def issued_to(self, node: NodeId) -> list[IssuedCert]:
+        """The certificates recorded as issued to ``node``, by serial."""
+        return [c for c in self.issued_certs() if c.node == node]
 
     def service(self, name: ServiceId) -> ServiceRecord | None:
         """The service called ``name``, if any."""
@@ -1308,6 +1358,13 @@ class MeshState:
             return Result(ResultCode.OK, index, index)
         if isinstance(cmd, ConfigSet):
             return self._config_set(cmd, index)
+        if isinstance(cmd, CertIssued):
+            known = self._issued.get(cmd.serial)
+            if known is not None:
+                return Result(ResultCode.OK, index, known.mod_index)
+            cert = self._issued[cmd.serial] = IssuedCert(cmd.serial, cmd.node, index)
+            self._record(Change(index, Table.CERT, cmd.serial, cert))
+            return Result(ResultCode.OK, index, index)
         if isinstance(cmd, AllocPlan):
             for op in cmd.ops:
                 self._plan_op(op, index)
@@ -1411,11 +1468,21 @@ class MeshState:
                   dict(a.ports), a.message, a.restarts, a.since, a.create_index, a.mod_index]
                  for a in sorted(self._allocs.values(), key=lambda a: a.id)],
                 self._alloc_seq,
-                # Only once set: an image without it stays readable by older versions.
-                *([[self._config.raft_voters, self._config.mod_index]]
-                  if self._config.mod_index else []),
+                # Later sections, only when not empty: an image without them stays
+                # readable by older versions.
+                *([self._later_sections()] if self._config.mod_index or self._issued
+                  else []),
             ]
         )
+
+    def _later_sections(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self._config.mod_index:
+            out["config"] = [self._config.raft_voters, self._config.mod_index]
+        if self._issued:
+            out["issued"] = [[c.serial, c.node, c.mod_index]
+                             for c in sorted(self._issued.values(), key=lambda c: c.serial)]
+        return out
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state with a snapshot image taken at ``index``.
@@ -1444,6 +1511,7 @@ class MeshState:
         self._allocs = fresh._allocs
         self._alloc_seq = fresh._alloc_seq
         self._config = fresh._config
+        self._issued = fresh._issued
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
@@ -1452,9 +1520,12 @@ class MeshState:
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
         raw = wire.unpack_body(data, max(len(data), 1))
-        config = None
+        later: Any = {}
         if isinstance(raw, list) and len(raw) == 10:
-            *raw, config = raw
+            *raw, later = raw
+            if not isinstance(later, dict) or not set(later) <= {"config", "issued"}:
+                raise _Invalid("the snapshot's later sections must be a map of config and "
+                               "issued")
         fmt, applied, kv, nodes, deny, dedup, services, allocs, seq = _array(raw, 9, "snapshot")
         if fmt != SNAPSHOT_FORMAT:
             raise _Invalid(f"snapshot format {fmt!r:.20} is not {SNAPSHOT_FORMAT}")
@@ -1513,9 +1584,13 @@ class MeshState:
                 report.health, report.ports, report.message, report.restarts, report.since,
                 _uint(create, "create"), _uint(mod, "mod"))
         st._alloc_seq = _uint(seq, "alloc_seq")
-        if config is not None:
-            voters, mod = _array(config, 2, "cluster config")
+        if "config" in later:
+            voters, mod = _array(later["config"], 2, "cluster config")
             st._config = ClusterConfig(_voters(voters), _uint(mod, "mod"))
+        for item in _list(later.get("issued", []), "issued"):
+            serial, node, mod = _array(item, 3, "issued certificate")
+            s = _serial(serial)
+            st._issued[s] = IssuedCert(s, _node(node), _uint(mod, "mod"))
         return st
 
     def digest(self) -> str:
@@ -1727,6 +1802,10 @@ def iter_records(state: MeshState) -> Iterable[tuple[Table, str, Record]]:
         yield Table.SERVICE, v.name, v
     for a in state.allocs():
         yield Table.ALLOC, a.id, a
+    if state.cluster_config().mod_index:
+        yield Table.CONFIG, CONFIG_KEY, state.cluster_config()
+    for c in state.issued_certs():
+        yield Table.CERT, c.serial, c
 
 
 __all__: Sequence[str] = (
@@ -1735,11 +1814,15 @@ __all__: Sequence[str] = (
     "AllocPlan",
     "AllocRecord",
     "AllocReport",
+    "CertIssued",
+    "ClusterConfig",
     "Command",
     "CommandKind",
+    "ConfigSet",
     "DenyAdd",
     "DenyEntry",
     "DenyRemove",
+    "IssuedCert",
     "KvDelete",
     "KvEntry",
     "KvPut",
