@@ -64,6 +64,7 @@ injected ``rng`` (only used to shuffle).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import struct
@@ -464,9 +465,15 @@ def _serial(catalog: Catalog) -> bytes:
 def _ip_record(owner: DNSLabel, ip: str, ttl: int) -> RR:
     # Catalogue addresses are canonical IP literals: a colon means IPv6.
     if ":" in ip:
-        return RR(owner, TYPE_AAAA, CLASS_IN, ttl,
-                  AAAA(tuple(ipaddress.IPv6Address(ip).packed)))
-    return RR(owner, TYPE_A, CLASS_IN, ttl, A(tuple(ipaddress.IPv4Address(ip).packed)))
+        return RR(owner, TYPE_AAAA, CLASS_IN, ttl, AAAA(_packed(ip)))
+    return RR(owner, TYPE_A, CLASS_IN, ttl, A(_packed(ip)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed(ip: str) -> tuple[int, ...]:
+    """The bytes of a canonical address literal (memoised: a node's endpoints share
+    its address)."""
+    return tuple(ipaddress.ip_address(ip).packed)
 
 
 def _family(ip: str) -> int:
