@@ -15,8 +15,14 @@ from mesh import wire
 from mesh.errors import ConfigError, MeshError, StartupError
 from mesh.node import api
 from mesh.node.cli import format_age, format_table, members_table
-from mesh.node.config import parse_label
-from mesh.node.daemon import build_parser, config_from_args, parse_size, prepare_data_dir
+from mesh.node.config import choose_advertise, default_route_interfaces, parse_label
+from mesh.node.daemon import (
+    build_parser,
+    config_from_args,
+    detect_advertise_host,
+    parse_size,
+    prepare_data_dir,
+)
 from mesh.node.messages import MAX_API_FRAME_BYTES, Request, Response
 from mesh.node.metrics import Metric, counter, render
 from mesh.streams import read_frame
@@ -329,7 +335,44 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="out of range"):
         config_from_args(_args(tmp_path, "--bind", "127.0.0.1:99999"))
     with pytest.raises(ConfigError, match="wildcard"):
-        config_from_args(_args(tmp_path, "--bind", "0.0.0.0:7946", "--name", "x"))
+        config_from_args(_args(tmp_path, "--bind", "127.0.0.1", "--advertise", "0.0.0.0",
+                               "--name", "x"))
+
+
+ROUTES = """\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
+eth0\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+down0\t00000000\t010200C0\t0002\t0\t0\t0\t00000000\t0\t0\t0
+garbage
+"""
+
+
+def test_the_default_route_names_the_interface_to_advertise() -> None:
+    assert default_route_interfaces(ROUTES) == ["eth0", "wlan0"]  # lowest metric first
+    addresses = {"lo": "127.0.0.1", "eth0": "192.0.2.7", "wlan0": "192.168.1.9"}
+    assert choose_advertise(["eth0", "wlan0"], addresses) == "192.0.2.7"
+    assert choose_advertise(["tun9", "wlan0"], addresses) == "192.168.1.9"
+    # No default route: the only address that is not loopback, else refuse.
+    assert choose_advertise([], {"lo": "127.0.0.1", "eth1": "10.0.0.4"}) == "10.0.0.4"
+    with pytest.raises(ConfigError, match="among 10.0.0.4, 10.0.0.5 .*--advertise"):
+        choose_advertise([], {"eth1": "10.0.0.4", "eth2": "10.0.0.5"})
+    with pytest.raises(ConfigError, match="no address to advertise.*--advertise"):
+        choose_advertise([], {"lo": "127.0.0.1"})
+
+
+def test_a_wildcard_bind_advertises_a_detected_address(tmp_path: Path) -> None:
+    # meshd start --join peer:7946 on a host: nothing else to give.
+    try:
+        expected = detect_advertise_host()
+    except ConfigError:  # e.g. a container with several addresses and no route
+        with pytest.raises(ConfigError, match="--advertise"):
+            config_from_args(_args(tmp_path, "--name", "x"))
+        return
+    cfg = config_from_args(_args(tmp_path, "--name", "x"))
+    assert cfg.bind == Addr("0.0.0.0", 7946)
+    assert cfg.advertise == Addr(expected, 7946)
 
 
 def test_data_dir_keeps_its_node_name(tmp_path: Path) -> None:

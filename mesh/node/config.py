@@ -105,3 +105,49 @@ def parse_label(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise ConfigError(f"label {text!r} is not KEY=VALUE (e.g. --label zone=a)")
     return key, value.strip()
+
+
+def default_route_interfaces(route_table: str) -> list[str]:
+    """The interfaces of the IPv4 default routes in ``/proc/net/route`` text, lowest
+    metric first (a malformed line is skipped)."""
+    found: list[tuple[int, str]] = []
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        iface, destination, flags, metric, mask = (fields[0], fields[1], fields[3],
+                                                   fields[6], fields[7])
+        try:
+            up = int(flags, 16) & 0x1
+            default = int(destination, 16) == 0 and int(mask, 16) == 0
+            order = int(metric)
+        except ValueError:
+            continue
+        if up and default:
+            found.append((order, iface))
+    return [iface for _, iface in sorted(found)]
+
+
+def choose_advertise(default_ifaces: list[str], addresses: dict[str, str]) -> str:
+    """The address to advertise when ``--bind`` is a wildcard and ``--advertise`` is
+    not given, as Swarm and Nomad pick it: the IPv4 address of the interface of the
+    default route; without a default route, the only non-loopback address there is.
+
+    Args:
+        default_ifaces: from :func:`default_route_interfaces`.
+        addresses: interface -> its IPv4 address (interfaces without one left out).
+
+    Raises:
+        ConfigError: no address, or several and no default route to choose by.
+    """
+    for iface in default_ifaces:
+        if iface in addresses:
+            return addresses[iface]
+    candidates = sorted({ip for iface, ip in addresses.items() if not ip.startswith("127.")})
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ConfigError("no address to advertise: this host has no IPv4 address but "
+                          "loopback; pass --advertise IP:PORT")
+    raise ConfigError(f"cannot choose an address to advertise among {', '.join(candidates)} "
+                      "(no default route): pass --advertise IP:PORT")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -27,11 +28,12 @@ import os
 import random
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -58,6 +60,8 @@ from mesh.node.config import (
     GOSSIP_PROFILES,
     RESERVED_LABEL_PREFIX,
     NodeConfig,
+    choose_advertise,
+    default_route_interfaces,
     parse_label,
 )
 from mesh.node.driver import Driver, open_driver
@@ -499,6 +503,35 @@ async def _replicate_issued(registry: trust.IssuedRegistry, replica: Replica) ->
         await changed.wait()
 
 
+def detect_advertise_host() -> str:
+    """The IPv4 address to advertise for a wildcard ``--bind`` (see
+    :func:`mesh.node.config.choose_advertise`): reads ``/proc/net/route`` and each
+    interface's address (``SIOCGIFADDR``).
+
+    Raises:
+        ConfigError: no single address to choose (the message says to pass
+            ``--advertise``).
+    """
+    try:
+        routes = Path("/proc/net/route").read_text()
+    except OSError:
+        routes = ""
+    addresses: dict[str, str] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, iface in socket.if_nameindex():
+            request = struct.pack("256s", iface.encode()[:15])
+            try:
+                answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue  # no IPv4 address (or gone meanwhile)
+            addresses[iface] = socket.inet_ntoa(answer[20:24])
+    return choose_advertise(default_route_interfaces(routes), addresses)
+
+
+_SIOCGIFADDR: Final = 0x8915
+"""Linux ioctl: an interface's IPv4 address (``struct ifreq``, address at 20-24)."""
+
+
 def _link_handlers(node: Node) -> dict[str, tls.Handler]:
     """What each ALPN on the gossip port leads to."""
     adapter, credentials = node.adapter, node.trust
@@ -706,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--bind", default=f"0.0.0.0:{DEFAULT_PORT}",
                        help=f"IP[:PORT] for gossip UDP+TCP (default 0.0.0.0:{DEFAULT_PORT})")
     start.add_argument("--advertise", help="IP:PORT other nodes reach this one at "
-                       "(default: the --bind address)")
+                       "(default: the --bind address; for a wildcard --bind, the address "
+                       "of the default route's interface)")
     start.add_argument("--name", help="unique node name (default: the name stored in the "
                        "data dir, else the hostname)")
     start.add_argument("--join", action="append", default=[],
@@ -785,7 +819,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """
     try:
         bind = Addr.parse(args.bind, DEFAULT_PORT)
-        advertise = Addr.parse(args.advertise, bind.port) if args.advertise else bind
+        if args.advertise:
+            advertise = Addr.parse(args.advertise, bind.port)
+        elif bind.host in ("0.0.0.0", "::"):
+            advertise = Addr(detect_advertise_host(), bind.port)
+        else:
+            advertise = bind
         join = tuple(Addr.parse(part, DEFAULT_PORT) for item in args.join
                      for part in item.split(",") if part.strip())
         if args.metrics_bind == "off":
