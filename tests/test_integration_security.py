@@ -1,8 +1,9 @@
 """Integration: the trust life cycle of real ``meshd`` processes.
 
-Bootstrap on the first node, token joins (through any member), restarts without a
-token, remote ``meshctl`` over mutual TLS with the admin certificate, token rotation,
-gossip key rotation without downtime, and ``meshctl node rm``. Daemons run on
+Bootstrap on the first node, token joins (through any member), the CA held by Raft
+(every voter issues, also once the first node is gone), restarts without a token,
+remote ``meshctl`` over mutual TLS with the admin certificate, token rotation from
+any node, gossip key rotation without downtime, and ``meshctl node rm``. Daemons run on
 127.0.0.100-127.0.0.129 (see ``tests/daemons.py``); every test kills what it started.
 Tests wait on conditions, never on a fixed time.
 """
@@ -31,11 +32,18 @@ EXIT_TIMEOUT_S = 20.0
 """Bound on ``meshd`` failing to start and exiting."""
 
 
-def _cluster(base: Path, first_ip: int, n: int) -> Cluster:
+def _cluster(base: Path, first_ip: int, n: int, watchers: tuple[str, ...] = ()) -> Cluster:
     cluster = Cluster(base, profile="local")
     for i, ip in enumerate(loopback_ips(first_ip, n)):
-        cluster.add(f"n{i}", ip)
+        name = f"n{i}"
+        cluster.add(name, ip, labels={"raft": "false"} if name in watchers else None)
     return cluster
+
+
+def ca_recorded(d: Daemon) -> bool:
+    """Whether ``d``'s replica records the CA and the join token (Raft holds them)."""
+    ca = d.api("raft_status")["ca"]
+    return bool(ca["ca_index"] and ca["token_index"])
 
 
 def meshctl(*args: str, socket: Daemon | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,9 +67,9 @@ def meshd_fails(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def trio3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """n0 creates the cluster, n1 joins through n0, n2 joins through n1 (which holds
-    no CA key and redirects it to n0)."""
-    with _cluster(tmp_path_factory.mktemp("sec"), 100, 3) as cluster:
+    """n0 creates the cluster, n1 joins through n0, n2 joins through n1 (which never
+    votes, so it never issues, and redirects n2 to an issuer)."""
+    with _cluster(tmp_path_factory.mktemp("sec"), 100, 3, watchers=("n1",)) as cluster:
         n0, n1, n2 = cluster["n0"], cluster["n1"], cluster["n2"]
         n0.start()
         n1.token = n2.token = n0.join_token()
@@ -75,7 +83,8 @@ def test_first_node_creates_private_trust_files(trio3: Cluster) -> None:
     d = trio3["n0"].data_dir
     for secret in ("tls/ca.key", "tls/node.key", "admin/key.pem", "gossip.keys", "join-token"):
         assert stat.S_IMODE((d / secret).stat().st_mode) == 0o600, secret
-    assert not (trio3["n1"].data_dir / "tls" / "ca.key").exists()  # one issuer
+    # The CA key reaches other nodes through Raft only, never as a file.
+    assert not (trio3["n1"].data_dir / "tls" / "ca.key").exists()
     assert "join_command" in trio3["n0"].log_text()
 
 
@@ -122,15 +131,20 @@ def test_garbage_and_foreign_datagrams_are_rejected_and_counted(trio3: Cluster) 
 def test_token_rotation_refuses_the_old_token_and_keeps_members(trio3: Cluster,
                                                                  tmp_path: Path) -> None:
     old = trio3["n0"].join_token()
-    rotated = meshctl("token", "rotate", "--json", socket=trio3["n1"])
-    assert rotated.returncode == 1
-    assert "holds no CA key" in rotated.stderr
-    assert "n0" in rotated.stderr
-    rotated = meshctl("token", "rotate", "--json", socket=trio3["n0"])
+    n1 = trio3["n1"]
+    trio3.wait_until(lambda: ca_recorded(n1), 20, "the CA to be recorded in Raft")
+    # n1 never votes and holds no CA key: `token` is answered by the leader, and
+    # a rotation is a Raft write, which works from any node.
+    shown = meshctl("token", "--json", socket=n1)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["token"] == old
+    rotated = meshctl("token", "rotate", "--json", socket=n1)
     assert rotated.returncode == 0, rotated.stderr
     new = json.loads(rotated.stdout)["token"]
     assert new != old
-    assert trio3["n0"].join_token() == new
+    # The issuer applies the new token and keeps DIR/join-token current.
+    trio3.wait_until(lambda: trio3["n0"].join_token() == new, 10,
+                     "n0 to serve the rotated token")
     err = meshd_fails("--data-dir", str(tmp_path / "late"), "--bind", "127.0.0.110:17946",
                       "--name", "late", "--join", trio3["n0"].addr, "--token", old,
                       "--gossip-profile", "local")
@@ -192,7 +206,7 @@ def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
         # As a voter n2 holds Raft links with the others, open when it is removed.
         cluster.wait_until(lambda: "n2" in n0.api("raft_status")["voters"], 60,
                            "n2 to become a voter")
-        # n1 holds no CA key: the serials issued to n2 come from the replicated state
+        # n1 did not issue n2's certificate: the serials come from the replicated state
         # (n0, which issued them, commits them there).
         n1 = cluster["n1"]
         removed = cluster.wait_until(
@@ -221,3 +235,43 @@ def test_node_rm_revokes_and_cuts_the_node_off(tmp_path: Path) -> None:
                                      "meshd_tls_links_refused_total") >= 1,
                            30, "a refused link from the removed node")
         n2.check_running()
+
+
+def test_every_voter_issues_and_nodes_join_after_the_first_node_is_gone(
+        tmp_path: Path) -> None:
+    """The CA key is held by Raft: once the voters have it, the node that created
+    the cluster is not needed to admit nodes, renew, or rotate the token."""
+    with _cluster(tmp_path, 124, 4) as cluster:
+        n0, n1, n2, n3 = (cluster[f"n{i}"] for i in range(4))
+        cluster.start([n0, n1, n2])
+        cluster.wait_formed(FORM_TIMEOUT_S, [n0, n1, n2])
+
+        def issuing(ds: list[Daemon]) -> bool:
+            members = ds[0].members()
+            return all("join" in members[d.name]["ports"] and d.api("raft_status")["ca"][
+                "holds_key"] for d in ds)
+
+        cluster.wait_until(lambda: issuing([n0, n1, n2]), 60,
+                           "every voter to hold the CA key and issue")
+        for d in (n1, n2):
+            assert not (d.data_dir / "tls" / "ca.key").exists()
+            assert d.join_token() == n0.join_token()  # each issuer keeps DIR/join-token
+        old = n0.join_token()
+        n0.kill()
+        rotated = cluster.wait_until(
+            lambda: (r := meshctl("token", "rotate", "--json", socket=n1)).returncode == 0
+            and r, 30, "a new leader to commit the rotated token")
+        new = json.loads(rotated.stdout)["token"]
+        cluster.wait_until(lambda: n2.join_token() == new, 10, "n2 to serve the new token")
+        err = meshd_fails("--data-dir", str(tmp_path / "late"), "--bind", "127.0.0.128:17946",
+                          "--name", "late", "--join", n2.addr, "--token", old,
+                          "--gossip-profile", "local")
+        assert "wrong or was rotated" in err
+        n3.token = new
+        n3.start(join=[n2.addr])
+        cluster.wait_formed(FORM_TIMEOUT_S, [n1, n2, n3])
+        assert n3.log_events("credentials_received"), n3.log_tail()
+        # With two members left the group had shrunk to one voter; n3 makes three
+        # again, and gets the CA key from the Raft log, which n0 never sent it.
+        cluster.wait_until(lambda: issuing([n1, n2, n3]), 60,
+                           "the three voters left to hold the CA key and issue")

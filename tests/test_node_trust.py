@@ -24,6 +24,8 @@ from mesh.gossip.messages import MemberState, Meta, Status
 from mesh.node import trust
 from mesh.node.config import NodeConfig
 from mesh.node.metrics import render
+from mesh.raft.state import CaSet, ClusterCa, Result, ResultCode, TokenSet
+from mesh.raft.vault import Vault
 from mesh.security import pki
 from mesh.security.join import JoinClient, JoinRateLimited, JoinResult, JoinServer
 from mesh.security.messages import JoinRequest
@@ -38,13 +40,22 @@ def node_config(data_dir: Path, name: str, addr: Addr, join: tuple[Addr, ...] = 
                       join=join)
 
 
+def file_join_server(credentials: trust.Trust) -> JoinServer:
+    """The join server of the node that created the cluster, before Raft records
+    its CA."""
+    server = trust.Issuing(credentials, NodeId("a"), trust.utc_now).decide(
+        ClusterCa(), Vault(), voter=False)
+    assert server is not None
+    return server
+
+
 async def test_join_then_renew_through_the_ca_member(tmp_path: Path) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     ca_addr = Addr("127.0.0.1", listeners[0].socket.getsockname()[1])
     first = await trust.establish(node_config(tmp_path / "a", "a", ca_addr), None,
                                   trust.utc_now, "test")
     assert first.created_cluster
-    assert first.join_server is not None
+    join_server = file_join_server(first)
     presented: list[int] = []
     seen = trio.Event()
 
@@ -55,14 +66,15 @@ async def test_join_then_renew_through_the_ca_member(tmp_path: Path) -> None:
         await stream.aclose()
 
     server = tls.TlsServer(first.server_ctx,
-                           {tls.ALPN_JOIN: tls.join_handler(first.join_server),
+                           {tls.ALPN_JOIN: tls.join_handler(join_server),
                             tls.ALPN_GOSSIP: record})
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, listeners)
         b_config = node_config(tmp_path / "b", "b", Addr("127.0.0.2", 7946), join=(ca_addr,))
-        second = await trust.establish(b_config, first.join_server.token, trust.utc_now,
+        second = await trust.establish(b_config, join_server.token, trust.utc_now,
                                        "ignored")
         assert not second.created_cluster
+        assert second.file_ca is None
         assert second.join_server is None
         old = second.identity.load_cert()
 
@@ -206,10 +218,9 @@ async def test_rate_limited_join_over_tls_says_when_to_retry(tmp_path: Path) -> 
     ca_addr = Addr("127.0.0.1", listeners[0].socket.getsockname()[1])
     first = await trust.establish(node_config(tmp_path / "a", "a", ca_addr), None,
                                   trust.utc_now, "test")
-    assert first.join_server is not None
     ca = tls.load_ca(first.data_dir)
     assert ca is not None
-    server = JoinServer(ca, first.join_server.token, first.keyring, trust.utc_now,
+    server = JoinServer(ca, file_join_server(first).token, first.keyring, trust.utc_now,
                         limits=JoinLimits(source_burst=1, source_rate_per_s=1 / 3600))
     tls_server = tls.TlsServer(first.server_ctx, {tls.ALPN_JOIN: tls.join_handler(server)})
     async with trio.open_nursery() as nursery:
@@ -231,3 +242,85 @@ async def test_rate_limited_join_over_tls_says_when_to_retry(tmp_path: Path) -> 
     assert 'meshd_join_rate_limited_total{scope="global"} 0' in text
     assert "meshd_join_accepted_total 1" in text
     assert "meshd_join_failed_proofs_total 0" in text
+
+
+# -- who issues: Issuing ------------------------------------------------------------------
+
+
+def _vault_of(ca: pki.CertificateAuthority, secret: bytes, index: int = 1) -> Vault:
+    vault = Vault()
+    ok = Result(ResultCode.OK, index, index)
+    vault.take(CaSet(pki.cert_to_pem(ca.cert), pki.key_to_pem(ca.key)), ok)
+    vault.take(TokenSet(secret), ok)
+    return vault
+
+
+def _record(ca: pki.CertificateAuthority, token_index: int = 2) -> ClusterCa:
+    return ClusterCa(pki.cert_to_pem(ca.cert), 1, token_index)
+
+
+async def test_issuing_follows_the_file_ca_until_raft_records_ca_and_token(
+        tmp_path: Path) -> None:
+    first = await trust.establish(node_config(tmp_path / "a", "a", Addr("127.0.0.1", 7946)),
+                                  None, trust.utc_now, "test")
+    assert first.file_ca is not None
+    ca, file_token = first.file_ca
+    issuing = trust.Issuing(first, NodeId("a"), trust.utc_now)
+    before = issuing.decide(ClusterCa(), Vault(), voter=False)
+    assert before is not None
+    assert before.token == file_token
+    # The CA is recorded, the token not yet: still the files (even as a watcher).
+    assert issuing.decide(_record(ca, token_index=0), Vault(), voter=False) is before
+    # Both recorded: only a voter whose vault holds them issues, with the same
+    # server (its rate limits and counters last), the token the vault holds.
+    secret = bytes(range(32))
+    vault = _vault_of(ca, secret)
+    assert issuing.decide(_record(ca), vault, voter=False) is None
+    assert issuing.decide(_record(ca), Vault(), voter=True) is None
+    after = issuing.decide(_record(ca), vault, voter=True)
+    assert after is before
+    assert after.token == JoinToken(ca.fingerprint, secret)
+    # A rotation through Raft rotates the server.
+    vault.take(TokenSet(bytes(32)), Result(ResultCode.OK, 9, 9))
+    assert issuing.decide(_record(ca, 9), vault, voter=True) is before
+    assert before.token == JoinToken(ca.fingerprint, bytes(32))
+
+
+async def test_a_voter_without_ca_files_issues_from_its_vault(tmp_path: Path) -> None:
+    first = await trust.establish(node_config(tmp_path / "a", "a", Addr("127.0.0.1", 7946)),
+                                  None, trust.utc_now, "test")
+    assert first.file_ca is not None
+    ca = first.file_ca[0]
+    other = trust.Trust(**{**{f: getattr(first, f) for f in trust.Trust.__dataclass_fields__},
+                           "file_ca": None})
+    issuing = trust.Issuing(other, NodeId("b"), trust.utc_now)
+    assert issuing.decide(ClusterCa(), Vault(), voter=True) is None
+    server = issuing.decide(_record(ca), _vault_of(ca, bytes(32)), voter=True)
+    assert server is not None
+    # It signs with the recorded CA: a joiner pinning the token's fingerprint
+    # accepts what it issues.
+    csr = pki.create_csr(pki.generate_key(), "c")
+    client = JoinClient.for_token(server.token, csr, Addr("127.0.0.3", 7946), trust.utc_now)
+    challenge = server.challenge(b"n" * 32)
+    server_cert = pki.cert_to_der(first.identity.load_cert())
+    request = client.handle_challenge(challenge, server_cert, b"binding")
+    reply = server.handle_request(request, challenge=challenge, tls_binding=b"binding",
+                                  peer=None, source="127.0.0.3", now=0.0)
+    assert client.handle_reply(reply).node_id == "c"
+
+
+async def test_a_vault_key_that_does_not_match_the_certificate_is_not_used(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = await trust.establish(node_config(tmp_path / "a", "a", Addr("127.0.0.1", 7946)),
+                                  None, trust.utc_now, "test")
+    assert first.file_ca is not None
+    ca = first.file_ca[0]
+    stranger = pki.generate_key()
+    vault = Vault()
+    ok = Result(ResultCode.OK, 1, 1)
+    vault.take(CaSet(pki.cert_to_pem(ca.cert), pki.key_to_pem(stranger)), ok)
+    vault.take(TokenSet(bytes(32)), ok)
+    issuing = trust.Issuing(first, NodeId("a"), trust.utc_now)
+    for _ in range(2):
+        assert issuing.decide(_record(ca), vault, voter=True) is None
+    assert sum("ca_material_unusable" in r.getMessage() for r in caplog.records) == 1

@@ -16,7 +16,9 @@ from mesh.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, EntryKind
 from mesh.raft.state import (
     DEDUP_ENTRIES,
+    CaSet,
     CertIssued,
+    ClusterCa,
     ClusterConfig,
     Command,
     CommandKind,
@@ -32,8 +34,11 @@ from mesh.raft.state import (
     Result,
     ResultCode,
     Table,
+    TokenSet,
+    carries_secrets,
     decode_command,
     iter_records,
+    redact,
 )
 from mesh.raft.storage import Compacted
 from mesh.types import NodeId
@@ -372,6 +377,76 @@ def test_issued_certificates_are_recorded_once_and_travel_in_snapshots() -> None
         CertIssued("AB12", n2)  # upper case: not how serials are written
 
 
+def test_the_ca_is_recorded_once_and_a_token_needs_it() -> None:
+    r = Replica()
+    early = r.apply(TokenSet(bytes(32), cas=0))
+    assert early.code is ResultCode.CAS_FAILED
+    assert "no cluster CA" in early.message
+    first = r.apply(CaSet(b"CERT", b"KEY"))
+    assert (first.ok, first.mod_index) == (True, 2)
+    again = r.apply(CaSet(b"CERT"))  # the same certificate (a retry, a redacted copy)
+    assert (again.ok, again.mod_index) == (True, 2)
+    other = r.apply(CaSet(b"OTHER", b"KEY2"))
+    assert other.code is ResultCode.CAS_FAILED
+    assert "does not replace its CA" in other.message
+    token = r.apply(TokenSet(bytes(32), cas=0))
+    assert (token.ok, token.mod_index) == (True, 5)
+    stale = r.apply(TokenSet(bytes(range(32)), cas=0))  # a migration after a rotation
+    assert stale.code is ResultCode.CAS_FAILED
+    rotated = r.apply(TokenSet(bytes(range(32))))
+    assert rotated.ok
+    assert r.sm.cluster_ca() == ClusterCa(b"CERT", 2, 7)
+    assert [(c.table, c.index) for c in r.sm.changes_since(0)] == [
+        (Table.CA, 2), (Table.CA, 5), (Table.CA, 7)]
+    # The record travels in snapshots; the secrets are not in the state at all.
+    image = r.sm.snapshot()
+    assert b"KEY" not in image
+    assert bytes(range(32)) not in image
+    copy = MeshState()
+    assert copy.restore(image, r.sm.applied_index) is None  # no vault section
+    assert copy.cluster_ca() == r.sm.cluster_ca()
+    assert [t for t, _, _ in iter_records(copy)] == [Table.CA]
+    with pytest.raises(LocalProtocolError, match="32 bytes"):
+        TokenSet(bytes(31))
+    with pytest.raises(LocalProtocolError, match="empty"):
+        CaSet(b"")
+
+
+def test_a_snapshot_carries_a_vault_section_only_when_given() -> None:
+    r = Replica()
+    r.apply(CaSet(b"CERT", b"KEY"))
+    vault = [b"CERT", b"KEY", bytes(32)]
+    image = r.sm.snapshot(vault)
+    assert image != r.sm.snapshot()
+    copy = MeshState()
+    assert copy.restore(image, 1) == vault
+    assert copy.snapshot() == r.sm.snapshot()  # the state itself never holds it
+    bad = r.sm.snapshot([b"CERT", b"KEY", bytes(64)])  # a secret of the wrong size
+    with pytest.raises(StorageError):
+        MeshState().restore(bad, 1)
+
+
+def test_redaction_leaves_secrets_out_and_other_entries_alone() -> None:
+    put = Entry(1, 1, KvPut("k", b"KEY").encode())
+    assert not carries_secrets(put)
+    assert redact(put) is put
+    ca = Entry(1, 2, CaSet(b"CERT", b"KEY", request_id=b"r").encode())
+    assert carries_secrets(ca)
+    assert decode_command(redact(ca).data) == CaSet(b"CERT", b"", request_id=b"r")
+    # A malformed command of a secret kind stays malformed, without its bytes.
+    junk = Entry(1, 3, wire.pack_body([1, int(CommandKind.TOKEN_SET), b"", b"KEY" * 20, None]))
+    assert carries_secrets(junk)
+    hidden = redact(junk)
+    assert b"KEY" not in hidden.data
+    a, b = MeshState(), MeshState()
+    for e, e2 in ((put, put), (ca, redact(ca)), (junk, hidden)):
+        ra, rb = a.apply(e), b.apply(e2)
+        assert ra is not None
+        assert rb is not None
+        assert ra.code == rb.code
+    assert a.snapshot() == b.snapshot()
+
+
 @pytest.mark.parametrize("voters", [0, 2, 17, True, "3", -1])
 def test_a_config_with_a_bad_voter_count_is_refused(voters: object) -> None:
     with pytest.raises(LocalProtocolError, match="raft_voters"):
@@ -430,6 +505,9 @@ COMMANDS = st.one_of(
     st.builds(DenyRemove, st.sampled_from(["01", "ab"]), RIDS),
     st.builds(ConfigSet, st.sampled_from([None, 1, 3, 5]), CAS, RIDS),
     st.builds(CertIssued, st.sampled_from(["01", "ab"]), NODES, RIDS),
+    st.builds(CaSet, st.sampled_from([b"CERT-A", b"CERT-B"]), st.sampled_from([b"", b"KEY"]),
+              RIDS),
+    st.builds(TokenSet, st.sampled_from([b"", bytes(32), bytes(range(32))]), CAS, RIDS),
 )
 
 
@@ -451,6 +529,19 @@ def test_replicas_agree_with_and_without_a_snapshot(cmds: list[Command], cut: in
             results_b.append(b.apply(cmd))
     assert a.sm.snapshot() == b.sm.snapshot()
     assert results_a[len(results_a) - len(results_b) :] == results_b
+
+
+@given(st.lists(COMMANDS, max_size=40))
+def test_a_replica_fed_redacted_entries_agrees(cmds: list[Command]) -> None:
+    """What a watcher receives (secrets left out) has the same effect and results."""
+    full, redacted = MeshState(), MeshState()
+    for i, cmd in enumerate(cmds, start=1):
+        entry = Entry(1, i, cmd.encode())
+        seen = redact(entry)
+        assert b"KEY" not in seen.data
+        assert bytes(range(32)) not in seen.data
+        assert full.apply(entry) == redacted.apply(seen)
+    assert full.snapshot() == redacted.snapshot()
 
 
 @given(st.lists(COMMANDS, max_size=40))

@@ -323,6 +323,21 @@ def test_unusable_directory_is_a_storage_error(tmp_path: Path) -> None:
         FileStorage(blocker / "sub")
 
 
+def test_storage_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Raft members' logs and snapshots hold the cluster's CA key."""
+    d = tmp_path / "raft"
+    d.mkdir(mode=0o755)  # as an older version left it
+    s = FileStorage(d)
+    s.save(HardState(1, None, 2), ents(1, 2), None)
+    s.create_snapshot(2, CS, b"x")
+    s.close()
+    assert d.stat().st_mode & 0o777 == 0o700
+    files = list(d.iterdir())
+    assert {f.suffix for f in files} >= {".log", ".snap"}
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o600, f.name
+
+
 def test_crash_while_creating_segment(tmp_path: Path) -> None:
     s = FileStorage(tmp_path, segment_bytes=100)
     s.save(HardState(1, NodeId("a"), 0), ents(1, 20), None)  # rotates

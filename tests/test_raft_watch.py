@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import ConfigError, RemoteProtocolError, StorageError
 from mesh.raft.messages import ConfChange, ConfChangeKind, Entry, EntryKind
-from mesh.raft.state import KvDelete, KvPut, MeshState, Result
+from mesh.raft.state import CaSet, KvDelete, KvPut, MeshState, Result, TokenSet
 from mesh.raft.watch import (
     AnswerKind,
     ApplyEntries,
@@ -486,3 +486,70 @@ def test_rendezvous_is_stable_and_spread() -> None:
     firsts = {max(("v1", "v2", "v3"), key=lambda v: rendezvous_score(N(f"w{i}"), N(v)))
               for i in range(30)}
     assert firsts == {"v1", "v2", "v3"}
+
+
+# ------------------------------------------------------------------ secrets
+
+
+CA_KEY = b"-----CA KEY-----"
+SECRET = bytes(range(32))
+
+
+def secret_entries(start: int) -> list[Entry]:
+    """A CA and a token recorded at ``start`` and ``start + 1`` (term 9)."""
+    return [Entry(9, start, CaSet(b"CA CERT", CA_KEY).encode()),
+            Entry(9, start + 1, TokenSet(SECRET, cas=0).encode())]
+
+
+def test_gate_keeps_secrets_for_raft_and_out_of_everything_watchers_get() -> None:
+    gate, buf = gate_at(5)
+    for e in secret_entries(6):
+        gate.apply(e)
+    assert gate.vault.complete
+    assert (gate.vault.key_pem, gate.vault.token_secret) == (CA_KEY, SECRET)
+    # The watch buffer and the watch image hold the public part only ...
+    served = buf.entries_after(5, 1 << 20)
+    assert [e.index for e in served] == [6, 7]
+    assert all(CA_KEY not in e.data and SECRET not in e.data for e in served)
+    assert CA_KEY not in gate.state.snapshot()
+    assert SECRET not in gate.state.snapshot()
+    # ... a watcher that applies them has the same state and no secrets ...
+    watcher, _ = gate_at(5)
+    watcher.watch_apply(served)
+    assert watcher.state.snapshot() == gate.state.snapshot()
+    assert not watcher.vault.complete
+    assert watcher.vault.version == 0
+    # ... while Raft's snapshot carries the vault to a member it catches up.
+    member, _ = gate_at(0)
+    member.restore(gate.snapshot(), 7)
+    assert (member.vault.key_pem, member.vault.token_secret) == (CA_KEY, SECRET)
+    assert member.state.snapshot() == gate.state.snapshot()
+
+
+def test_gate_fills_the_vault_from_raft_when_the_watch_stream_was_first() -> None:
+    """A watcher promoted to learner: the readers have the entries (redacted, from
+    the watch stream); Raft delivers them again, to the shadow, and the vault."""
+    voter, buf = gate_at(5)
+    for e in secret_entries(6):
+        voter.apply(e)
+    learner, _ = gate_at(5)
+    learner.watch_apply(buf.entries_after(5, 1 << 20))
+    assert learner.raft_behind == 2
+    assert not learner.vault.complete
+    behind = learner.snapshot()  # the adapter's own index, before the secrets
+    assert CA_KEY not in behind
+    for e in secret_entries(6):
+        learner.apply(e)
+    assert learner.raft_behind == 0
+    assert learner.vault.complete
+    assert learner.snapshot() == voter.snapshot()
+
+
+def test_a_raft_snapshot_without_a_vault_empties_it() -> None:
+    gate, _ = gate_at(5)
+    for e in secret_entries(6):
+        gate.apply(e)
+    version = gate.vault.version
+    gate.restore(HISTORY.images[30], 30)  # a history that never recorded a CA
+    assert not gate.vault.complete
+    assert gate.vault.version > version

@@ -40,7 +40,7 @@ from mesh.gossip.core import (
     Send,
     StreamSend,
 )
-from mesh.gossip.messages import Status
+from mesh.gossip.messages import Meta, Status
 from mesh.streams import read_frame
 from mesh.types import Addr
 
@@ -332,6 +332,11 @@ class GossipAdapter:
         self._core.leave(trio.current_time())
         self._flush()
         await trio.sleep(self._core.config.leave_propagate_s)
+
+    def update_meta(self, meta: Meta) -> None:
+        """Announce new metadata (spreads as a new incarnation)."""
+        self._core.update_meta(meta, trio.current_time())
+        self._flush()
 
     def handle_stream_connection(self, stream: trio.abc.Stream, peer: Addr) -> None:
         """Serve one inbound push-pull stream (called by the TCP/TLS listener)."""

@@ -492,9 +492,22 @@ def raft_text(st: dict[str, Any]) -> str:
         lines.append(format_table(["PEER", "ROLE", "MATCH", "LAG", "ACTIVE"], rows))
     if st.get("config"):
         lines.append(f"config:   {raft_config_text(st['config'])}")
+    if st.get("ca"):
+        lines.append(f"ca:       {ca_text(st['ca'])}")
     if st.get("storage_error"):
         lines.append(f"STORAGE FAILING: {st['storage_error']}")
     return "\n".join(lines)
+
+
+def ca_text(ca: dict[str, Any]) -> str:
+    """The ``ca`` line of ``meshctl raft status``."""
+    if not ca.get("ca_index"):
+        return "not recorded in Raft yet (the node that created the cluster issues)"
+    token = f"join token set at index {ca['token_index']}" if ca.get("token_index") \
+        else "no join token recorded yet"
+    key = "this node's Raft log holds the CA key" if ca.get("holds_key") \
+        else "this node does not hold the CA key"
+    return f"recorded at index {ca['ca_index']}, {token}; {key}"
 
 
 def raft_config_text(config: dict[str, Any]) -> str:

@@ -72,8 +72,9 @@ from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
 from mesh.node.services import CatalogFeed, ServiceApi
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import CertIssued, Table
-from mesh.security.pki import WallClock
+from mesh.raft.state import CaSet, CertIssued, ClusterCa, Command, Table, TokenSet
+from mesh.raft.vault import Vault
+from mesh.security.pki import CertificateAuthority, WallClock, cert_to_pem, key_to_pem
 from mesh.security.token import JoinToken
 from mesh.types import Addr, AllocId, NodeId
 
@@ -221,8 +222,7 @@ class Node:
         """The API methods this node serves (locally and over ``mesh-rpc/1``)."""
         assert self.replica is not None, "open the replica before serving the API"
         return {"members": self.api_members, "info": self.api_info,
-                **trust.SecurityApi(self.trust, self.core, self.replica.deny,
-                                    self.replica.issued_serials).handlers(),
+                **trust.SecurityApi(self.trust, self.core, self.replica).handlers(),
                 **self.replica.handlers(),
                 **(self.services.handlers() if self.services is not None else {}),
                 **({"events": self.events.api_events} if self.events is not None else {})}
@@ -312,7 +312,7 @@ class Node:
                 counter(t + "handshake_failures_total", "TLS handshakes that failed.",
                         s.handshake_failures),
             ]
-        if self.trust.join_server is not None:  # a node that holds the CA key
+        if self.trust.join_server is not None:  # a node that issues certificates
             out += trust.join_metrics(self.trust.join_server)
         return out
 
@@ -480,11 +480,17 @@ async def _stay_joined(node: Node, seeds: Sequence[Addr]) -> None:
 
 
 ISSUED_RETRY_S = 5.0
-"""Pause before committing issued certificates again after a failed write."""
+"""Longest pause before a background write (issued certificates, the CA) is tried
+again after it failed; a change of leader ends it sooner."""
+
+
+async def _pause_after_failed_write(replica: Replica) -> None:
+    with trio.move_on_after(ISSUED_RETRY_S):
+        await replica.wait_changed(view=True)
 
 
 async def _replicate_issued(registry: trust.IssuedRegistry, replica: Replica) -> None:
-    """Commit the certificates this CA-holding node issued to the replicated state
+    """Commit the certificates this node issued to the replicated state
     (``CertIssued``, idempotent): each new one, and at start those issued before
     (recorded only in ``DIR/issued.json`` by older versions), so that ``meshctl
     node rm`` finds them on any node."""
@@ -498,9 +504,63 @@ async def _replicate_issued(registry: trust.IssuedRegistry, replica: Replica) ->
         except api.ApiError as exc:
             LOGGER.info("certificates_not_recorded node=%s retry_in=%gs reason=%s",
                         replica.raft.me, ISSUED_RETRY_S, exc)
-            await trio.sleep(ISSUED_RETRY_S)
+            await _pause_after_failed_write(replica)
             continue
         await changed.wait()
+
+
+async def _record_ca(node: Node, ca: CertificateAuthority, token: JoinToken) -> None:
+    """On the node whose files hold the CA (it created the cluster): commit the CA
+    and the join token to Raft, so that every voter can issue certificates. Once
+    both are recorded there is nothing to do (each write is idempotent or
+    conditional: a token rotated meanwhile is kept)."""
+    replica = node.replica
+    assert replica is not None
+    cert_pem = cert_to_pem(ca.cert)
+    while True:
+        record = replica.state.cluster_ca()
+        if record.ca_index and record.cert_pem != cert_pem:
+            LOGGER.error("ca_not_recorded node=%s reason=the replicated state records another "
+                         "CA than tls/ca.crt; this node's CA files are not the cluster's",
+                         replica.raft.me)
+            return
+        if record.ca_index and record.token_index:
+            return
+        command: Command = CaSet(cert_pem, key_to_pem(ca.key)) if not record.ca_index \
+            else TokenSet(token.secret, cas=0)
+        try:
+            await replica.write_command(command)
+            await replica.read_point({})  # the write is in the local replica now
+        except api.ApiError as exc:
+            LOGGER.info("ca_not_recorded node=%s retry_in=%gs reason=%s", replica.raft.me,
+                        ISSUED_RETRY_S, exc)
+            await _pause_after_failed_write(replica)
+            continue
+        LOGGER.info("ca_recorded node=%s part=%s", replica.raft.me,
+                    "certificate_and_key" if isinstance(command, CaSet) else "join_token")
+
+
+async def _follow_ca(node: Node, issuing: trust.Issuing, meta: Callable[[bool], Meta]) -> None:
+    """Issue certificates while :class:`~mesh.node.trust.Issuing` says so: keep
+    ``trust.join_server``, the ``join`` port in this node's gossip metadata and
+    ``DIR/join-token`` in step with the CA record, the vault and this node's Raft
+    membership."""
+    replica, credentials = node.replica, node.trust
+    assert replica is not None
+    written = tls.load_token(node.config.data_dir) if credentials.file_ca else None
+    while True:
+        server = issuing.decide(replica.state.cluster_ca(), replica.gate.vault,
+                                replica.membership() == "voter")
+        if (server is None) != (credentials.join_server is None):
+            node.adapter.update_meta(meta(server is not None))
+            LOGGER.info("certificate_issuer node=%s issuing=%s", node.core.me,
+                        "yes" if server is not None else "no")
+        credentials.join_server = server
+        if server is not None and server.token != written:
+            await trio.to_thread.run_sync(tls.save_token, node.config.data_dir, server.token)
+            written = server.token
+            continue  # the state may have moved while the file was written
+        await replica.wait_changed((Table.CA,), view=True)
 
 
 def detect_advertise_host() -> str:
@@ -546,19 +606,25 @@ def _link_handlers(node: Node) -> dict[str, tls.Handler]:
     handlers: dict[str, tls.Handler] = {tls.ALPN_GOSSIP: gossip, tls.ALPN_RPC: rpc}
     if node.replica is not None:
         handlers[tls.ALPN_RAFT] = node.replica.serve_link
-    if credentials.join_server is not None:
-        serve_join = tls.join_handler(credentials.join_server,
-                                      taken=trust.LiveNames(node.core))
+    redirect = tls.redirect_join_handler(lambda: trust.issuers(node.core))
+    taken = trust.LiveNames(node.core)
+    serving: dict[int, tls.Handler] = {}
 
-        async def join(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
-            try:
-                await serve_join(stream, peer)
-            finally:
-                await trust.record_issued(credentials)
+    async def join(stream: tls.SSLStreamT, peer: tls.PeerInfo) -> None:
+        server = credentials.join_server  # changes as this node starts or stops issuing
+        if server is None:
+            await redirect(stream, peer)
+            return
+        handler = serving.get(id(server))
+        if handler is None:
+            serving.clear()
+            handler = serving[id(server)] = tls.join_handler(server, taken=taken)
+        try:
+            await handler(stream, peer)
+        finally:
+            await trust.record_issued(credentials, server)
 
-        handlers[tls.ALPN_JOIN] = join
-    else:
-        handlers[tls.ALPN_JOIN] = tls.redirect_join_handler(lambda: trust.issuers(node.core))
+    handlers[tls.ALPN_JOIN] = join
     return handlers
 
 
@@ -612,13 +678,17 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
         except BaseException:
             await tcp.aclose()
             raise
-        ports = {"gossip": config.advertise.port}
-        if credentials.join_server is not None:
-            ports[trust.JOIN_PORT_NAME] = config.advertise.port
-        meta = Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
-                          config.cpu_millis, config.memory_bytes, config.role, ports)
-        core = Membership(config.gossip, config.name, config.advertise, meta, rng,
-                          trio.current_time())
+        def meta(issuing: bool) -> Meta:
+            ports = {"gossip": config.advertise.port}
+            if issuing:
+                ports[trust.JOIN_PORT_NAME] = config.advertise.port
+            return Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
+                              config.cpu_millis, config.memory_bytes, config.role, ports)
+
+        issuing = trust.Issuing(credentials, config.name, wall_clock)
+        credentials.join_server = issuing.decide(ClusterCa(), Vault(), False)
+        core = Membership(config.gossip, config.name, config.advertise,
+                          meta(credentials.join_server is not None), rng, trio.current_time())
         adapter = GossipAdapter(core, UdpTransport(udp), credentials.gossip_dialer(),
                                 credentials.codec)
         node = Node(config, adapter, credentials)
@@ -660,8 +730,10 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await _join(node, config, nursery)
                 nursery.start_soon(trust.renew_forever, credentials, core, config, wall_clock,
                                    random.Random(rng.getrandbits(64)))
-                if credentials.issued is not None:
-                    nursery.start_soon(_replicate_issued, credentials.issued, node.replica)
+                nursery.start_soon(_replicate_issued, credentials.issued, node.replica)
+                nursery.start_soon(_follow_ca, node, issuing, meta)
+                if credentials.file_ca is not None:
+                    nursery.start_soon(_record_ca, node, *credentials.file_ca)
                 task_status.started(node)
                 await _wait_for_signal(node)
                 nursery.cancel_scope.cancel()

@@ -84,6 +84,7 @@ from mesh.raft.config import RaftConfig
 from mesh.raft.state import (
     MAX_INDEX,
     Change,
+    ClusterCa,
     Command,
     ConfigSet,
     DenyAdd,
@@ -303,9 +304,9 @@ class Replica:
             applied: wake when the readers' applied index moved (any entry).
             view: wake when the view of the group changed: this node's Raft
                 leader, term or role, its membership, which feed feeds it,
-                :attr:`leader`, or the voter the watch stream follows (a
-                :attr:`leader` that only times out is noticed at the next Ready or
-                watch answer).
+                :attr:`leader`, the voter the watch stream follows, or the vault
+                (a :attr:`leader` that only times out is noticed at the next Ready
+                or watch answer).
 
         Returns:
             The readers' applied index before the change that woke the caller: no
@@ -361,7 +362,7 @@ class Replica:
         leader = core.leader if feeds else client.leader(trio.current_time())
         watched_term = client.view.term if client.view is not None else 0
         return (membership, feeds, core.role, core.term, core.leader, leader, watched_term,
-                client.source)
+                client.source, self.gate.vault.version)
 
     def membership(self) -> str:
         """``voter`` or ``learner`` (in this node's Raft configuration), else
@@ -397,10 +398,12 @@ class Replica:
         ``watcher``), ``feed`` (``raft`` or ``watch``), ``applied_index`` of the
         readers' state, ``raft_applied_index`` (the adapter's), ``watch`` (the
         voter followed, its leader's commit index as last heard, snapshots and
-        voter switches) and on a voter ``watchers`` (nodes that watched it
-        recently). While the watch stream feeds this node, ``term``, ``leader``,
-        ``voters``, ``learners`` and ``commit_index`` are the freshest a voter
-        told it."""
+        voter switches), on a voter ``watchers`` (nodes that watched it
+        recently), ``config`` (the cluster configuration) and ``ca`` (the log
+        indexes that recorded the CA and the join token, and whether this
+        node's Raft log gave it the CA key). While the watch stream feeds this
+        node, ``term``, ``leader``, ``voters``, ``learners`` and
+        ``commit_index`` are the freshest a voter told it."""
         st = self.raft.status()
         now = trio.current_time()
         feeds = self.raft_feeds()
@@ -426,6 +429,9 @@ class Replica:
         st["watchers"] = self._watch_server.watchers(now, WATCHERS_RECENT_S)
         st["config"] = {**self.state.cluster_config().as_dict(),
                         "desired_voters": self.desired_voters()}
+        ca = self.state.cluster_ca()
+        st["ca"] = {"ca_index": ca.ca_index, "token_index": ca.token_index,
+                    "holds_key": bool(self.gate.vault.key_pem)}
         return st
 
     # --- the watch stream: serving ------------------------------------------------------
@@ -579,6 +585,23 @@ class Replica:
                                self.raft.me, new)
             if state.last_change(Table.DENY) <= seen:
                 await self.wait_changed((Table.DENY,))
+
+    def cluster_ca(self) -> ClusterCa:
+        """The cluster CA record of the readers' state."""
+        return self.state.cluster_ca()
+
+    async def call_leader(self, method: str, params: dict[str, Any]) -> Any:
+        """Call API ``method`` on the Raft leader (this node included).
+
+        Raises:
+            ApiError: no leader is known, it is not reachable, or it answered
+                with an error.
+        """
+        leader = self.leader
+        if leader is None:
+            raise api.ApiError("the cluster has no Raft leader right now (see `meshctl raft "
+                               "status`); retry in a few seconds")
+        return await self.call_node(leader, method, params)
 
     def issued_serials(self, node: NodeId) -> list[str]:
         """The serials (hex) the replicated state records as issued to ``node``."""

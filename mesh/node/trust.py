@@ -9,11 +9,21 @@
   :data:`JOIN_RATE_LIMIT_PATIENCE_S` of waiting in all.
 * Restart (credentials in the data dir): loads them; no token needed.
 
+Who issues certificates (answers joins and renewals): every Raft voter. The CA
+key and the join token's secret are held by Raft (:mod:`mesh.raft.vault`): the
+first node records its CA and token once it leads, and every member's Raft feed
+gives them to it. :class:`Issuing` decides, whenever the CA record, the vault or
+the node's Raft membership changes, whether this node issues and with what; an
+issuing node announces :data:`JOIN_PORT_NAME` in its gossip metadata, and the
+others redirect joiners to the issuers and renew through them. Before the CA is
+recorded in Raft (the first moments of a new cluster, or a cluster an older
+version created), the node holding ``tls/ca.key`` issues with ``DIR/join-token``.
+
 Then, while running: the deny list of revoked serials (checked on every link), the
-registry of issued serials (on CA-holding nodes, so ``meshctl node rm NAME`` knows
-what to revoke), certificate renewal at a random point in 50-80% of the certificate's
-life, and cluster-wide operations fanned out to every live member over
-``mesh-rpc/1`` (gossip key rotation, revocation).
+registry of serials this node issued (committed to the replicated state as well, so
+``meshctl node rm NAME`` knows what to revoke on any node), certificate renewal at a
+random point in 50-80% of the certificate's life, and cluster-wide operations fanned
+out to every live member over ``mesh-rpc/1`` (gossip key rotation).
 
 The deny list is held in the replicated state ([raft]); each node applies it to its
 live TLS deny set (persisted in ``DIR/revoked.json``, so it holds from the first
@@ -36,7 +46,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,23 +56,34 @@ import trio
 from cryptography import x509
 
 from mesh import tls
-from mesh.errors import MeshError, RemoteProtocolError, StartupError
+from mesh.errors import ConfigError, MeshError, RemoteProtocolError, StartupError
 from mesh.gossip.core import Membership
 from mesh.gossip.keyring import Keyring, KeyringCodec
 from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
 from mesh.node.metrics import Metric, counter, gauge
+from mesh.raft.state import ClusterCa, Command, TokenSet
+from mesh.raft.vault import Vault
 from mesh.security.join import JoinRateLimited, JoinRedirected, JoinResult, JoinServer
-from mesh.security.pki import WallClock, create_csr, generate_key, renewal_time
-from mesh.security.token import JoinToken
+from mesh.security.pki import (
+    CertificateAuthority,
+    WallClock,
+    ca_fingerprint,
+    create_csr,
+    generate_key,
+    load_cert_pem,
+    load_key_pem,
+    renewal_time,
+)
+from mesh.security.token import JoinToken, new_token
 from mesh.types import Addr, NodeId
 
 LOGGER = logging.getLogger(__name__)
 
 JOIN_PORT_NAME = "join"
-"""Members that hold the CA key announce their gossip port under this name in their
-metadata ports: they serve joins and renewals."""
+"""Members that issue certificates announce their gossip port under this name in
+their metadata ports: they serve joins and renewals."""
 
 FAN_OUT_TIMEOUT_S = 10.0
 """Bound on one cluster-wide operation per member."""
@@ -134,8 +155,8 @@ class RevocationList(tls.DenySet):
 
 
 class IssuedRegistry:
-    """Which serials a CA-holding node issued to which node (``DIR/issued.json``);
-    the node also commits them to the replicated state (``CertIssued``), so that
+    """Which serials this node issued to which node (``DIR/issued.json``); the
+    node also commits them to the replicated state (``CertIssued``), so that
     ``meshctl node rm`` works from any node."""
 
     def __init__(self, path: Path, by_name: dict[str, list[int]]) -> None:
@@ -180,8 +201,12 @@ class Trust:
     server_ctx: ssl.SSLContext
     revoked: RevocationList
     join_server: JoinServer | None
-    issued: IssuedRegistry | None
+    """The join server while this node issues certificates (see :class:`Issuing`)."""
+    issued: IssuedRegistry
     created_cluster: bool
+    file_ca: tuple[CertificateAuthority, JoinToken] | None
+    """The CA and token in this data dir's files (the node that created the
+    cluster), which it records in Raft and issues with until then."""
 
     def gossip_dialer(self) -> tls.TlsDialer:
         """Push-pull streams over ``mesh-gossip/1``."""
@@ -331,13 +356,10 @@ def _load(data_dir: Path, wall_clock: WallClock, created: bool, name: NodeId) ->
     label = tls.load_cluster_label(data_dir)
     codec = KeyringCodec(keyring, label, time.time, os.urandom)
     ca = tls.load_ca(data_dir)
-    join_server = issued = None
-    if ca is not None:
-        join_server = JoinServer(ca, tls.load_token(data_dir), keyring, wall_clock, node=name)
-        issued = IssuedRegistry.load(data_dir)
+    file_ca = (ca, tls.load_token(data_dir)) if ca is not None else None
     return Trust(data_dir, identity, keyring, codec, tls.client_context(identity),
-                 tls.server_context(identity), RevocationList.load(data_dir), join_server,
-                 issued, created)
+                 tls.server_context(identity), RevocationList.load(data_dir), None,
+                 IssuedRegistry.load(data_dir), created, file_ca)
 
 
 class LiveNames:
@@ -353,8 +375,73 @@ class LiveNames:
         return view is not None and view.status <= Status.SUSPECT
 
 
+class Issuing:
+    """Decides whether this node issues certificates, and keeps its join server.
+
+    A node issues while it is a Raft voter whose vault holds the CA key and the
+    join token of the CA the replicated state records. Until the state records
+    both, the node whose files hold the CA (``Trust.file_ca``) issues with them.
+    There is one join server per node (its rate limits and counters last); a
+    token change rotates it.
+
+    Args:
+        trust: the node's credentials (``file_ca``, the key ring).
+        name: this node, for log lines.
+        wall_clock: certificate validity.
+    """
+
+    def __init__(self, trust: Trust, name: NodeId, wall_clock: WallClock) -> None:
+        self._trust = trust
+        self._name = name
+        self._wall_clock = wall_clock
+        self._server: JoinServer | None = None
+        self._loaded: tuple[tuple[bytes, bytes], CertificateAuthority | None] | None = None
+        """The vault material last parsed, and the CA it gave (``None``: unusable,
+        logged once)."""
+
+    def decide(self, record: ClusterCa, vault: Vault, voter: bool) -> JoinServer | None:
+        """The join server to serve with now, or ``None`` (redirect joiners)."""
+        if not (record.ca_index and record.token_index):
+            file_ca = self._trust.file_ca
+            if file_ca is None:
+                return None
+            return self._serve(*file_ca)
+        if not (voter and vault.complete and vault.cert_pem == record.cert_pem):
+            return None
+        ca = self._vault_ca(vault)
+        if ca is None:
+            return None
+        return self._serve(ca, JoinToken(ca.fingerprint, vault.token_secret))
+
+    def _vault_ca(self, vault: Vault) -> CertificateAuthority | None:
+        material = (vault.cert_pem, vault.key_pem)
+        if self._loaded is not None and self._loaded[0] == material:
+            return self._loaded[1]
+        ca: CertificateAuthority | None = None
+        try:
+            cert, key = load_cert_pem(vault.cert_pem), load_key_pem(vault.key_pem)
+            if cert.public_key() != key.public_key():
+                raise ConfigError("the CA key does not match the CA certificate")
+            ca = CertificateAuthority(cert, key)
+        except MeshError as exc:
+            LOGGER.error("ca_material_unusable node=%s reason=%s; this voter does not issue "
+                         "certificates (the others do)", self._name, exc)
+        self._loaded = (material, ca)
+        return ca
+
+    def _serve(self, ca: CertificateAuthority, token: JoinToken) -> JoinServer:
+        server = self._server
+        if server is None or server.token.ca_fingerprint != ca.fingerprint:
+            server = self._server = JoinServer(ca, token, self._trust.keyring,
+                                               self._wall_clock, node=self._name)
+        elif server.token != token:
+            server.rotate_token(token)
+        return server
+
+
 def issuers(core: Membership) -> list[Addr]:
-    """Addresses of alive members that hold the CA key (serve joins and renewals)."""
+    """Addresses of alive members that issue certificates (serve joins and
+    renewals)."""
     return [m.addr for m in core.members()
             if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict]
 
@@ -386,11 +473,9 @@ def join_metrics(server: JoinServer) -> list[Metric]:
     ]
 
 
-async def record_issued(trust: Trust) -> None:
-    """Move certificates the join server issued into the registry (after each join)."""
-    if trust.join_server is None or trust.issued is None:
-        return
-    for cert in trust.join_server.poll_issued():
+async def record_issued(trust: Trust, server: JoinServer) -> None:
+    """Move certificates ``server`` issued into the registry (after each join)."""
+    for cert in server.poll_issued():
         await trust.issued.record(cert.name, cert.serial)
         LOGGER.info("certificate_issued name=%s serial=%x renewal=%s", cert.name, cert.serial,
                     cert.renewal)
@@ -475,29 +560,44 @@ async def fan_out(trust: Trust, core: Membership, method: str, params: dict[str,
     return dict(sorted(results.items()))
 
 
-Deny = Callable[[list[str], NodeId, str], Awaitable[list[int]]]
-Issued = Callable[[NodeId], list[str]]
-"""The serials (hex) the replicated state records as issued to a node."""
-"""Commits serials (hex) of a node to the replicated deny list; returns log indexes."""
+class ReplicatedTrust(Protocol):
+    """What the security API needs of the replicated state (the node's replica)."""
+
+    def issued_serials(self, node: NodeId) -> list[str]:
+        """The serials (hex) the replicated state records as issued to ``node``."""
+
+    async def deny(self, serials: list[str], node: NodeId, reason: str) -> list[int]:
+        """Commit serials (hex) of ``node`` to the deny list; returns log indexes."""
+
+    async def write_command(self, command: Command) -> dict[str, Any]:
+        """Commit ``command`` through the leader; returns its result."""
+
+    def cluster_ca(self) -> ClusterCa:
+        """The CA record of the local replica."""
+
+    async def call_leader(self, method: str, params: dict[str, Any]) -> Any:
+        """Call an API method on the Raft leader."""
 
 
 class SecurityApi:
     """API methods for tokens, gossip keys and node removal.
 
-    ``keys_*`` are cluster-wide: they fan out over ``mesh-rpc/1`` to every alive
-    member, which applies ``keys_local``; the answer lists the outcome per node, so a
-    person sees exactly which node missed a change. ``node_rm`` commits the node's
-    serials to the replicated deny list (every node applies it, also one that was
-    down) and then rotates the gossip key without the node; it works on any node
-    (the serials come from the replicated state, and from this node's own registry
-    when it issued some).
+    ``token`` answers on a node that issues, and is forwarded to the Raft leader
+    elsewhere; ``token_rotate`` commits a new token through Raft (any node), and
+    every issuer serves it once it applies the entry. ``keys_*`` are cluster-wide:
+    they fan out over ``mesh-rpc/1`` to every alive member, which applies
+    ``keys_local``; the answer lists the outcome per node, so a person sees exactly
+    which node missed a change. ``node_rm`` commits the node's serials to the
+    replicated deny list (every node applies it, also one that was down) and then
+    rotates the gossip key without the node; it works on any node (the serials come
+    from the replicated state, and from this node's own registry when it issued
+    some).
     """
 
-    def __init__(self, trust: Trust, core: Membership, deny: Deny, issued: Issued) -> None:
+    def __init__(self, trust: Trust, core: Membership, replica: ReplicatedTrust) -> None:
         self._trust = trust
         self._core = core
-        self._deny = deny
-        self._issued = issued
+        self._replica = replica
 
     def handlers(self) -> dict[str, api.Handler]:
         """The methods, by name."""
@@ -512,36 +612,37 @@ class SecurityApi:
             "node_rm": self.node_rm,
         }
 
-    def _join_server(self) -> JoinServer:
-        if self._trust.join_server is None:
-            issuers = sorted(m.node for m in self._core.members()
-                             if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict)
-            raise api.ApiError("this node holds no CA key; ask a node that does: "
-                               + (", ".join(issuers) or "none is alive"))
-        return self._join_server_checked()
-
-    def _join_server_checked(self) -> JoinServer:
-        assert self._trust.join_server is not None
-        return self._trust.join_server
-
-    async def token(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The current join token and the command to join with it."""
-        server = self._join_server()
+    def _answer(self, token: JoinToken) -> dict[str, Any]:
         me = self._core.member(self._core.me)
         assert me is not None
-        return {"token": str(server.token),
-                "join_command": f"meshd start --join {me.addr} --token {server.token}"}
+        return {"token": str(token),
+                "join_command": f"meshd start --join {me.addr} --token {token}"}
+
+    async def token(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The current join token and the command to join with it (from the Raft
+        leader when this node does not issue)."""
+        server = self._trust.join_server
+        if server is not None:
+            return self._answer(server.token)
+        if params.get("forwarded"):
+            raise api.ApiError("the Raft leader does not issue certificates yet (the CA is "
+                               "not in its Raft log); retry in a few seconds")
+        answer: dict[str, Any] = await self._replica.call_leader(
+            "token", {**params, "forwarded": True})
+        return answer
 
     async def token_rotate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Issue a new join token; the old one stops working at once."""
-        from mesh.security.token import new_token
-
-        server = self._join_server()
-        fresh = new_token(server.token.ca_fingerprint, os.urandom)
-        await trio.to_thread.run_sync(tls.save_token, self._trust.data_dir, fresh)
-        server.rotate_token(fresh)
+        """Commit a new join token; the old one stops working as soon as each
+        issuer applies the entry (within a heartbeat)."""
+        record = self._replica.cluster_ca()
+        if not record.ca_index:
+            raise api.ApiError("the cluster CA is not recorded in Raft yet (the node that "
+                               "created the cluster records it once it leads); retry in a few "
+                               "seconds")
+        fresh = new_token(ca_fingerprint(load_cert_pem(record.cert_pem)), os.urandom)
+        await self._replica.write_command(TokenSet(fresh.secret))
         LOGGER.warning("join_token_rotated node=%s", self._core.me)
-        return await self.token(params)
+        return self._answer(fresh)
 
     # --- gossip keys -----------------------------------------------------------
 
@@ -624,13 +725,15 @@ class SecurityApi:
             raise api.ApiError("name the node to remove")
         if name == self._core.me:
             raise api.ApiError("a node cannot remove itself; run `meshctl node rm` on another")
-        local = self._trust.issued.serials_of(name) if self._trust.issued is not None else []
-        hex_serials = sorted({*self._issued(NodeId(name)), *(f"{s:x}" for s in local)})
+        local = self._trust.issued.serials_of(name)
+        hex_serials = sorted({*self._replica.issued_serials(NodeId(name)),
+                              *(f"{s:x}" for s in local)})
         if not hex_serials:
             raise api.ApiError(f"no certificate issued to {name!r} is recorded; check the "
                                "name with `meshctl members`")
         try:
-            indexes = await self._deny(hex_serials, NodeId(name), "removed with meshctl node rm")
+            indexes = await self._replica.deny(hex_serials, NodeId(name),
+                                               "removed with meshctl node rm")
         except api.ApiError as exc:
             raise api.ApiError(f"revoking {name} was not committed ({exc}); nothing changed, "
                                "retry") from None

@@ -50,12 +50,27 @@ the key's ``mod_index``, delete), node overrides (drain, labels), the deny
 list of certificate serials, services (a spec blob with versions),
 allocations (the committed placement plan plus the status each node reports
 for its own allocations), the cluster configuration (:class:`ClusterConfig`:
-the voter count, set with an optional compare-and-swap) and, of the CA material
-(72-79), the registry of the certificates the CA issued (:class:`CertIssued`:
-what ``meshctl node rm`` revokes); the CA key itself is not in the state yet.
-A snapshot carries these two in a tenth field, a map of later sections, only
-once one is not empty, so images of clusters that use neither stay readable by
-older versions.
+the voter count, set with an optional compare-and-swap) and the CA material
+(72-79): the registry of the certificates the CA issued (:class:`CertIssued`:
+what ``meshctl node rm`` revokes), the CA (:class:`CaSet`) and the join token
+(:class:`TokenSet`). A snapshot carries these in a tenth field, a map of later
+sections, only once one is not empty, so images of clusters that use none of
+them stay readable by older versions.
+
+Secrets
+-------
+
+:class:`CaSet` carries the CA's private key and :class:`TokenSet` the join
+token's secret, so that every Raft member can issue certificates and no node is
+special. Those two secrets must reach the Raft members only, never the watchers
+(every other node), yet every replica must agree on the state. So the state
+records only the public part (:class:`ClusterCa`: the CA certificate and the
+indexes of the two entries) and the same rules decide both commands without
+looking at the secrets. The secrets go to a :class:`~mesh.raft.vault.Vault`,
+which the node's Raft feed fills (:class:`~mesh.raft.watch.StateGate`) and Raft
+snapshots carry (``snapshot(vault=...)``); the watch stream sends
+redacted entries (:func:`redact`) and images without the vault. A redacted command has
+the same kind, request id and public fields, hence the same effect and result.
 
 Services and allocations
 ------------------------
@@ -158,6 +173,10 @@ MAX_PLAN_OPS: Final = 4096
 MAX_REPORTS: Final = 4096
 MAX_MESSAGE_BYTES: Final = 512
 MAX_PORTS: Final = 64
+MAX_PEM_BYTES: Final = 16 * 1024
+"""Largest CA certificate or key (PEM) in :class:`CaSet`."""
+TOKEN_SECRET_BYTES: Final = 32
+"""A join token's secret (:data:`mesh.security.token.SECRET_BYTES`)."""
 
 ALLOC_STATES: Final = frozenset(
     {"pending", "starting", "running", "exited", "complete", "failed", "stopped"}
@@ -188,6 +207,8 @@ class CommandKind(enum.IntEnum):
     ALLOC_REPORT = 49
     CONFIG_SET = 64
     CERT_ISSUED = 72
+    CA_SET = 73
+    TOKEN_SET = 74
     BATCH = 96
 
 
@@ -211,6 +232,7 @@ class Table(enum.Enum):
     ALLOC = "alloc"
     CONFIG = "config"
     CERT = "cert"
+    CA = "ca"
 
 
 # --------------------------------------------------------------------------- records
@@ -408,11 +430,35 @@ class IssuedCert:
         return {"serial": self.serial, "node": self.node, "mod_index": self.mod_index}
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterCa:
+    """The cluster CA as every replica records it: its certificate and which log
+    entries set it and the current join token. The CA's private key and the
+    token's secret are not here: they live in the :class:`~mesh.raft.vault.Vault`
+    of Raft members only (see "Secrets" in the module docstring)."""
+
+    cert_pem: bytes = b""
+    """The CA certificate (PEM; empty: no CA recorded yet)."""
+    ca_index: int = 0
+    """Log index that recorded the CA (0: none)."""
+    token_index: int = 0
+    """Log index of the current join token (0: none recorded; the CAS token of
+    :class:`TokenSet`)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-ready form."""
+        return {"cert_pem": self.cert_pem.decode("ascii", "replace"),
+                "ca_index": self.ca_index, "token_index": self.token_index}
+
+
 CONFIG_KEY: Final = "cluster"
 """The key of the cluster configuration's changes (there is one record)."""
 
+CA_KEY: Final = "ca"
+"""The key of the cluster CA record's changes (there is one record)."""
+
 Record: TypeAlias = (KvEntry | NodeOverride | DenyEntry | ServiceRecord | AllocRecord
-                     | ClusterConfig | IssuedCert)
+                     | ClusterConfig | IssuedCert | ClusterCa)
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,6 +680,61 @@ class CertIssued(_Command):
     def _validate(self) -> None:
         _serial(self.serial)
         _node(self.node)
+
+
+@dataclass(frozen=True, slots=True)
+class CaSet(_Command):
+    """Record the cluster CA: its certificate and private key (PEM). Set once:
+    a second one with another certificate fails (meshd does not rotate its CA);
+    the same certificate again is a no-op.
+
+    ``key_pem`` is a secret: empty in the copy watchers receive (:func:`redact`)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.CA_SET
+    cert_pem: bytes
+    key_pem: bytes = b""
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.cert_pem, self.key_pem]
+
+    def _validate(self) -> None:
+        if not self.cert_pem:
+            raise _Invalid("the CA certificate is empty")
+        _bytes(self.cert_pem, "cert_pem", MAX_PEM_BYTES)
+        _bytes(self.key_pem, "key_pem", MAX_PEM_BYTES)
+
+    def redacted(self) -> CaSet:
+        """This command without its secret."""
+        return replace(self, key_pem=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet(_Command):
+    """Make ``secret`` the join token's secret (the token names the recorded CA).
+
+    ``cas``: ``None`` writes unconditionally (``meshctl token rotate``);
+    otherwise only if the token's ``token_index`` is ``cas`` (0: the first token
+    of a cluster whose CA was just recorded). Fails while no CA is recorded.
+
+    ``secret`` is a secret: empty in the copy watchers receive (:func:`redact`)."""
+
+    KIND: ClassVar[CommandKind] = CommandKind.TOKEN_SET
+    secret: bytes
+    cas: int | None = None
+    request_id: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [self.secret, self.cas]
+
+    def _validate(self) -> None:
+        if len(_bytes(self.secret, "secret", TOKEN_SECRET_BYTES)) not in (0, TOKEN_SECRET_BYTES):
+            raise _Invalid(f"a join token secret is {TOKEN_SECRET_BYTES} bytes")
+        _cas(self.cas)
+
+    def redacted(self) -> TokenSet:
+        """This command without its secret."""
+        return replace(self, secret=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,7 +970,7 @@ class Batch(_Command):
 
 Command: TypeAlias = (KvPut | KvDelete | NodeSet | NodeClear | DenyAdd | DenyRemove
                       | ServicePut | ServiceDelete | ServiceRollout | AllocPlan | AllocReport
-                      | ConfigSet | CertIssued | Batch)
+                      | ConfigSet | CertIssued | CaSet | TokenSet | Batch)
 
 Applied: TypeAlias = Result | tuple[Result, ...] | None
 """What :meth:`MeshState.apply` returns for one entry: a command's result, one
@@ -980,6 +1081,12 @@ def _parse_command(raw: Any, *, batch_ok: bool) -> Command:
         elif ck is CommandKind.CERT_ISSUED:
             serial, node = _array(fields, 2, "cert_issued")
             cmd = CertIssued(_serial(serial), _node(node), rid)
+        elif ck is CommandKind.CA_SET:
+            cert_pem, key_pem = _array(fields, 2, "ca_set")
+            cmd = CaSet(cert_pem, key_pem, rid)
+        elif ck is CommandKind.TOKEN_SET:
+            secret, cas = _array(fields, 2, "token_set")
+            cmd = TokenSet(secret, _cas(cas), rid)
         elif ck is CommandKind.SERVICE_PUT:
             name, spec, restart, cas = _array(fields, 4, "service_put")
             cmd = ServicePut(_service(name), _bytes(spec, "spec", MAX_SPEC_BYTES),
@@ -1032,6 +1139,34 @@ def _parse_batched(raw_cmds: list[Any]) -> tuple[KvPut | KvDelete, ...]:
 
 _KV_PUT_KIND: Final = int(CommandKind.KV_PUT)
 
+_LATER_SECTIONS: Final = frozenset({"config", "issued", "ca", "vault"})
+
+_SECRET_KINDS: Final = frozenset({int(CommandKind.CA_SET), int(CommandKind.TOKEN_SET)})
+
+
+def carries_secrets(entry: Entry) -> bool:
+    """Whether ``entry`` may hold a command with secrets (:class:`CaSet`,
+    :class:`TokenSet`). Cheap: a command's kind is its third byte (the array
+    header and the format are one byte each; these kinds are positive fixints)."""
+    data = entry.data
+    return len(data) > 2 and data[2] in _SECRET_KINDS and entry.kind is EntryKind.NORMAL
+
+
+def redact(entry: Entry) -> Entry:
+    """``entry`` as a node outside the Raft group receives it: a command that
+    carries secrets is re-encoded without them (same kind, request id and public
+    fields, so it has the same effect on :class:`MeshState` and the same result);
+    one that does not decode keeps only its first bytes, which do not decode
+    either. Any other entry is returned as it is."""
+    if not carries_secrets(entry):
+        return entry
+    try:
+        cmd = decode_command(entry.data)
+    except RemoteProtocolError:
+        return replace(entry, data=entry.data[:3])
+    assert isinstance(cmd, (CaSet, TokenSet))
+    return replace(entry, data=cmd.redacted().encode())
+
 
 # --------------------------------------------------------------------------- the state
 
@@ -1059,6 +1194,7 @@ class MeshState:
         """The last allocation number handed out (ids are never reused)."""
         self._config = ClusterConfig()
         self._issued: dict[str, IssuedCert] = {}
+        self._ca = ClusterCa()
         self._dedup: OrderedDict[bytes, Result] = OrderedDict()
         self._events: deque[Change] = deque()
         self._events_floor = 0
@@ -1071,6 +1207,8 @@ class MeshState:
         self._ok = Result(ResultCode.OK, 0)
         """The result of a successful put at ``_ok.index`` (the puts of a batch
         share it)."""
+        self._vault_section: list[bytes] | None = None
+        """Set on a state decoded from an image only (see :meth:`restore`)."""
         self._expected: OrderedDict[bytes, Command] = OrderedDict()
         """Commands this node built or validated, by their encoded bytes (see
         :meth:`expect`)."""
@@ -1131,6 +1269,10 @@ class MeshState:
     def issued_certs(self) -> list[IssuedCert]:
         """Every certificate recorded as issued, by serial."""
         return [self._issued[s] for s in sorted(self._issued)]
+
+    def cluster_ca(self) -> ClusterCa:
+        """The cluster CA record (empty until the CA is recorded)."""
+        return self._ca
 
     def issued_to(self, node: NodeId) -> list[IssuedCert]:
         """The certificates recorded as issued to ``node``, by serial."""
@@ -1365,6 +1507,10 @@ class MeshState:
             cert = self._issued[cmd.serial] = IssuedCert(cmd.serial, cmd.node, index)
             self._record(Change(index, Table.CERT, cmd.serial, cert))
             return Result(ResultCode.OK, index, index)
+        if isinstance(cmd, CaSet):
+            return self._ca_set(cmd, index)
+        if isinstance(cmd, TokenSet):
+            return self._token_set(cmd, index)
         if isinstance(cmd, AllocPlan):
             for op in cmd.ops:
                 self._plan_op(op, index)
@@ -1393,6 +1539,30 @@ class MeshState:
             return Result(ResultCode.OK, index, cur.mod_index)
         self._config = ClusterConfig(voters, index)
         self._record(Change(index, Table.CONFIG, CONFIG_KEY, self._config))
+        return Result(ResultCode.OK, index, index)
+
+    def _ca_set(self, cmd: CaSet, index: int) -> Result:
+        cur = self._ca
+        if cur.ca_index:
+            if cur.cert_pem == cmd.cert_pem:
+                return Result(ResultCode.OK, index, cur.ca_index)
+            return Result(ResultCode.CAS_FAILED, index, cur.ca_index,
+                          f"the cluster CA was recorded at index {cur.ca_index} with another "
+                          "certificate; meshd does not replace its CA")
+        self._ca = ClusterCa(cmd.cert_pem, index, 0)
+        self._record(Change(index, Table.CA, CA_KEY, self._ca))
+        return Result(ResultCode.OK, index, index)
+
+    def _token_set(self, cmd: TokenSet, index: int) -> Result:
+        cur = self._ca
+        if not cur.ca_index:
+            return Result(ResultCode.CAS_FAILED, index, 0,
+                          "no cluster CA is recorded yet, so a join token cannot name it")
+        if cmd.cas is not None and cmd.cas != cur.token_index:
+            return Result(ResultCode.CAS_FAILED, index, cur.token_index,
+                          f"the join token is at index {cur.token_index}, not {cmd.cas}")
+        self._ca = replace(cur, token_index=index)
+        self._record(Change(index, Table.CA, CA_KEY, self._ca))
         return Result(ResultCode.OK, index, index)
 
     def _service_put(self, cmd: ServicePut, index: int) -> Result:
@@ -1451,8 +1621,17 @@ class MeshState:
 
     # ------------------------------------------------------------------ snapshots
 
-    def snapshot(self) -> bytes:
-        """The whole state as bytes (deterministic: same state, same bytes)."""
+    def snapshot(self, vault: list[bytes] | None = None) -> bytes:
+        """The whole state as bytes (deterministic: same state, same bytes).
+
+        Args:
+            vault: the secrets a Raft snapshot carries besides the state
+                (:meth:`mesh.raft.vault.Vault.section`); ``None`` for an image
+                that leaves the node's Raft group (a watcher's).
+        """
+        later = self._later_sections()
+        if vault is not None:
+            later["vault"] = vault
         return wire.pack_body(
             [
                 SNAPSHOT_FORMAT,
@@ -1470,8 +1649,7 @@ class MeshState:
                 self._alloc_seq,
                 # Later sections, only when not empty: an image without them stays
                 # readable by older versions.
-                *([self._later_sections()] if self._config.mod_index or self._issued
-                  else []),
+                *([later] if later else []),
             ]
         )
 
@@ -1482,10 +1660,16 @@ class MeshState:
         if self._issued:
             out["issued"] = [[c.serial, c.node, c.mod_index]
                              for c in sorted(self._issued.values(), key=lambda c: c.serial)]
+        if self._ca.ca_index:
+            out["ca"] = [self._ca.cert_pem, self._ca.ca_index, self._ca.token_index]
         return out
 
-    def restore(self, data: bytes, index: int) -> None:
+    def restore(self, data: bytes, index: int) -> list[bytes] | None:
         """Replace the whole state with a snapshot image taken at ``index``.
+
+        Returns:
+            The image's vault section (what ``snapshot(vault=...)`` was given;
+            ``None`` if it has none): the caller that keeps the vault restores it.
 
         Raises:
             StorageError: the image is malformed or not taken at ``index``; the
@@ -1512,20 +1696,22 @@ class MeshState:
         self._alloc_seq = fresh._alloc_seq
         self._config = fresh._config
         self._issued = fresh._issued
+        self._ca = fresh._ca
         self._dedup = fresh._dedup
         self._events = deque()
         self._events_floor = index
         self._table_floor = dict.fromkeys(Table, index)
         self._table_changed = dict.fromkeys(Table, index)  # anything may have changed
+        return fresh._vault_section
 
     def _decode_snapshot(self, data: bytes) -> MeshState:
         raw = wire.unpack_body(data, max(len(data), 1))
         later: Any = {}
         if isinstance(raw, list) and len(raw) == 10:
             *raw, later = raw
-            if not isinstance(later, dict) or not set(later) <= {"config", "issued"}:
-                raise _Invalid("the snapshot's later sections must be a map of config and "
-                               "issued")
+            if not isinstance(later, dict) or not set(later) <= _LATER_SECTIONS:
+                raise _Invalid("the snapshot's later sections must be a map of "
+                               + ", ".join(sorted(_LATER_SECTIONS)))
         fmt, applied, kv, nodes, deny, dedup, services, allocs, seq = _array(raw, 9, "snapshot")
         if fmt != SNAPSHOT_FORMAT:
             raise _Invalid(f"snapshot format {fmt!r:.20} is not {SNAPSHOT_FORMAT}")
@@ -1591,6 +1777,15 @@ class MeshState:
             serial, node, mod = _array(item, 3, "issued certificate")
             s = _serial(serial)
             st._issued[s] = IssuedCert(s, _node(node), _uint(mod, "mod"))
+        if "ca" in later:
+            cert_pem, ca_index, token_index = _array(later["ca"], 3, "cluster CA")
+            st._ca = ClusterCa(_bytes(cert_pem, "cert_pem", MAX_PEM_BYTES),
+                               _uint(ca_index, "ca_index"), _uint(token_index, "token_index"))
+        if "vault" in later:
+            cert_pem, key_pem, secret = _array(later["vault"], 3, "vault")
+            st._vault_section = [_bytes(cert_pem, "vault cert", MAX_PEM_BYTES),
+                                 _bytes(key_pem, "vault key", MAX_PEM_BYTES),
+                                 _bytes(secret, "vault secret", TOKEN_SECRET_BYTES)]
         return st
 
     def digest(self) -> str:
@@ -1806,6 +2001,8 @@ def iter_records(state: MeshState) -> Iterable[tuple[Table, str, Record]]:
         yield Table.CONFIG, CONFIG_KEY, state.cluster_config()
     for c in state.issued_certs():
         yield Table.CERT, c.serial, c
+    if state.cluster_ca().ca_index:
+        yield Table.CA, CA_KEY, state.cluster_ca()
 
 
 __all__: Sequence[str] = (
@@ -1814,7 +2011,9 @@ __all__: Sequence[str] = (
     "AllocPlan",
     "AllocRecord",
     "AllocReport",
+    "CaSet",
     "CertIssued",
+    "ClusterCa",
     "ClusterConfig",
     "Command",
     "CommandKind",
@@ -1843,6 +2042,9 @@ __all__: Sequence[str] = (
     "ServiceRollout",
     "StopOp",
     "Table",
+    "TokenSet",
+    "carries_secrets",
     "decode_command",
     "iter_records",
+    "redact",
 )

@@ -462,7 +462,13 @@ last segment, reopened), ``"ab"`` (a torn tail cut off) or ``"wb"`` (snapshot te
 
 
 def _default_open(path: str, mode: str) -> WalFile:
-    return io.FileIO(path, mode)
+    return io.FileIO(path, mode, opener=_private)
+
+
+def _private(path: str, flags: int) -> int:
+    """Create files readable by their owner only: the log of a Raft member holds the
+    cluster's CA key (:mod:`mesh.raft.vault`)."""
+    return os.open(path, flags, 0o600)
 
 
 def _encode_record(payload: bytes) -> bytes:
@@ -521,7 +527,8 @@ class FileStorage(MemoryStorage):
         self._marker_seq = 0
         """Segment holding the record of the latest snapshot (0: none yet)."""
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dir.chmod(0o700)  # private also where an older version made it 0755
             self._recover()
         except OSError as exc:
             raise StorageError(f"cannot open raft storage in {self._dir}: {exc}") from exc

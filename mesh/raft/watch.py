@@ -95,7 +95,16 @@ from typing import Any, Final
 
 from mesh.errors import ConfigError, RemoteProtocolError
 from mesh.raft.messages import MAX_INDEX, Entry, EntryKind
-from mesh.raft.state import Applied, MeshState
+from mesh.raft.state import (
+    Applied,
+    CaSet,
+    MeshState,
+    TokenSet,
+    carries_secrets,
+    decode_command,
+    redact,
+)
+from mesh.raft.vault import Vault
 from mesh.types import NodeId
 
 MAX_NODES_ON_WIRE: Final = 1024
@@ -757,7 +766,12 @@ class StateGate:
     It is the Raft adapter's state machine (``applied_index``, ``apply``,
     ``snapshot``, ``restore`` are the adapter's view); the watch stream uses
     :meth:`watch_apply` and :meth:`watch_restore`. Every entry the readers'
-    state applies is also kept in ``buffer`` for the node's own watchers.
+    state applies is also kept in ``buffer`` for the node's own watchers,
+    redacted (:func:`~mesh.raft.state.redact`).
+
+    Only the Raft feed fills :attr:`vault` (the CA key and the join token's
+    secret), whichever feed reached the readers' state first, and only Raft
+    snapshots (:meth:`snapshot`) carry it: watchers never receive a secret.
 
     Args:
         state: the readers' state (at the adapter's index when the gate is made).
@@ -773,6 +787,8 @@ class StateGate:
         self._term_of = term_of
         self._raft_applied = state.applied_index
         self._term = buffer.last_term
+        self.vault = Vault()
+        """The secrets the Raft feed gave this node (Raft members only)."""
         self._base: bytes | None = None
         """Image of the state at the adapter's index, while the readers are ahead."""
         self._shadow: MeshState | None = None
@@ -828,6 +844,8 @@ class StateGate:
             result = self._state.apply(entry)
             self._kept(entry)
             self._c["raft_applied"] += 1
+            if carries_secrets(entry):
+                self._take_secrets(entry, result)
             return result
         # Behind the readers, who have this entry: keep the shadow exact (its
         # snapshots and the results it returns are the adapter's).
@@ -838,16 +856,25 @@ class StateGate:
         self._c["skipped"] += 1
         if self.raft_behind == 0:
             self._shadow = None
+        if carries_secrets(entry):
+            self._take_secrets(entry, result)
         return result
 
+    def _take_secrets(self, entry: Entry, result: Applied) -> None:
+        try:
+            command = decode_command(entry.data)
+        except RemoteProtocolError:
+            return  # invalid on every replica: nothing to keep
+        assert isinstance(command, (CaSet, TokenSet))
+        self.vault.take(command, result)
+
     def snapshot(self) -> bytes:
-        """The state at the adapter's index (for Raft's log compaction)."""
+        """The state at the adapter's index, with the vault (for Raft's log
+        compaction; never sent to watchers)."""
+        vault = self.vault.section()
         if self.raft_behind == 0:
-            return self._state.snapshot()
-        if self._shadow is not None:
-            return self._shadow.snapshot()
-        assert self._base is not None
-        return self._base
+            return self._state.snapshot(vault)
+        return self._shadow_state().snapshot(vault)
 
     def restore(self, data: bytes, index: int) -> None:
         """The adapter restores a snapshot taken at ``index``.
@@ -856,14 +883,14 @@ class StateGate:
             StorageError: the image is malformed (nothing changed).
         """
         if index > self._state.applied_index:
-            self._state.restore(data, index)
+            self.vault.restore(self._state.restore(data, index))
             self._raft_applied = index
             self._base = self._shadow = None
             self._reset_buffer(index, self._term_of(index) or 0)
             self._c["raft_restores"] += 1
             return
         shadow = MeshState()
-        shadow.restore(data, index)
+        self.vault.restore(shadow.restore(data, index))
         self._raft_applied = index
         self._c["skipped"] += 1
         if index == self._state.applied_index:
@@ -927,7 +954,7 @@ class StateGate:
         return self._shadow
 
     def _kept(self, entry: Entry) -> None:
-        self._buffer.append(entry)
+        self._buffer.append(redact(entry))
         self._term = entry.term
 
     def _reset_buffer(self, index: int, term: int) -> None:
