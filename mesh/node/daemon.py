@@ -72,8 +72,7 @@ from mesh.node.orchestrate import DRIVER_LABEL
 from mesh.node.replica import Replica, ReplicaSettings
 from mesh.node.services import CatalogFeed, ServiceApi
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import CaSet, CertIssued, ClusterCa, Command, Table, TokenSet
-from mesh.raft.vault import Vault
+from mesh.raft.state import CaSet, CertIssued, Command, Table, TokenSet
 from mesh.security.pki import CertificateAuthority, WallClock, cert_to_pem, key_to_pem
 from mesh.security.token import JoinToken
 from mesh.types import Addr, AllocId, NodeId
@@ -547,7 +546,7 @@ async def _follow_ca(node: Node, issuing: trust.Issuing, meta: Callable[[bool], 
     membership."""
     replica, credentials = node.replica, node.trust
     assert replica is not None
-    written = tls.load_token(node.config.data_dir) if credentials.file_ca else None
+    written = credentials.file_ca[1] if credentials.file_ca else None  # DIR/join-token
     while True:
         server = issuing.decide(replica.state.cluster_ca(), replica.gate.vault,
                                 replica.membership() == "voter")
@@ -685,10 +684,8 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
             return Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
                               config.cpu_millis, config.memory_bytes, config.role, ports)
 
-        issuing = trust.Issuing(credentials, config.name, wall_clock)
-        credentials.join_server = issuing.decide(ClusterCa(), Vault(), False)
-        core = Membership(config.gossip, config.name, config.advertise,
-                          meta(credentials.join_server is not None), rng, trio.current_time())
+        core = Membership(config.gossip, config.name, config.advertise, meta(False), rng,
+                          trio.current_time())
         adapter = GossipAdapter(core, UdpTransport(udp), credentials.gossip_dialer(),
                                 credentials.codec)
         node = Node(config, adapter, credentials)
@@ -707,6 +704,10 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 await nursery.start(adapter.run)
                 await nursery.start(node.tls_server.serve, [tcp])
                 await node.replica.start(nursery)
+                # Issue (or not) from the replicated state restored from disk, before
+                # joining: the first node of a new cluster issues with its files.
+                nursery.start_soon(_follow_ca, node, trust.Issuing(credentials, config.name,
+                                                                   wall_clock), meta)
                 await nursery.start(node.events.run)
                 await nursery.start(driver.serve)
                 agent = Agent(node.replica, driver, config.advertise.host,
@@ -731,7 +732,6 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
                 nursery.start_soon(trust.renew_forever, credentials, core, config, wall_clock,
                                    random.Random(rng.getrandbits(64)))
                 nursery.start_soon(_replicate_issued, credentials.issued, node.replica)
-                nursery.start_soon(_follow_ca, node, issuing, meta)
                 if credentials.file_ca is not None:
                     nursery.start_soon(_record_ca, node, *credentials.file_ca)
                 task_status.started(node)
