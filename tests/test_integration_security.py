@@ -142,6 +142,8 @@ def test_token_rotation_refuses_the_old_token_and_keeps_members(trio3: Cluster,
     assert rotated.returncode == 0, rotated.stderr
     new = json.loads(rotated.stdout)["token"]
     assert new != old
+    # It returned once every issuer served the new token (n0 only, so far).
+    assert json.loads(rotated.stdout)["issuers"] == {"n0": "serving"}
     # The issuer applies the new token and keeps DIR/join-token current.
     trio3.wait_until(lambda: trio3["n0"].join_token() == new, 10,
                      "n0 to serve the rotated token")
@@ -262,7 +264,10 @@ def test_every_voter_issues_and_nodes_join_after_the_first_node_is_gone(
             lambda: (r := meshctl("token", "rotate", "--json", socket=n1)).returncode == 0
             and r, 30, "a new leader to commit the rotated token")
         new = json.loads(rotated.stdout)["token"]
-        cluster.wait_until(lambda: n2.join_token() == new, 10, "n2 to serve the new token")
+        states = json.loads(rotated.stdout)["issuers"]
+        assert {n: states[n] for n in ("n1", "n2")} == {"n1": "serving", "n2": "serving"}
+        assert states.get("n0", "unreachable") == "unreachable"  # killed, maybe not yet dead
+        cluster.wait_until(lambda: n2.join_token() == new, 10, "n2 to write the new token")
         err = meshd_fails("--data-dir", str(tmp_path / "late"), "--bind", "127.0.0.128:17946",
                           "--name", "late", "--join", n2.addr, "--token", old,
                           "--gossip-profile", "local")

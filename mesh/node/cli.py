@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     members.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info = sub.add_parser("info", help="show this node's identity and health")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    token = sub.add_parser("token", help="show the join token (on a CA-holding node)")
+    token = sub.add_parser("token", help="show the join token")
     token.add_argument("action", nargs="?", choices=["show", "rotate"], default="show",
-                       help="rotate: issue a new token; the old one stops working")
+                       help="rotate: issue a new token; the old one stops working (the "
+                       "command waits until every issuer serves the new one)")
     token.add_argument("--json", action="store_true", help="print JSON")
     keys = sub.add_parser("keys", help="gossip encryption keys, on every member at once")
     keys.add_argument("action", choices=["list", "install", "use", "remove"])
@@ -256,7 +257,17 @@ async def _run(args: argparse.Namespace) -> str | None:
             return json.dumps(result, indent=2)
         lead = "new join token (the old one no longer works):" if args.action == "rotate" \
             else "join token:"
-        return f"{lead}\n  {result['token']}\njoin a node with:\n  {result['join_command']}"
+        text = f"{lead}\n  {result['token']}\njoin a node with:\n  {result['join_command']}"
+        issuers = result.get("issuers", {})
+        unreachable = sorted(n for n, st in issuers.items() if st == "unreachable")
+        if unreachable:
+            text += f"\nissuers not reachable (they admit nobody now): {', '.join(unreachable)}"
+        behind = sorted(n for n, st in issuers.items() if st == "old token")
+        if behind:
+            raise PartialFailure(text + f"\nstill serving the old token: {', '.join(behind)} "
+                                 "(until they apply the rotation; see `meshctl raft status` "
+                                 "there)", "some issuers do not serve the new token yet")
+        return text
     if args.command == "keys":
         params = {"key": args.key} if args.key else {}
         if args.action in ("use", "remove") and not args.key:

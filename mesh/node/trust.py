@@ -111,6 +111,13 @@ RENEW_RETRY_S = 60.0
 MAX_RENEW_ATTEMPTS = 24 * 60
 """Attempts before rescheduling from the (unchanged) certificate: a day of retries."""
 
+ROTATE_CONFIRM_S = 5.0
+"""How long ``meshctl token rotate`` waits for every alive issuer to serve the new
+token (each applies the entry within a heartbeat or two)."""
+
+ROTATE_POLL_S = 0.1
+"""Pause between two rounds of asking the issuers that did not serve it yet."""
+
 
 def _write_json(path: Path, data: Any) -> None:
     tls.write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode(), 0o600)
@@ -578,6 +585,9 @@ class ReplicatedTrust(Protocol):
     async def call_leader(self, method: str, params: dict[str, Any]) -> Any:
         """Call an API method on the Raft leader."""
 
+    async def call_node(self, node: NodeId, method: str, params: dict[str, Any]) -> Any:
+        """Call an API method on another node."""
+
 
 class SecurityApi:
     """API methods for tokens, gossip keys and node removal.
@@ -632,8 +642,10 @@ class SecurityApi:
         return answer
 
     async def token_rotate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Commit a new join token; the old one stops working as soon as each
-        issuer applies the entry (within a heartbeat)."""
+        """Commit a new join token, then wait (up to :data:`ROTATE_CONFIRM_S`) until
+        every alive issuer serves it. ``issuers`` in the answer says, per issuer,
+        ``serving``, ``old token`` or ``unreachable``: when none says ``old token``,
+        the old token is refused everywhere and the new one accepted."""
         record = self._replica.cluster_ca()
         if not record.ca_index:
             raise api.ApiError("the cluster CA is not recorded in Raft yet (the node that "
@@ -642,7 +654,40 @@ class SecurityApi:
         fresh = new_token(ca_fingerprint(load_cert_pem(record.cert_pem)), os.urandom)
         await self._replica.write_command(TokenSet(fresh.secret))
         LOGGER.warning("join_token_rotated node=%s", self._core.me)
-        return self._answer(fresh)
+        return {**self._answer(fresh), "issuers": await self._serving(fresh)}
+
+    async def _serving(self, token: JoinToken) -> dict[str, str]:
+        """Per alive issuer: ``serving`` (``token``), ``old token`` or ``unreachable``,
+        asked again every :data:`ROTATE_POLL_S` until all serve it or
+        :data:`ROTATE_CONFIRM_S` passed. An unreachable issuer (down, and not yet
+        declared so) admits nobody, so it does not fail the rotation."""
+        text = str(token)
+        names = sorted(m.node for m in self._core.members()
+                       if m.status == Status.ALIVE and JOIN_PORT_NAME in m.meta.ports_dict)
+        states: dict[str, str] = dict.fromkeys(names, "old token")
+
+        async def ask(name: str) -> None:
+            if name == self._core.me:
+                server = self._trust.join_server
+                states[name] = "serving" if server is not None and server.token == token \
+                    else "old token"
+                return
+            try:
+                answer = await self._replica.call_node(NodeId(name), "token",
+                                                       {"forwarded": True})
+            except api.ApiError:
+                states[name] = "unreachable"
+                return
+            states[name] = "serving" if answer.get("token") == text else "old token"
+
+        with trio.move_on_after(ROTATE_CONFIRM_S):
+            while any(v != "serving" for v in states.values()):
+                async with trio.open_nursery() as nursery:
+                    for name in [n for n, v in states.items() if v != "serving"]:
+                        nursery.start_soon(ask, name)
+                if any(v != "serving" for v in states.values()):
+                    await trio.sleep(ROTATE_POLL_S)
+        return states
 
     # --- gossip keys -----------------------------------------------------------
 
