@@ -250,6 +250,18 @@ def test_node_infos_apply_overrides() -> None:
     assert info.availability is Availability.DRAIN
 
 
+def test_node_infos_leave_meshds_own_labels_out() -> None:
+    from mesh.gossip.core import MemberView
+    from mesh.gossip.messages import Meta, Status
+    from mesh.types import Addr
+
+    meta = Meta.build({"zone": "a", "meshd.driver": "process", "meshd.state": "2"}, 1000, 1)
+    m = MemberView(NodeId("n1"), Addr("127.0.0.2", 7946), 1, Status.ALIVE, meta, 0.0)
+    (info,) = node_infos([m], {})
+    assert info.labels == {"zone": "a"}  # a constraint cannot name meshd.state
+    assert info.attributes["driver"] == "process"
+
+
 def test_health_check_spec_allocs_wait_for_healthy_before_next_batch() -> None:
     c = Cluster()
     hs = HealthSpec(kind="tcp")

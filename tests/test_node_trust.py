@@ -324,3 +324,21 @@ async def test_a_vault_key_that_does_not_match_the_certificate_is_not_used(
     for _ in range(2):
         assert issuing.decide(_record(ca), vault, voter=True) is None
     assert sum("ca_material_unusable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_below_state_level_names_members_that_would_not_understand() -> None:
+    core = Membership(GossipConfig.local(), NodeId("a"), Addr("127.0.0.1", 7946),
+                      Meta.build({"meshd.state": "2"}), random.Random(1), 0.0)
+
+    def member(name: str, status: Status, labels: dict[str, str]) -> MemberState:
+        return MemberState(NodeId(name), Addr(f"127.0.0.{ord(name[0]) - 90}", 7946), 1,
+                           status, Meta.build(labels))
+
+    core.load_members([member("b", Status.ALIVE, {"meshd.state": "1"}),
+                       member("c", Status.ALIVE, {}),
+                       member("d", Status.DEAD, {"meshd.state": "2"}),
+                       member("f", Status.ALIVE, {"meshd.state": "3"}),
+                       member("g", Status.ALIVE, {"meshd.state": "x"})], 0.0)
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    assert trust.below_state_level(names, core, 2) == ["b", "c", "d", "e", "g"]
+    assert trust.below_state_level(["a", "f"], core, 2) == []

@@ -58,7 +58,6 @@ from mesh.node.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     GOSSIP_PROFILES,
-    RESERVED_LABEL_PREFIX,
     NodeConfig,
     choose_advertise,
     default_route_interfaces,
@@ -68,11 +67,11 @@ from mesh.node.driver import Driver, open_driver
 from mesh.node.entry import run_interruptible
 from mesh.node.events import EventLog
 from mesh.node.metrics import Metric, counter, gauge, render
-from mesh.node.orchestrate import DRIVER_LABEL
+from mesh.node.orchestrate import DRIVER_LABEL, STATE_LEVEL_LABEL, user_labels
 from mesh.node.replica import Replica, ReplicaSettings
 from mesh.node.services import CatalogFeed, ServiceApi
 from mesh.raft.config import RaftConfig
-from mesh.raft.state import CaSet, CertIssued, Command, Table, TokenSet
+from mesh.raft.state import STATE_LEVEL, CaSet, CertIssued, Command, Table, TokenSet
 from mesh.security.pki import CertificateAuthority, WallClock, cert_to_pem, key_to_pem
 from mesh.security.token import JoinToken
 from mesh.types import Addr, AllocId, NodeId
@@ -188,8 +187,7 @@ class Node:
             "address": str(m.addr),
             "status": m.status.label,
             "incarnation": m.incarnation,
-            "labels": {k: v for k, v in m.meta.labels_dict.items()
-                       if not k.startswith(RESERVED_LABEL_PREFIX)},
+            "labels": user_labels(m.meta),
             "driver": m.meta.labels_dict.get(DRIVER_LABEL, ""),
             "age": round(max(0.0, now - m.since), 3),
             "role": m.meta.role,
@@ -510,12 +508,14 @@ async def _replicate_issued(registry: trust.IssuedRegistry, replica: Replica) ->
 
 async def _record_ca(node: Node, ca: CertificateAuthority, token: JoinToken) -> None:
     """On the node whose files hold the CA (it created the cluster): commit the CA
-    and the join token to Raft, so that every voter can issue certificates. Once
-    both are recorded there is nothing to do (each write is idempotent or
-    conditional: a token rotated meanwhile is kept)."""
+    and the join token to Raft, so that every voter can issue certificates, once
+    every Raft member applies those commands (state level 2). Once both are
+    recorded there is nothing to do (each write is idempotent or conditional: a
+    token rotated meanwhile is kept)."""
     replica = node.replica
     assert replica is not None
     cert_pem = cert_to_pem(ca.cert)
+    waiting_for: list[str] = []
     while True:
         record = replica.state.cluster_ca()
         if record.ca_index and record.cert_pem != cert_pem:
@@ -525,6 +525,17 @@ async def _record_ca(node: Node, ca: CertificateAuthority, token: JoinToken) -> 
             return
         if record.ca_index and record.token_index:
             return
+        st = replica.status()
+        older = trust.below_state_level((*st["voters"], *st["learners"]), node.core,
+                                        STATE_LEVEL)
+        if older:
+            if older != waiting_for:
+                LOGGER.warning("ca_not_recorded node=%s reason=Raft members %s run an older "
+                               "meshd (or are not alive); this node issues alone until every "
+                               "member is upgraded", replica.raft.me, ",".join(older))
+            waiting_for = older
+            await _pause_after_failed_write(replica)
+            continue
         command: Command = CaSet(cert_pem, key_to_pem(ca.key)) if not record.ca_index \
             else TokenSet(token.secret, cas=0)
         try:
@@ -681,7 +692,8 @@ async def run_node(config: NodeConfig, *, token: JoinToken | None = None,
             ports = {"gossip": config.advertise.port}
             if issuing:
                 ports[trust.JOIN_PORT_NAME] = config.advertise.port
-            return Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name},
+            return Meta.build({**dict(config.labels), DRIVER_LABEL: driver.name,
+                               STATE_LEVEL_LABEL: str(STATE_LEVEL)},
                               config.cpu_millis, config.memory_bytes, config.role, ports)
 
         core = Membership(config.gossip, config.name, config.advertise, meta(False), rng,

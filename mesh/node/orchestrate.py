@@ -53,7 +53,8 @@ from dataclasses import dataclass
 
 from mesh.errors import ConfigError, MeshError
 from mesh.gossip.core import MemberView
-from mesh.gossip.messages import Status
+from mesh.gossip.messages import Meta, Status
+from mesh.node.config import RESERVED_LABEL_PREFIX
 from mesh.node.spec import WorkloadSpec
 from mesh.placement import (
     Availability,
@@ -90,6 +91,15 @@ DRIVER_LABEL = "meshd.driver"
 """The label through which a node announces its workload driver in its gossip
 metadata; the scheduler sees it as the attribute ``node.driver``."""
 
+STATE_LEVEL_LABEL = "meshd.state"
+"""The label through which a node announces the state commands it applies
+(:data:`mesh.raft.state.STATE_LEVEL`)."""
+
+
+def user_labels(meta: Meta) -> dict[str, str]:
+    """A member's labels without meshd's own (``meshd.*``: driver, state level)."""
+    return {k: v for k, v in meta.labels if not k.startswith(RESERVED_LABEL_PREFIX)}
+
 FINISHED_STATES = frozenset({"stopped", "exited", "complete", "failed"})
 """Reported states in which a stopping allocation is known not to run."""
 
@@ -111,8 +121,8 @@ def node_infos(members: Iterable[MemberView],
     """
     out = []
     for m in members:
-        labels = m.meta.labels_dict
-        driver = labels.pop(DRIVER_LABEL, "")
+        labels = user_labels(m.meta)
+        driver = m.meta.labels_dict.get(DRIVER_LABEL, "")
         override = overrides.get(m.node)
         if override is not None and override.labels:
             labels = dict(override.labels)

@@ -31,6 +31,7 @@ from mesh.node.orchestrate import (
     node_infos,
     scheduler_for,
     spec_for,
+    user_labels,
 )
 from mesh.node.replica import Replica
 from mesh.node.spec import WorkloadSpec, needs_restart, spec_diff
@@ -202,8 +203,7 @@ class ServiceApi:
             labels = dict(override.labels)
         else:
             view = self._core.member(node)
-            labels = view.meta.labels_dict if view is not None else {}
-            labels.pop(DRIVER_LABEL, None)
+            labels = user_labels(view.meta) if view is not None else {}
         labels.update({str(k): str(v) for k, v in add.items()})
         for key in rm:
             labels.pop(str(key), None)
@@ -343,8 +343,8 @@ class ServiceApi:
         out = []
         for m in self._core.members():
             override = state.node_override(m.node)
-            labels = m.meta.labels_dict
-            driver = labels.pop(DRIVER_LABEL, "")
+            labels = user_labels(m.meta)
+            driver = m.meta.labels_dict.get(DRIVER_LABEL, "")
             if override is not None and override.labels:
                 labels = dict(override.labels)
             out.append({

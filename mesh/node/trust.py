@@ -63,6 +63,7 @@ from mesh.gossip.messages import Status
 from mesh.node import api
 from mesh.node.config import NodeConfig
 from mesh.node.metrics import Metric, counter, gauge
+from mesh.node.orchestrate import STATE_LEVEL_LABEL
 from mesh.raft.state import ClusterCa, Command, TokenSet
 from mesh.raft.vault import Vault
 from mesh.security.join import JoinRateLimited, JoinRedirected, JoinResult, JoinServer
@@ -444,6 +445,21 @@ class Issuing:
         elif server.token != token:
             server.rotate_token(token)
         return server
+
+
+def below_state_level(names: Iterable[str], core: Membership, level: int) -> list[str]:
+    """Which of ``names`` (Raft members) do not announce state level ``level`` or
+    higher in their gossip metadata (the ``meshd.state`` label), or are not alive:
+    a command of that level must wait for them, or they would apply it as invalid
+    (:data:`mesh.raft.state.STATE_LEVEL`)."""
+    out = []
+    for name in sorted(set(names)):
+        view = core.member(NodeId(name))
+        text = view.meta.labels_dict.get(STATE_LEVEL_LABEL, "") if view is not None else ""
+        if view is None or view.status is not Status.ALIVE or not text.isdigit() \
+                or int(text) < level:
+            out.append(name)
+    return out
 
 
 def issuers(core: Membership) -> list[Addr]:

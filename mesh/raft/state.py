@@ -132,6 +132,13 @@ LOGGER = logging.getLogger(__name__)
 COMMAND_FORMAT: Final = 1
 """Version of the command envelope."""
 
+STATE_LEVEL: Final = 2
+"""The command kinds this version applies: 1, every kind up to ``CERT_ISSUED``
+(72); 2, also ``CA_SET`` and ``TOKEN_SET``. A node announces its level in its
+gossip metadata, and a command of a newer level is proposed only once every Raft
+member announces it: a member of an older version would apply it as invalid, and
+its state would differ from the others'."""
+
 SNAPSHOT_FORMAT: Final = 1
 """Version of the snapshot image."""
 
