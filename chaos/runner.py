@@ -15,6 +15,9 @@ Three kinds of task share one trio nursery:
   agreed (the time this takes is the fault's *time to heal*; not converging is a
   violation). For faults that take a node away it computes the *time to detect*
   from the observations and checks that the survivors' DNS stopped answering for it.
+  Then a new node must be able to join: the harness runs the join exchange itself
+  (``mesh-join/1`` with the cluster's token and a fresh key, following redirects)
+  through a random live member, whichever node created the cluster or is down.
 
 After the schedule, everything is healed (processes thawed and restarted, rules
 flushed, disks freed), the final convergence, DNS and (if declared) service checks
@@ -62,8 +65,14 @@ from chaos.topology import (
     partition_rules,
 )
 from chaos.workload import KvWorkload
-from mesh.errors import MeshError
+from mesh import tls
+from mesh.errors import MeshError, StartupError
+from mesh.node.trust import utc_now
+from mesh.security import pki
+from mesh.security.join import JoinRateLimited, JoinRedirected
+from mesh.security.token import JoinToken
 from mesh.testing.linearizability import check_kv
+from mesh.types import Addr
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,6 +90,20 @@ DNS_GRACE_S: Final = 0.5
 
 DNS_ATTEMPTS: Final = 3
 """Queries sent before a DNS server counts as not answering (UDP may be lost)."""
+
+JOIN_HOPS: Final = 4
+"""Join addresses one probe attempt tries (the member, then the issuers it names)."""
+
+JOIN_ATTEMPT_TIMEOUT_S: Final = 5.0
+"""Bound on one join exchange of a probe."""
+
+MIN_HELD_JOIN_S: Final = 3.0
+"""Least time a join probe made while nodes are killed gets (beyond the fault's
+hold if it must)."""
+
+KILL_FAULTS: Final = frozenset({FaultKind.KILL, FaultKind.LEADER_KILL, FaultKind.VOTERS_KILL})
+"""Faults whose victims are down (not frozen or cut off): a join must still work
+through the survivors while they are held."""
 
 NETEM_START_TIMEOUT_S: Final = 10.0
 """How long :mod:`chaos.netem` may take to bind its queue."""
@@ -142,8 +165,11 @@ class Runner:
         """What the fault being run did, as measured (for its record)."""
         self.checks = {"membership_converges": 0, "dns_live_nodes_only": 0, "no_crash": 0,
                        "services_converge": 0, "dns_ready_endpoints_only": 0,
-                       "no_orphan_workloads": 0}
+                       "no_orphan_workloads": 0, "joins_admitted": 0}
         self.rng = random.Random(opts.seed)
+        self._join_rng = random.Random(f"joins:{opts.seed}")
+        """Picks the member a join probe goes through (apart from ``rng``, so that the
+        faults' targets stay what they were before the probes existed)."""
         self.workload = KvWorkload(opts.scenario.workload, list(self.nodes.values()),
                                    random.Random(self.rng.getrandbits(64)), self.now)
 
@@ -267,6 +293,47 @@ class Runner:
             f"last views: {self._describe_views()}"))
         return None
 
+    async def check_join(self, name: str, what: str, among: Sequence[str] | None = None,
+                         within_s: float | None = None) -> None:
+        """A node called ``name`` can join through a random member of ``among``
+        (default: the live nodes) within ``within_s`` (default ``heal_timeout_s``),
+        a violation otherwise: the join exchange with the cluster's token,
+        following redirects to the members that issue."""
+        self.checks["joins_admitted"] += 1
+        live = list(among if among is not None else self.live())
+        if not live or self.token is None:
+            return
+        via = self.nodes[self._join_rng.choice(live)]
+        token = JoinToken.parse(self.token)
+        csr = pki.create_csr(pki.generate_key(), name)
+        advertise = Addr(via.ip, via.port)  # only for the certificate's addresses
+        within_s = self.opts.scenario.heal_timeout_s if within_s is None else within_s
+        deadline = self.now() + within_s
+        last = "no attempt"
+        while self.now() < deadline:
+            queue = [Addr(via.ip, via.port)]
+            for _ in range(JOIN_HOPS):
+                if not queue:
+                    break
+                addr = queue.pop(0)
+                try:
+                    with trio.fail_after(JOIN_ATTEMPT_TIMEOUT_S):
+                        await tls.request_join(addr, token, csr, advertise,
+                                               wall_clock=utc_now)
+                except JoinRedirected as redirect:
+                    queue += [Addr.parse(a, via.port) for a in redirect.issuers]
+                    last = f"{addr} redirected to {', '.join(redirect.issuers) or 'nobody'}"
+                except (JoinRateLimited, StartupError, trio.TooSlowError, OSError,
+                        ValueError) as exc:
+                    last = f"{addr}: {exc or type(exc).__name__}"
+                else:
+                    self.log("join_admitted", name=name, via=via.name, issuer=str(addr))
+                    return
+            await trio.sleep(POLL_INTERVAL_S)
+        self._violate(inv.Violation(self.now(), "joins_admitted",
+                                    f"{what}: no member admitted {name} through {via.name} "
+                                    f"within {within_s:g}s; last: {last}"))
+
     def _describe_views(self) -> str:
         members: dict[str, inv.MemberObs] = {}
         rafts: dict[str, inv.RaftObs] = {}
@@ -381,7 +448,7 @@ class Runner:
         injected = self.now()
         self._notes = []
         self.log("fault_injected", index=index, kind=kind.value, targets=",".join(targets))
-        victims = await self._inject(fault, targets)
+        victims = await self._inject(index, fault, targets)
         healed = self.now()
         self.log("fault_healed", index=index, kind=kind.value)
         detect = recover = None
@@ -397,6 +464,7 @@ class Runner:
                                     last, observers)
             recover = None if done is None else done - last
         heal = await self.wait_healed(healed, f"fault #{index} {kind.value}")
+        await self.check_join(f"probe-{index}", f"fault #{index} {kind.value}")
         if self.opts.scenario.services:
             took = await self.wait_services(f"fault #{index} {kind.value}")
             self._notes.append("services did not converge" if took is None else
@@ -408,8 +476,8 @@ class Runner:
         self.log("fault_done", index=index, detect_s=detect, recover_s=recover, heal_s=heal)
         await trio.sleep(fault.gap_s)
 
-    async def _hold_and_check_gone(self, fault: Fault, victims: Sequence[tuple[str, float]]
-                                   ) -> None:
+    async def _hold_and_check_gone(self, index: int, fault: Fault,
+                                   victims: Sequence[tuple[str, float]]) -> None:
         """Hold the fault; once every survivor saw the victims dead, check their DNS."""
         deadline = self.now() + fault.duration_s
         names = {v for v, _ in victims}
@@ -420,9 +488,17 @@ class Runner:
                                    is not None for v, t in victims):
                 await self.check_dns(survivors, sorted(names))
                 checked = True
+                if fault.kind in KILL_FAULTS:
+                    # Joins go on while the victims are down (the node that created
+                    # the cluster included): the surviving voters issue.
+                    await self.check_join(f"probe-{index}-down", f"fault #{index} "
+                                          f"{fault.kind.value} (held)", among=survivors,
+                                          within_s=max(deadline - self.now(),
+                                                       MIN_HELD_JOIN_S))
             await trio.sleep(POLL_INTERVAL_S)
 
-    async def _inject(self, fault: Fault, targets: list[str]) -> list[tuple[str, float]]:
+    async def _inject(self, index: int, fault: Fault, targets: list[str]
+                      ) -> list[tuple[str, float]]:
         """Do the fault and heal it; returns ``(victim, when)`` for faults that take
         nodes away."""
         kind, p = fault.kind, fault.params
@@ -430,7 +506,7 @@ class Runner:
             victim = targets[0]
             self.nodes[victim].kill()
             victims = [(victim, self.now())]
-            await self._hold_and_check_gone(fault, victims)
+            await self._hold_and_check_gone(index, fault, victims)
             await self.start_node(victim)
             return victims
         if kind is FaultKind.VOTERS_KILL:
@@ -445,14 +521,14 @@ class Runner:
                 second = st["leader"] if st and st["leader"] in others else others[0]
                 self.nodes[second].kill()
                 victims.append((second, self.now()))
-            await self._hold_and_check_gone(fault, victims)
+            await self._hold_and_check_gone(index, fault, victims)
             for v, _ in victims:
                 await self.start_node(v)
             return victims
         if kind is FaultKind.FREEZE:
             self.nodes[targets[0]].freeze()
             victims = [(targets[0], self.now())]
-            await self._hold_and_check_gone(fault, victims)
+            await self._hold_and_check_gone(index, fault, victims)
             self.nodes[targets[0]].thaw()
             return victims
         if kind is FaultKind.STARVE:
@@ -490,7 +566,7 @@ class Runner:
         try:
             await trio.to_thread.run_sync(self.topo.set_rules, rules)
             victims = [(targets[0], self.now())] if kind is FaultKind.ISOLATE else []
-            await self._hold_and_check_gone(fault, victims)
+            await self._hold_and_check_gone(index, fault, victims)
         finally:
             drops = await trio.to_thread.run_sync(self.topo.dropped_packets)
             if kind not in QUEUE_FAULTS:
@@ -629,6 +705,7 @@ class Runner:
                 final_since = self.now()
                 final_heal = await self.wait_healed(final_since, "final heal")
                 await self.check_dns(self.live(), [])
+                await self.check_join("probe-final", "final heal")
                 services_detail = orphans_detail = "the scenario declares no services"
                 if self.opts.scenario.services:
                     services_detail = ""
@@ -804,6 +881,9 @@ class Runner:
                     skipped=services_detail),
             verdict("dns_ready_endpoints_only", self.checks["dns_ready_endpoints_only"],
                     "<service>.service.mesh on every live node", skipped=services_detail),
+            verdict("joins_admitted", self.checks["joins_admitted"],
+                    "a new node joins through a random live member (redirects followed) "
+                    "after every fault and at the end"),
             verdict("no_orphan_workloads", self.checks["no_orphan_workloads"],
                     "workload process groups per node vs its allocations, at the end "
                     f"({self._orphan_counts})",

@@ -258,7 +258,7 @@ async def establish(config: NodeConfig, token: JoinToken | None, wall_clock: Wal
     elif token is not None:
         LOGGER.info("token_ignored node=%s reason=already_joined data_dir=%s", config.name,
                     data_dir)
-    return await trio.to_thread.run_sync(_load, data_dir, wall_clock, created, config.name)
+    return await trio.to_thread.run_sync(_load, data_dir, created)
 
 
 class JoinRequester(Protocol):
@@ -358,7 +358,7 @@ class _Patience:
                 await trio.sleep(wait_s)
 
 
-def _load(data_dir: Path, wall_clock: WallClock, created: bool, name: NodeId) -> Trust:
+def _load(data_dir: Path, created: bool) -> Trust:
     identity = tls.TlsIdentity.node(data_dir)
     keyring = tls.load_keyring(data_dir)
     label = tls.load_cluster_label(data_dir)
