@@ -114,6 +114,23 @@ def test_remote_meshctl_over_mutual_tls(trio3: Cluster) -> None:
     assert "did not accept our certificate" in foreign.stderr or "handshake" in foreign.stderr
 
 
+def test_admin_cert_issues_fresh_credentials_from_any_node(trio3: Cluster,
+                                                          tmp_path: Path) -> None:
+    n1 = trio3["n1"]  # never votes, so it does not issue: the leader signs
+    trio3.wait_until(lambda: ca_recorded(n1), 20, "the CA to be recorded in Raft")
+    out = tmp_path / "ops-admin"
+    made = meshctl("admin", "cert", "--out", str(out), "--name", "ops", "--json", socket=n1)
+    assert made.returncode == 0, made.stderr
+    summary = json.loads(made.stdout)
+    assert summary["name"] == "ops"
+    assert summary["issuer"] != "n1"
+    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    ok = meshctl("--addr", trio3["n2"].addr, "--cert-dir", str(out), "members", "--json")
+    assert ok.returncode == 0, ok.stderr
+    # The key was made by meshctl; the node never saw it.
+    assert "PRIVATE KEY" not in n1.log_text()
+
+
 def test_garbage_and_foreign_datagrams_are_rejected_and_counted(trio3: Cluster) -> None:
     import socket
 

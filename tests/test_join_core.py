@@ -388,6 +388,26 @@ def test_admin_renewal_gets_admin_cert(cluster: Cluster) -> None:
     assert pki.identity_of(pki.load_cert_pem(reply.cert_pem)).role is pki.Role.ADMIN
 
 
+def test_admin_certificate_through_the_api() -> None:
+    cluster = Cluster()
+    key = pki.generate_key()
+    reply = cluster.server.issue_admin(pki.csr_to_pem(pki.create_csr(key, "ops")), "ops")
+    assert isinstance(reply, JoinAccept)
+    cert = pki.load_cert_pem(reply.cert_pem)
+    assert pki.identity_of(cert) == pki.CertIdentity(pki.Role.ADMIN, "ops", cert.serial_number,
+                                                     cert.not_valid_after_utc)
+    assert cert.public_key() == key.public_key()
+    (issued,) = cluster.server.poll_issued()
+    assert (issued.name, issued.role, issued.serial, issued.advertise, issued.renewal) == (
+        "ops", pki.Role.ADMIN, cert.serial_number, "-", False)
+    stats = cluster.server.statistics()
+    assert (stats.joins_accepted, stats.renewals_accepted) == (0, 0)  # neither
+    # The CSR's name must be the one asked for.
+    other = cluster.server.issue_admin(pki.csr_to_pem(pki.create_csr(key, "root")), "ops")
+    assert isinstance(other, JoinReject)
+    assert other.reason.startswith("admin certificate refused: CSR common name")
+
+
 @given(csr_pem=st.binary(max_size=300), name=text, addr=text)
 def test_server_survives_garbage_requests_with_valid_proof(
     csr_pem: bytes, name: str, addr: str

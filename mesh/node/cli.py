@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "and rotate the gossip key without it")
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true", help="print JSON")
+    admin = sub.add_parser("admin", help="admin credentials for meshctl --addr")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    cert = admin_sub.add_parser(
+        "cert", help="issue a new admin certificate (90 days) for a key made here, and write "
+        "ca.pem, cert.pem and key.pem to --out (renew the credentials before they expire)")
+    cert.add_argument("--out", required=True, type=Path,
+                      help="directory to write the credentials to (created 0700)")
+    cert.add_argument("--name", default="admin",
+                      help="the certificate's name (`meshctl node rm NAME` revokes it)")
+    cert.add_argument("--json", action="store_true", help="print JSON")
     kv = sub.add_parser("kv", help="the replicated key-value store")
     kv_sub = kv.add_subparsers(dest="kv_command", required=True)
     put = kv_sub.add_parser("put", help="set a key (exit 1 if not committed)")
@@ -284,6 +294,8 @@ async def _run(args: argparse.Namespace) -> str | None:
             raise PartialFailure(text, f"{len(failed)} node(s) failed: {', '.join(failed)}; "
                                  "re-run the command once they are reachable")
         return text
+    if args.command == "admin":
+        return await admin_cert(client, args.out, args.name, args.json)
     if args.command == "node" and args.node_command == "rm":
         result = await client.call("node_rm", {"name": args.name})
         if args.json:
@@ -474,6 +486,29 @@ def raft_recover(data_dir: Path, yes: bool) -> str:
     lines.append("start meshd on this data dir: it leads alone, and adds members back "
                  "as they join")
     return "\n".join(lines)
+
+
+async def admin_cert(client: Client, out: Path, name: str, as_json: bool) -> str:
+    """``meshctl admin cert``: the key is made here and never leaves this machine;
+    an issuing node signs its CSR; the three files are written atomically."""
+    from mesh import tls  # only for this command: keeps the common path light
+    from mesh.security import pki
+
+    key = pki.generate_key()
+    csr = pki.create_csr(key, name)
+    result = await client.call("admin_cert", {"csr": pki.csr_to_pem(csr), "name": name})
+    cert, ca = pki.load_cert_pem(result["cert_pem"]), pki.load_cert_pem(result["ca_pem"])
+    if cert.public_key() != key.public_key():
+        raise MeshError("the node answered with a certificate for another key; nothing was "
+                        "written")
+    await trio.to_thread.run_sync(tls.TlsIdentity.admin(out).save, cert, key, ca)
+    summary = {"dir": str(out), "name": result["name"], "serial": result["serial"],
+               "not_after": result["not_after"], "issuer": result["issuer"]}
+    if as_json:
+        return json.dumps(summary, indent=2)
+    return (f"admin certificate {result['serial']} for {result['name']}, valid until "
+            f"{result['not_after']} (signed by {result['issuer']}), written to {out}\n"
+            f"use it with: meshctl --addr HOST:7946 --cert-dir {out} ...")
 
 
 def raft_text(st: dict[str, Any]) -> str:

@@ -66,7 +66,13 @@ from mesh.node.metrics import Metric, counter, gauge
 from mesh.node.orchestrate import STATE_LEVEL_LABEL
 from mesh.raft.state import ClusterCa, Command, TokenSet
 from mesh.raft.vault import Vault
-from mesh.security.join import JoinRateLimited, JoinRedirected, JoinResult, JoinServer
+from mesh.security.join import (
+    JoinRateLimited,
+    JoinRedirected,
+    JoinResult,
+    JoinServer,
+)
+from mesh.security.messages import JoinReject
 from mesh.security.pki import (
     CertificateAuthority,
     WallClock,
@@ -258,7 +264,16 @@ async def establish(config: NodeConfig, token: JoinToken | None, wall_clock: Wal
     elif token is not None:
         LOGGER.info("token_ignored node=%s reason=already_joined data_dir=%s", config.name,
                     data_dir)
-    return await trio.to_thread.run_sync(_load, data_dir, created)
+    credentials = await trio.to_thread.run_sync(_load, data_dir, created)
+    if created:
+        # The first certificates, signed at bootstrap: recorded like every issued
+        # one (and committed to Raft), so `meshctl node rm admin` can revoke the
+        # admin credentials.
+        admin = tls.TlsIdentity.admin(data_dir / tls.ADMIN_DIR)
+        for name, ident in ((config.name, identity), ("admin", admin)):
+            cert = await trio.to_thread.run_sync(ident.load_cert)
+            await credentials.issued.record(name, cert.serial_number)
+    return credentials
 
 
 class JoinRequester(Protocol):
@@ -636,6 +651,7 @@ class SecurityApi:
             "keys_remove": self.keys_remove,
             "keys_local": self.keys_local,
             "node_rm": self.node_rm,
+            "admin_cert": self.admin_cert,
         }
 
     def _answer(self, token: JoinToken) -> dict[str, Any]:
@@ -704,6 +720,35 @@ class SecurityApi:
                 if any(v != "serving" for v in states.values()):
                     await trio.sleep(ROTATE_POLL_S)
         return states
+
+    async def admin_cert(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Sign an admin certificate for ``csr`` (PEM; its common name is ``name``,
+        default ``admin``): ``meshctl admin cert`` keeps the key where it runs. A
+        node that does not issue forwards the request to the Raft leader. The
+        serial is recorded like every issued one, so ``meshctl node rm NAME``
+        revokes it too."""
+        csr = params.get("csr")
+        name = params.get("name") or "admin"
+        if not isinstance(csr, bytes) or not isinstance(name, str):
+            raise api.ApiError("admin_cert needs csr (PEM bytes) and name")
+        server = self._trust.join_server
+        if server is None:
+            if params.get("forwarded"):
+                raise api.ApiError("the Raft leader does not issue certificates yet (the CA "
+                                   "is not in its Raft log); retry in a few seconds")
+            answer: dict[str, Any] = await self._replica.call_leader(
+                "admin_cert", {**params, "forwarded": True})
+            return answer
+        reply = server.issue_admin(csr, name)
+        if isinstance(reply, JoinReject):
+            raise api.ApiError(reply.reason)
+        await record_issued(self._trust, server)
+        cert = load_cert_pem(reply.cert_pem)
+        LOGGER.warning("admin_certificate_issued node=%s name=%s serial=%x", self._core.me,
+                       name, cert.serial_number)
+        return {"cert_pem": reply.cert_pem, "ca_pem": reply.ca_pem, "name": name,
+                "serial": f"{cert.serial_number:x}",
+                "not_after": cert.not_valid_after_utc.isoformat(), "issuer": self._core.me}
 
     # --- gossip keys -----------------------------------------------------------
 

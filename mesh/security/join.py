@@ -187,8 +187,10 @@ class IssuedCertificate:
         role: node or admin.
         serial: what goes on the deny list if the node is removed.
         not_valid_after: after this the serial can leave the deny list.
-        advertise: the address the node said it is reachable at.
-        renewal: ``True`` for a renewal, ``False`` for a first join.
+        advertise: the address the node said it is reachable at (``-`` for an
+            admin certificate asked through the API).
+        renewal: ``True`` for a renewal, ``False`` for a first join or an admin
+            certificate.
     """
 
     name: str
@@ -373,6 +375,14 @@ class JoinServer:
             )
         return self._issue(request.csr_pem, request.node_name, request.advertise, Role.NODE, False)
 
+    def issue_admin(self, csr_pem: bytes, name: str) -> JoinAccept | JoinReject:
+        """Sign an admin client certificate (``OU=admin``) for the key of ``csr_pem``,
+        whose common name must be ``name``: what ``meshctl admin cert`` asks
+        through the API (the caller is trusted: a local root user or an authenticated
+        member). Counted as neither a join nor a renewal; reported by
+        :meth:`poll_issued` like every certificate."""
+        return self._issue(csr_pem, name, "", Role.ADMIN, None)
+
     def _renew(self, request: RenewRequest, peer: CertIdentity | None) -> JoinAccept | JoinReject:
         if peer is None:
             return self._reject("?", REJECT_RENEW_NO_CERT)
@@ -384,27 +394,32 @@ class JoinServer:
         return JoinReject(reason)
 
     def _issue(
-        self, csr_pem: bytes, name: str, advertise: str, role: Role, renewal: bool
+        self, csr_pem: bytes, name: str, advertise: str, role: Role, renewal: bool | None
     ) -> JoinAccept | JoinReject:
+        """``renewal``: ``True`` a renewal, ``False`` a join, ``None`` an admin
+        certificate asked through the API (``advertise`` unused)."""
         try:
             validate_node_name(name)
             csr = load_csr_pem(csr_pem)
             if csr_common_name(csr) != name:
                 raise RemoteProtocolError(f"CSR common name is not {name!r}")
-            addr = Addr.parse(advertise, DEFAULT_PORT)
             if role is Role.NODE:
+                parsed = Addr.parse(advertise, DEFAULT_PORT)
+                addr = str(parsed)
                 cert = issue_node_certificate(
-                    self._ca, csr, name, addr.host, self._wall_clock, lifetime=self._lifetime
+                    self._ca, csr, name, parsed.host, self._wall_clock, lifetime=self._lifetime
                 )
             else:
+                addr = advertise or "-"
                 cert = issue_admin_certificate(
                     self._ca, csr_public_key(csr), self._wall_clock, name=name
                 )
         except (RemoteProtocolError, ConfigError, ValueError) as exc:
-            return self._reject(name, f"join request refused: {exc}")
+            what = "admin certificate" if renewal is None else "join request"
+            return self._reject(name, f"{what} refused: {exc}")
         if renewal:
             self._renewals += 1
-        else:
+        elif renewal is not None:
             self._joins += 1
         self._issued.append(
             IssuedCertificate(
@@ -412,8 +427,8 @@ class JoinServer:
                 role=role,
                 serial=cert.serial_number,
                 not_valid_after=cert.not_valid_after_utc,
-                advertise=str(addr),
-                renewal=renewal,
+                advertise=addr,
+                renewal=bool(renewal),
             )
         )
         LOGGER.info(
