@@ -342,3 +342,15 @@ def test_below_state_level_names_members_that_would_not_understand() -> None:
     names = ["a", "b", "c", "d", "e", "f", "g"]
     assert trust.below_state_level(names, core, 2) == ["b", "c", "d", "e", "g"]
     assert trust.below_state_level(["a", "f"], core, 2) == []
+
+
+async def test_the_first_node_records_its_own_and_the_admin_certificate(tmp_path: Path) -> None:
+    first = await trust.establish(node_config(tmp_path / "a", "a", Addr("127.0.0.1", 7946)),
+                                  None, trust.utc_now, "test")
+    admin = tls.TlsIdentity.admin(tmp_path / "a" / tls.ADMIN_DIR).load_cert()
+    assert first.issued.items() == sorted([
+        ("a", first.identity.load_cert().serial_number), ("admin", admin.serial_number)])
+    # A restart records nothing again.
+    again = await trust.establish(node_config(tmp_path / "a", "a", Addr("127.0.0.1", 7946)),
+                                  None, trust.utc_now, "test")
+    assert again.issued.items() == first.issued.items()
