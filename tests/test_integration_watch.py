@@ -60,8 +60,11 @@ def settled(cluster: Cluster) -> tuple[dict[str, Any], list[Daemon]]:
         if len(lead["voters"]) != 3 or lead["learners"]:
             return None
         watchers = [cluster[n] for n, s in sts.items() if n not in lead["voters"]]
+        # Followers serve watchers first: a watcher that chose before it knew the
+        # leader moves to a follower at its next request.
         if not all(sts[w.name]["membership"] == "watcher" and sts[w.name]["feed"] == "watch"
                    and sts[w.name]["watch"]["source"] in lead["voters"]
+                   and sts[w.name]["watch"]["source"] != lead["id"]
                    and sts[w.name]["leader"] == lead["id"] for w in watchers):
             return None
         return lead, watchers
@@ -128,6 +131,9 @@ def test_watcher_survives_its_voter_and_a_watcher_becomes_a_voter(five: Cluster)
                     and status(removed)["watch"]["source"] is not None
                     and status(removed)["membership"] == "watcher", 30,
                     "the removed voter to watch a voter")
+    # It learnt its removal from the group's view: no more elections it cannot win.
+    five.wait_until(lambda: removed.log_events("raft_campaigns_held"), 10,
+                    "the removed voter to hold its campaigns")
     assert meshctl(five[lead["id"]], "kv", "put", "back", "again").returncode == 0
     got = meshctl(removed, "kv", "get", "back")   # linearizable: no --stale
     assert got.returncode == 0, got.stderr

@@ -603,6 +603,27 @@ def test_prevote_keeps_rejoining_node_from_disrupting() -> None:
     assert net.core(lead).term == term
 
 
+def test_a_node_holding_campaigns_never_starts_one_until_released() -> None:
+    """What a voter removed while it was away does once it learns of it: it stops
+    PreVote rounds that cannot win, and starts them again when released."""
+    net = Network(ABC, seed=30)
+    lead = net.wait_leader()
+    follower = next(n for n in ABC if n != lead)
+    net.isolate(follower)
+    core = net.core(follower)
+    core.hold_campaigns(True)
+    roles = set()
+    for _ in range(100):
+        net.tick(1)
+        roles.add(core.role)
+    assert roles == {Role.FOLLOWER}
+    core.hold_campaigns(False)
+    for _ in range(100):
+        net.tick(1)
+        roles.add(core.role)
+    assert Role.PRE_CANDIDATE in roles
+
+
 def test_without_prevote_rejoining_node_bumps_term() -> None:
     net = Network(ABC, seed=29, config=_cfg(pre_vote=False, check_quorum=False))
     lead = net.wait_leader()

@@ -372,6 +372,15 @@ class Replica:
             return "voter"
         return "learner" if self.raft.me in conf.learners else "watcher"
 
+    def _removed_by_group(self, membership: str) -> bool:
+        """Whether this node's own configuration names it a member (``membership``)
+        while the group's view, as the watch stream last brought it, does not: it
+        was removed while away, and nobody tells a removed node."""
+        if membership == "watcher" or self._feeds(membership):
+            return False
+        view = self.watch_client.view
+        return view is not None and self.raft.me not in (*view.voters, *view.learners)
+
     def raft_feeds(self) -> bool:
         """Whether Raft feeds this node now (else the watch stream does): it leads,
         or it is a member that knew a leader within :data:`RAFT_QUIET_S` (an
@@ -410,10 +419,7 @@ class Replica:
         client = self.watch_client
         view = client.view
         st["membership"] = self.membership()
-        if not feeds and view is not None and self.raft.me not in (*view.voters,
-                                                                     *view.learners):
-            # Removed while away (nobody tells a removed voter): its own log still
-            # names it, the group's view does not.
+        if self._removed_by_group(st["membership"]):
             st["membership"] = "watcher"
         st["feed"] = "raft" if feeds else "watch"
         st["raft_applied_index"] = st["applied_index"]
@@ -501,6 +507,7 @@ class Replica:
         client = self.watch_client
         while True:
             if self.raft_feeds():
+                self.raft.core.hold_campaigns(False)
                 self._close_watch_link()
                 with trio.move_on_after(RAFT_QUIET_S / 2):
                     await self.wait_changed(view=True)
@@ -531,6 +538,9 @@ class Replica:
                 client.handle_failure(target, trio.current_time())
                 self._close_watch_link()
                 continue
+            # A voter the group removed while it was away learns it here, and stops
+            # running elections it cannot win.
+            self.raft.core.hold_campaigns(self._removed_by_group(self.membership()))
             if moved or answer.kind is not AnswerKind.REDIRECT:
                 self._signal_changed()  # also: the leader as a voter names it may have moved
 

@@ -448,6 +448,9 @@ class RaftCore:
         self._randomized_election_timeout = config.election_ticks
         self._lead_transferee: NodeId | None = None
         self._pending_conf_index = 0
+        self._campaigns_held = False
+        """Set from outside while the group no longer names this node (see
+        :meth:`hold_campaigns`)."""
         self._uncommitted_bytes = 0
         self._bcast_entries = False
         self._bcast_commit = False
@@ -579,6 +582,21 @@ class RaftCore:
             self._tick_heartbeat()
         else:
             self._tick_election()
+
+    def hold_campaigns(self, held: bool) -> None:
+        """Stop (or resume) starting elections when the election timeout passes.
+
+        For a node the group removed while it was away: nobody tells a removed
+        node, so its own configuration still names it a voter, and it would run
+        PreVote rounds that cannot win for as long as it runs. The node layer
+        learns from the group's view (the watch stream) that it was removed, and
+        holds. Always safe: a node that does not campaign changes no one's term
+        or vote; it still votes, follows a leader and applies what it receives.
+        """
+        if held != self._campaigns_held:
+            LOGGER.info("raft_campaigns_%s node=%s term=%s", "held" if held else "resumed",
+                        self._id, self._term)
+        self._campaigns_held = held
 
     def campaign(self) -> None:
         """Start an election now (PreVote first if enabled), as if timed out.
@@ -945,7 +963,8 @@ class RaftCore:
 
     def _tick_election(self) -> None:
         self._election_elapsed += 1
-        if self._promotable() and self._election_elapsed >= self._randomized_election_timeout:
+        if self._promotable() and not self._campaigns_held \
+                and self._election_elapsed >= self._randomized_election_timeout:
             self._election_elapsed = 0
             self._hup(_Campaign.ELECTION)
 
