@@ -501,6 +501,26 @@ async def test_the_workload_is_in_its_cgroups_from_its_first_instruction(
 
 
 @needs_cgroups
+async def test_an_exec_check_runs_in_the_workloads_cgroups(limited: ProcessDriver) -> None:
+    # As `docker exec` does: the check's CPU and memory count against the workload.
+    w = await limited.start(limits(spec("a1", "sleep", "30"), cpu_millis=500,
+                                   memory_bytes=64 * MiB))
+    cgroups = limited.cgroups(AllocId("a1"))
+    code, out = await limited.exec(AllocId("a1"), ["cat", "/proc/self/cgroup"], 10.0)
+    assert code == 0
+    seen = parse_proc_cgroup(out.decode())
+    for controller in (MEMORY, CPU):
+        hierarchy = _hierarchies()[controller]
+        key = controller if hierarchy.version == 1 else ""
+        assert hierarchy.directory(seen[key]) == str(cgroups[controller])
+    # A check killed by its timeout leaves nothing behind in them.
+    assert await limited.exec(AllocId("a1"), ["sh", "-c", "sleep 30 & sleep 30"],
+                              0.3) == (124, b"timed out")
+    await eventually(lambda: all(_pids(d) == {int(w.ref)} for d in cgroups.values()))
+    await limited.stop(AllocId("a1"), 5.0)
+
+
+@needs_cgroups
 async def test_children_share_the_cgroups_and_die_with_the_main_process(
         limited: ProcessDriver) -> None:
     # The child leaves the process group (setsid): only the cgroup still holds it.

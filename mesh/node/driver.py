@@ -127,7 +127,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
@@ -1589,8 +1588,10 @@ class ProcessDriver:
 
     async def exec(self, alloc: AllocId, argv: Sequence[str],
                    timeout_s: float) -> tuple[int, bytes]:
-        """Run ``argv`` with the workload's environment, output bounded to
-        :data:`EXEC_OUTPUT_MAX_BYTES`; 127 when it cannot be run, 124 on timeout.
+        """Run ``argv`` with the workload's environment and in its cgroups (so an
+        exec health check counts against the workload's CPU and memory, as a
+        ``docker exec`` does), output bounded to :data:`EXEC_OUTPUT_MAX_BYTES`; 127
+        when it cannot be run, 124 on timeout, 128 + N when killed by signal N.
 
         Raises:
             DriverError: ``alloc`` is not running here, or ``argv`` is empty.
@@ -1600,27 +1601,56 @@ class ProcessDriver:
             raise DriverError(f"allocation {alloc} is not running on node {self._node}")
         if not argv:
             raise DriverError(f"empty exec command for allocation {alloc}")
+        program = argv[0]
+        path = program if "/" in program else shutil.which(
+            program, mode=os.F_OK, path=rec.env.get("PATH", os.defpath))
+        if path is None:
+            return 127, f"{program}: command not found".encode()
+        read_fd, write_fd = os.pipe()
         try:
-            proc = await trio.lowlevel.open_process(
-                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env=rec.env, start_new_session=True)
+            pid = self._spawn_check(path, argv, rec, write_fd)
         except OSError as exc:
-            return 127, f"{argv[0]}: {exc.strerror or exc}".encode()
-        assert proc.stdout is not None
+            os.close(read_fd)
+            return 127, f"{program}: {exc.strerror or exc}".encode()
+        finally:
+            os.close(write_fd)
+        pidfd = os.pidfd_open(pid)
         output = bytearray()
         try:
-            with trio.move_on_after(timeout_s):
-                async for chunk in proc.stdout:
-                    output += chunk[:EXEC_OUTPUT_MAX_BYTES - len(output)]
-                return await proc.wait(), bytes(output)
-            return 124, b"timed out"
+            with trio.move_on_after(timeout_s) as scope:
+                async with trio.lowlevel.FdStream(read_fd) as stream:
+                    while chunk := await stream.receive_some(EXEC_OUTPUT_MAX_BYTES):
+                        output += chunk[:EXEC_OUTPUT_MAX_BYTES - len(output)]
+                await trio.lowlevel.wait_readable(pidfd)
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            # Timed out, cancelled or done: end what is left of its group (the
+            # leader is unreaped, so the group id cannot have been reused), reap it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
             with trio.CancelScope(shield=True):
-                await proc.wait()
-                await proc.stdout.aclose()
+                await trio.lowlevel.wait_readable(pidfd)
+            os.close(pidfd)
+            code = _collect_exit_status(pid)
+        return (124, b"timed out") if scope.cancelled_caught else (code, bytes(output))
+
+    def _spawn_check(self, path: str, argv: Sequence[str], rec: _ProcessRecord,
+                     out_fd: int) -> int:
+        """Spawn an exec check as a new session in ``rec``'s cgroups (outside them
+        when the spawning thread cannot join them: the check still runs).
+
+        Raises:
+            OSError: the exec failed.
+        """
+        layout = self._cgroup_layout()
+        placed = [(where, c.path) for c in rec.cgroups
+                  if isinstance(where := layout.get(c.controller), Hierarchy)]
+        if placed:
+            try:
+                return spawn_in_cgroups(path, argv, rec.env, out_fd, placed, self._node)
+            except DriverError as exc:
+                LOGGER.warning("exec_outside_cgroups node=%s alloc=%s reason=%s", self._node,
+                               rec.alloc, exc)
+        return _spawn_session(path, argv, rec.env, out_fd)
 
 
 # ---------------------------------------------------------------------------
