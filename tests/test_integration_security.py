@@ -94,6 +94,8 @@ def test_join_through_a_node_without_ca_key_is_redirected(trio3: Cluster) -> Non
     assert trio3["n2"].info()["members"]["alive"] == 3
     # The CA holder admitted both joins through its rate limits and counted them.
     metrics = trio3["n0"].metrics()
+    assert metric(metrics, "meshd_tls_issuing") == 1
+    assert metric(trio3["n1"].metrics(), "meshd_tls_issuing") == 0  # never votes
     assert metric(metrics, "meshd_join_accepted_total") >= 2
     assert metric(metrics, "meshd_join_attempts_total") >= 2
 

@@ -299,6 +299,9 @@ class Node:
             counter(t + "links_closed_revoked_total",
                     "Open links closed because the peer's certificate was revoked.",
                     self.trust.revoked.links_closed),
+            gauge(t + "issuing", "1 while this node issues certificates (a Raft voter whose "
+                  "Raft log holds the CA key), else 0.",
+                  int(self.trust.join_server is not None)),
         ]
         if self.tls_server is not None:
             s = self.tls_server.statistics()
@@ -525,6 +528,9 @@ async def _record_ca(node: Node, ca: CertificateAuthority, token: JoinToken) -> 
             return
         if record.ca_index and record.token_index:
             return
+        if replica.leader is None:  # a new cluster's first moment: no need to try yet
+            await _pause_after_failed_write(replica)
+            continue
         st = replica.status()
         older = trust.below_state_level((*st["voters"], *st["learners"]), node.core,
                                         STATE_LEVEL)
