@@ -109,9 +109,18 @@ def status(d: Daemon) -> dict[str, Any]:
 
 def wait_group(cluster: Cluster, observer: Daemon, voters: int, timeout_s: float = 60
                ) -> dict[str, Any]:
+    """Wait until ``observer`` sees ``voters`` voters and a leader, and that leader's
+    own status agrees (a watcher's view can mix what different voters told it, and
+    killing a leader the group has just shrunk to would stall the next round)."""
     def ok() -> dict[str, Any] | None:
         st = status(observer)
-        return st if st["leader"] and len(st["voters"]) == voters else None
+        if not st["leader"] or len(st["voters"]) != voters:
+            return None
+        lead = cluster[st["leader"]]
+        if not lead.running():
+            return None
+        own = status(lead)
+        return st if own["role"] == "leader" and len(own["voters"]) == voters else None
 
     return wait_for(ok, timeout_s, f"{voters} voters with a leader")
 

@@ -352,6 +352,7 @@ class Replica:
         membership = self.membership()
         if self.raft.leader is not None and membership != "watcher":
             self._fed_at = trio.current_time()
+            self.raft.core.hold_campaigns(False)  # a member again (a bool compare)
         self._signal_changed(membership)
 
     def _view_key(self, membership: str) -> tuple[object, ...]:
@@ -374,12 +375,20 @@ class Replica:
 
     def _removed_by_group(self, membership: str) -> bool:
         """Whether this node's own configuration names it a member (``membership``)
-        while the group's view, as the watch stream last brought it, does not: it
-        was removed while away, and nobody tells a removed node."""
+        while the group, as the watch stream brings it, does not: it was removed
+        while away, and nobody tells a removed node.
+
+        Only a view that names a live leader, in this node's term or a later one,
+        counts: a voter that lost its leader too answers with what it knows (or
+        with no voters at all), and a node that took that for its removal would
+        hold its campaigns while the group needs it to elect a leader.
+        """
         if membership == "watcher" or self._feeds(membership):
             return False
         view = self.watch_client.view
-        return view is not None and self.raft.me not in (*view.voters, *view.learners)
+        return (view is not None and self.watch_client.leader(trio.current_time()) is not None
+                and view.term >= self.raft.core.term
+                and self.raft.me not in (*view.voters, *view.learners))
 
     def raft_feeds(self) -> bool:
         """Whether Raft feeds this node now (else the watch stream does): it leads,
@@ -512,6 +521,10 @@ class Replica:
                 with trio.move_on_after(RAFT_QUIET_S / 2):
                     await self.wait_changed(view=True)
                 continue
+            # A voter the group removed while it was away learns it from the views
+            # the voters send, and stops running elections it cannot win; a view
+            # that goes stale (no answers) releases it.
+            self.raft.core.hold_campaigns(self._removed_by_group(self.membership()))
             now = trio.current_time()
             live = [m.node for m in self._core.members() if m.status <= Status.SUSPECT]
             target = client.choose(live, now)
@@ -538,8 +551,6 @@ class Replica:
                 client.handle_failure(target, trio.current_time())
                 self._close_watch_link()
                 continue
-            # A voter the group removed while it was away learns it here, and stops
-            # running elections it cannot win.
             self.raft.core.hold_campaigns(self._removed_by_group(self.membership()))
             if moved or answer.kind is not AnswerKind.REDIRECT:
                 self._signal_changed()  # also: the leader as a voter names it may have moved
