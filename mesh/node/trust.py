@@ -664,13 +664,18 @@ class SecurityApi:
         """The current join token and the command to join with it (from the Raft
         leader when this node does not issue)."""
         server = self._trust.join_server
-        if server is not None:
-            return self._answer(server.token)
+        if server is None:
+            return await self._ask_the_leader("token", params)
+        return self._answer(server.token)
+
+    async def _ask_the_leader(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``method`` answered by the Raft leader, for a node that does not issue
+        (once: a forwarded call that reaches a node that does not issue fails)."""
         if params.get("forwarded"):
             raise api.ApiError("the Raft leader does not issue certificates yet (the CA is "
                                "not in its Raft log); retry in a few seconds")
         answer: dict[str, Any] = await self._replica.call_leader(
-            "token", {**params, "forwarded": True})
+            method, {**params, "forwarded": True})
         return answer
 
     async def token_rotate(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -733,12 +738,7 @@ class SecurityApi:
             raise api.ApiError("admin_cert needs csr (PEM bytes) and name")
         server = self._trust.join_server
         if server is None:
-            if params.get("forwarded"):
-                raise api.ApiError("the Raft leader does not issue certificates yet (the CA "
-                                   "is not in its Raft log); retry in a few seconds")
-            answer: dict[str, Any] = await self._replica.call_leader(
-                "admin_cert", {**params, "forwarded": True})
-            return answer
+            return await self._ask_the_leader("admin_cert", params)
         reply = server.issue_admin(csr, name)
         if isinstance(reply, JoinReject):
             raise api.ApiError(reply.reason)
